@@ -1,0 +1,156 @@
+"""Timing and result records shared by every benchmark in ``bench/``.
+
+Each measurement becomes one JSON object appended to ``bench/results/<bench>.json``
+(a JSON list), carrying the device name, git commit and date so that numbers from
+different machines are never mixed up.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()})"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time_ms(fn: Callable[[int], object], device: torch.device | str, *, warmup: int = 3,
+                   repeats: int = 10) -> float:
+    """Median wall time of ``fn(i)`` in milliseconds; ``i`` lets the caller rotate inputs.
+
+    On CUDA the time is measured with events around each call (device time, launch
+    overhead included); on the CPU with ``perf_counter``.
+    """
+    device = torch.device(device)
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    times = []
+    for i in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(warmup + i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(warmup + i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak extra device memory of one call of ``fn`` (CUDA only; None on the CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+_COPY_GBPS: dict[str, float] = {}
+
+
+def copy_bandwidth_gbps(device: torch.device | str) -> float:
+    """Measured device copy bandwidth (bytes read + written per second), cached per device."""
+    device = torch.device(device)
+    key = str(device)
+    if key not in _COPY_GBPS:
+        n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of float32
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+        ms = median_time_ms(lambda i: dst.copy_(src), device, warmup=3, repeats=10)
+        _COPY_GBPS[key] = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+        del src, dst
+    return _COPY_GBPS[key]
+
+
+def record(bench: str, impl: str, device: torch.device | str, shape: dict, median_ms: float, *,
+           bytes_moved: float | None = None, flops: float | None = None,
+           peak_mem_mb: float | None = None, extra: dict | None = None) -> dict:
+    """Append one result to ``bench/results/<bench>.json`` and print it on one line."""
+    device = torch.device(device)
+    gbps = bytes_moved / (median_ms * 1e-3) / 1e9 if bytes_moved else None
+    roofline = 100.0 * gbps / copy_bandwidth_gbps(device) if gbps else None
+    row = {
+        "bench": bench,
+        "impl": impl,
+        "device": device_name(device),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shape": shape,
+        "median_ms": round(median_ms, 4),
+        "gbps": round(gbps, 2) if gbps else None,
+        "tflops": round(flops / (median_ms * 1e-3) / 1e12, 3) if flops else None,
+        "roofline_pct": round(roofline, 1) if roofline else None,
+        "peak_mem_mb": round(peak_mem_mb, 2) if peak_mem_mb is not None else None,
+    }
+    if extra:
+        row.update(extra)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{bench}.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows.append(row)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"[bench] {bench:<24} {impl:<14} {json.dumps(shape):<40} {median_ms:9.3f} ms"
+          + (f"  {gbps:8.1f} GB/s ({roofline:.0f}% of copy)" if gbps else "")
+          + (f"  peak {peak_mem_mb:.1f} MB" if peak_mem_mb is not None else ""))
+    return row
+
+
+def cpu_peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak extra host memory of one call of ``fn``, from torch's CPU allocation events.
+
+    Every profiler event carries the bytes its op itself allocated (frees are
+    negative ``[memory]`` events); the running sum in start order peaks at the
+    largest simultaneous footprint of tensors ``fn`` created.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+__all__: Sequence[str] = ["median_time_ms", "peak_memory_mb", "copy_bandwidth_gbps", "record",
+                          "device_name", "git_commit", "cpu_peak_memory_mb"]
