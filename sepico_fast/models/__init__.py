@@ -1,0 +1,115 @@
+"""Segmentors of SePiCo (SPEC §2): DAFormer (MiT-B0..B5) and DeepLab-v2 (ResNet-V1c 50/101).
+
+``build_segmentor(arch)`` returns a :class:`Segmentor` whose ``state_dict`` keys, order,
+dtypes and shapes equal the upstream SePiCo checkpoints (``shared/reference/keys_*.txt``).
+``daformer_tiny`` and ``dlv2_tiny`` are NOT upstream: small CPU variants with the same
+module structure for smoke runs and tests.
+"""
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .heads import DAFormerHead, DLV2Head, ProjHead
+from .mit import MIT_CONFIGS, MixVisionTransformer
+from .resnet import RESNET_CONFIGS, ResNetV1c
+from .segmentor import Segmentor
+
+# arch name -> (family, backbone variant, decoder embedding width)
+ARCHS: dict[str, tuple[str, str, int]] = {
+    **{f"daformer_mit{v}": ("daformer", v, 256) for v in ("b0", "b1", "b2", "b3", "b4", "b5")},
+    "daformer_tiny": ("daformer", "tiny", 64),
+    "dlv2_r50": ("dlv2", "r50", 0),
+    "dlv2_r101": ("dlv2", "r101", 0),
+    "dlv2_tiny": ("dlv2", "tiny", 0),
+}
+UPSTREAM_ARCHS = tuple(a for a in ARCHS if not a.endswith("_tiny"))
+
+
+def build_daformer(variant: str, num_classes: int = 19, proj_dim: int = 512, *,
+                   embed_dim: int = 256, drop_path_rate: float = 0.1,
+                   dropout: float = 0.1, arch: str | None = None) -> Segmentor:
+    """DAFormer: MiT backbone, sep-ASPP DAFormer head, resize-concat ProjHead (stride 4)."""
+    backbone = MixVisionTransformer(MIT_CONFIGS[variant], drop_path_rate=drop_path_rate)
+    decode_head = DAFormerHead(backbone.widths, num_classes, embed_dim, dropout=dropout)
+    auxiliary_head = ProjHead(backbone.widths, proj_dim, resize_concat=True)
+    return Segmentor(arch or f"daformer_mit{variant}", backbone, decode_head, auxiliary_head, 4)
+
+
+def build_dlv2(variant: str, num_classes: int = 19, proj_dim: int = 512, *,
+               arch: str | None = None) -> Segmentor:
+    """DeepLab-v2: ResNet-V1c backbone (output stride 8), DLV2 head, last-stage ProjHead."""
+    backbone = ResNetV1c(RESNET_CONFIGS[variant])
+    decode_head = DLV2Head(backbone.widths[-1], num_classes)
+    auxiliary_head = ProjHead(backbone.widths, proj_dim, resize_concat=False)
+    return Segmentor(arch or f"dlv2_{variant}", backbone, decode_head, auxiliary_head, 8)
+
+
+def build_segmentor(arch: str, num_classes: int = 19, proj_dim: int = 512, *,
+                    pretrained: str | os.PathLike | dict | None = None,
+                    drop_path_rate: float = 0.1) -> Segmentor:
+    """Build a segmentor by name; ``pretrained`` (path or dict) is loaded with
+    :func:`sepico_fast.checkpoint.load_official` (ImageNet backbone file or full checkpoint).
+    Nothing is ever downloaded: without ``pretrained`` the weights are random (upstream init).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(proj_dim, int) or proj_dim < 1:
+        raise ValueError(f"proj_dim must be a positive int, got {proj_dim!r}")
+    family, variant, embed_dim = ARCHS[arch]
+    if family == "daformer":
+        model = build_daformer(variant, num_classes, proj_dim, embed_dim=embed_dim,
+                               drop_path_rate=drop_path_rate, arch=arch)
+    else:
+        model = build_dlv2(variant, num_classes, proj_dim, arch=arch)
+    if pretrained is not None:
+        from ..checkpoint import load_official
+
+        load_official(model, pretrained)
+    return model
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float,
+                 head_lr_mult: float = 10.0) -> list[dict]:
+    """AdamW parameter groups as upstream's ``paramwise_cfg`` custom keys.
+
+    Upstream (mmcv DefaultOptimizerConstructor, custom keys ``head``: lr x10, and for MiT
+    ``pos_block`` / ``norm``: decay x0) applies only the FIRST matching key, tried longest
+    first then alphabetically: ``pos_block``, ``head``, ``norm``. Hence, by substring of the
+    parameter name:
+      * contains ``pos_block`` -> lr, no weight decay (no such parameter in these models);
+      * contains ``head`` (``decode_head.*``, ``auxiliary_head.*``) -> lr x head_lr_mult,
+        full weight decay (head BN parameters are therefore decayed, as upstream);
+      * contains ``norm`` (MiT LayerNorms: ``patch_embedN.norm``, ``blockN.i.norm1/2``,
+        ``blockN.i.attn.norm``, ``normN``) -> lr, no weight decay, MiT only;
+      * everything else -> lr, full weight decay (incl. ResNet BN ``bnN``/``stem.N``/
+        ``downsample.1``, whose names do not contain ``norm``).
+    Each group carries ``lr_mult`` and ``decay_mult`` so a scheduler can rescale the base lr.
+    """
+    is_mit = isinstance(getattr(model, "backbone", None), MixVisionTransformer)
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr_mult, decay_mult = 1.0, 1.0
+        if is_mit and "pos_block" in name:
+            decay_mult = 0.0
+        elif "head" in name:
+            lr_mult = head_lr_mult
+        elif is_mit and "norm" in name:
+            decay_mult = 0.0
+        groups.setdefault((lr_mult, decay_mult), []).append(p)
+    return [
+        {"params": params, "lr": lr * lr_mult, "weight_decay": weight_decay * decay_mult,
+         "lr_mult": lr_mult, "decay_mult": decay_mult}
+        for (lr_mult, decay_mult), params in groups.items()
+    ]
+
+
+__all__ = [
+    "ARCHS", "UPSTREAM_ARCHS", "Segmentor", "build_segmentor", "build_daformer", "build_dlv2",
+    "param_groups", "DAFormerHead", "DLV2Head", "ProjHead", "MixVisionTransformer", "ResNetV1c",
+]

@@ -1,0 +1,152 @@
+"""Decode and projection heads with the upstream (mmseg/DAFormer/SePiCo) state-dict layout.
+
+``ConvModule`` mirrors mmcv's conv -> BN -> ReLU block: parameters ``conv.*`` and
+``bn.*``; the conv has a bias only when there is no norm.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvModule(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, *,
+                 padding: int = 0, dilation: int = 1, groups: int = 1,
+                 norm: bool = True, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding,
+                              dilation=dilation, groups=groups, bias=not norm)
+        self.bn = nn.BatchNorm2d(out_channels) if norm else None
+        self.act = act
+        # mmcv init: He-normal (fan-out, ReLU gain) conv, unit BN, zero bias.
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return F.relu(x) if self.act else x
+
+
+def _resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_concat(feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Bilinearly resize every map to the first map's size and concatenate along channels."""
+    size = feats[0].shape[2:]
+    # Level 0 is already at the target size (bilinear to the same size is the identity).
+    return torch.cat([feats[0]] + [_resize_to(f, size) for f in feats[1:]], dim=1)
+
+
+class MLPEmbed(nn.Module):
+    """Per-pixel Linear C_in -> C_out (upstream ``embed_layers.i.proj``), NCHW in and out."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.proj = nn.Linear(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Linear over the channel axis of an NHWC view: a single GEMM, and the result is
+        # returned as an NCHW tensor with channels_last strides (no copy either way).
+        return self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class DepthwiseSeparableConvModule(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dilation: int):
+        super().__init__()
+        self.depthwise_conv = ConvModule(in_channels, in_channels, 3, padding=dilation,
+                                         dilation=dilation, groups=in_channels)
+        self.pointwise_conv = ConvModule(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
+class SepASPPFusion(nn.Module):
+    """DAFormer ``fuse_layer``: ASPP without image pooling, separable branches for d > 1."""
+
+    def __init__(self, in_channels: int, channels: int, dilations: Sequence[int] = (1, 6, 12, 18)):
+        super().__init__()
+        self.aspp_modules = nn.ModuleList(
+            ConvModule(in_channels, channels, 1) if d == 1
+            else DepthwiseSeparableConvModule(in_channels, channels, d)
+            for d in dilations
+        )
+        self.bottleneck = ConvModule(len(dilations) * channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(torch.cat([m(x) for m in self.aspp_modules], dim=1))
+
+
+class DAFormerHead(nn.Module):
+    """Per-level Linear embeddings -> upsample to level 0 -> concat -> sep-ASPP -> dropout -> 1x1 classifier."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int = 19, embed_dim: int = 256,
+                 dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1):
+        super().__init__()
+        # conv_seg first: the upstream base class registers it before the subclass modules.
+        self.conv_seg = nn.Conv2d(embed_dim, num_classes, 1)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.embed_layers = nn.ModuleList(MLPEmbed(c, embed_dim) for c in in_channels)
+        self.fuse_layer = SepASPPFusion(len(in_channels) * embed_dim, embed_dim, dilations)
+        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        embedded = [embed(f) for embed, f in zip(self.embed_layers, feats)]
+        x = self.fuse_layer(resize_concat(embedded))
+        return self.conv_seg(self.dropout(x))
+
+
+class DLV2Head(nn.Module):
+    """DeepLab-v2 classifier: sum of four biased dilated 3x3 convs on the last backbone map."""
+
+    def __init__(self, in_channels: int, num_classes: int = 19,
+                 dilations: Sequence[int] = (6, 12, 18, 24)):
+        super().__init__()
+        self.aspp_modules = nn.ModuleList(
+            ConvModule(in_channels, num_classes, 3, padding=d, dilation=d, norm=False, act=False)
+            for d in dilations
+        )
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = feats[-1]
+        out = self.aspp_modules[0](x)
+        for m in self.aspp_modules[1:]:
+            out = out + m(x)
+        return out
+
+
+def l2_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    """x / max(||x||_2, eps) along ``dim``; the norm is accumulated in fp32 even under autocast."""
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    return (x / norm.clamp_min(eps)).to(x.dtype)
+
+
+class ProjHead(nn.Module):
+    """SePiCo projection head: two 1x1 conv-BN-ReLU layers, then L2 normalisation over channels.
+
+    ``resize_concat=True`` (DAFormer): input is all levels resized to level 0 and
+    concatenated, hidden width = in/levels. Otherwise (DeepLab-v2): the last level only,
+    hidden width = in.
+    """
+
+    def __init__(self, in_channels: Sequence[int], proj_dim: int = 512, *, resize_concat: bool):
+        super().__init__()
+        self.use_resize_concat = resize_concat
+        if resize_concat:
+            total = sum(in_channels)
+            mid = total // len(in_channels)
+        else:
+            total = mid = in_channels[-1]
+        self.convs = nn.Sequential(ConvModule(total, mid, 1), ConvModule(mid, proj_dim, 1))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = resize_concat(feats) if self.use_resize_concat else feats[-1]
+        return l2_normalize(self.convs(x))
