@@ -1,4 +1,10 @@
 """Triton kernels of sepico_fast, importable as ``sepico_fast.kernels``.
 
 One file per op: the Triton kernels, the host launcher and the autograd.Function.
+``sepico_fast.contrast`` calls these for ``impl="triton"`` after validating its arguments.
+Run on CUDA tensors, or on CPU tensors with ``TRITON_INTERPRET=1`` set before triton is
+imported (Triton's interpreter: slow, for tests only).
 """
+from .dist_contrast import dist_contrast_loss, proto_contrast_loss
+
+__all__ = ["dist_contrast_loss", "proto_contrast_loss"]

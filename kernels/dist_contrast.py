@@ -1,0 +1,259 @@
+"""Fused DistCL / ProtoCL pixel-to-centroid contrast loss (SPEC §5), forward + backward.
+
+Math. Features z_i ∈ R^A (rows of ``feat``, L2-normalised upstream), labels y_i, class means
+μ_c and diagonal variances σ²_c (c < C, fp32 statistics without gradient), temperature τ
+(a divisor), ratio λ:
+
+    s_ic = z_i·μ_c/τ + κ Σ_a z_ia² σ²_ca,          κ = λ / (2τ²)   (κ = 0: ProtoCL)
+    ℓ_i  = −z_i·μ_{y_i}/τ + logsumexp_c s_ic       (= −log softmax(s_i)[y_i] + κ Σ_a z_ia² σ²_{y_i,a})
+    ∂ℓ_i/∂z_i = Σ_c (p_ic − [c = y_i]) μ_c/τ + 2κ z_i ⊙ Σ_c p_ic σ²_c,   p_i = softmax(s_i)
+
+over the n valid pixels V = {i : y_i ≠ ignore_index}; the regulariser uses z̄ = Σ_V z_i / n:
+
+    r = Σ_c log softmax_c(z̄·μ_c/τ) / (C ln C),   ∂r/∂z̄ = (Σ_c μ_c − C Σ_c q_c μ_c) / (τ C ln C)
+    L = Σ_V ℓ_i / n + w r            (L = 0 and ∂L/∂z = 0 when n = 0; r = 0 when C = 1)
+    ∂L/∂z_i = [i ∈ V] (∂ℓ_i/∂z_i + w ∂r/∂z̄) / n
+
+Kernel layout. One program per BLOCK_N rows. Pass 1 streams z in BLOCK_A-column chunks and
+accumulates the two [BLOCK_N, C_PAD] logit tiles on tensor cores (z·μᵀ and (z⊙z)·σ²ᵀ), plus
+the block's Σ_V z for the regulariser; then the log-sum-exp, ℓ_i and the soft-max p run on
+the tile. Pass 2 re-reads the block's z chunks (still in L2: BLOCK_N·A·2 bytes per program)
+and writes g_i = ∂ℓ_i/∂z_i once, as (p − onehot)·μ/τ + 2κ z ⊙ (p·σ²) — two more small dots.
+Each program stores its partial Σℓ, n and Σz (fp32, no atomics); the host sums the
+per-block partials with torch ops on the device (no host sync), so the result is
+deterministic. Backward is one in-place pass g ← g·(∂L_out/n) + [i ∈ V]·(∂L_out w ∂r/∂z̄ / n),
+as fused cross-entropy kernels do: DRAM traffic is one read of z and one write of g in the
+forward, one read + write of g in the backward.
+
+Labels outside [0, C) other than ``ignore_index`` make the loss NaN (a kernel cannot raise;
+the torch reference raises an index error).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, dot_dtype, dot_precision, pow2_at_least
+
+
+@triton.jit
+def _dist_contrast_fwd_kernel(
+    z_ptr, lab_ptr, mu_ptr, var_ptr, g_ptr, loss_part_ptr, cnt_part_ptr, zsum_part_ptr,
+    N, A, C, stride_zn, stride_za, stride_gn, ignore_index, inv_tau, var_coef,
+    BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, C_PAD: tl.constexpr,
+    USE_VAR: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_REG: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < N
+    y = tl.load(lab_ptr + rows, mask=row_in, other=ignore_index).to(tl.int32)
+    valid = row_in & (y != ignore_index)
+    bad = valid & ((y < 0) | (y >= C))  # out-of-range label: poison the loss
+    rows64 = rows.to(tl.int64)  # N*A may exceed 2^31 elements
+    cls = tl.arange(0, C_PAD)
+    cls_in = cls < C
+
+    # ---- pass 1: logits on tensor cores, Σz of the valid rows ----
+    acc_mu = tl.zeros([BLOCK_N, C_PAD], dtype=tl.float32)
+    acc_var = tl.zeros([BLOCK_N, C_PAD], dtype=tl.float32)
+    for a0 in range(0, A, BLOCK_A):
+        cols = a0 + tl.arange(0, BLOCK_A)
+        col_in = cols < A
+        z = tl.load(z_ptr + rows64[:, None] * stride_zn + cols[None, :] * stride_za,
+                    mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+        st_mask = col_in[:, None] & cls_in[None, :]
+        mu_t = tl.load(mu_ptr + cls[None, :] * A + cols[:, None], mask=st_mask, other=0.0)
+        acc_mu = tl.dot(z.to(DOT_DTYPE), mu_t.to(DOT_DTYPE), acc_mu, input_precision=DOT_PREC)
+        if USE_VAR:
+            var_t = tl.load(var_ptr + cls[None, :] * A + cols[:, None], mask=st_mask, other=0.0)
+            acc_var = tl.dot((z * z).to(DOT_DTYPE), var_t.to(DOT_DTYPE), acc_var,
+                             input_precision=DOT_PREC)
+        if HAS_REG:
+            zs = tl.sum(tl.where(valid[:, None], z, 0.0), axis=0)
+            tl.store(zsum_part_ptr + blk.to(tl.int64) * A + cols, zs, mask=col_in)
+
+    # ---- per-pixel log-sum-exp and loss ----
+    s = acc_mu * inv_tau
+    if USE_VAR:
+        s += acc_var * var_coef
+    s = tl.where(cls_in[None, :], s, float("-inf"))
+    s_max = tl.max(s, axis=1)
+    e = tl.exp(s - s_max[:, None])
+    denom = tl.sum(e, axis=1)
+    onehot = cls[None, :] == y[:, None]
+    pos = tl.sum(tl.where(onehot, acc_mu, 0.0), axis=1) * inv_tau
+    loss = s_max + tl.log(denom) - pos
+    loss = tl.where(bad, float("nan"), loss)
+    tl.store(loss_part_ptr + blk, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+    tl.store(cnt_part_ptr + blk, tl.sum(valid.to(tl.float32), axis=0))
+
+    # ---- pass 2: g_i = ∂ℓ_i/∂z_i, written once ----
+    if WRITE_GRAD:
+        p = e / denom[:, None]
+        coef_mu = tl.where(valid[:, None], (p - onehot.to(tl.float32)) * inv_tau, 0.0)
+        coef_var = tl.where(valid[:, None], p * (2.0 * var_coef), 0.0)
+        for a0 in range(0, A, BLOCK_A):
+            cols = a0 + tl.arange(0, BLOCK_A)
+            col_in = cols < A
+            st_mask = cls_in[:, None] & col_in[None, :]
+            mu_c = tl.load(mu_ptr + cls[:, None] * A + cols[None, :], mask=st_mask, other=0.0)
+            g = tl.dot(coef_mu.to(DOT_DTYPE), mu_c.to(DOT_DTYPE), input_precision=DOT_PREC)
+            if USE_VAR:
+                var_c = tl.load(var_ptr + cls[:, None] * A + cols[None, :], mask=st_mask,
+                                other=0.0)
+                w = tl.dot(coef_var.to(DOT_DTYPE), var_c.to(DOT_DTYPE), input_precision=DOT_PREC)
+                z = tl.load(z_ptr + rows64[:, None] * stride_zn + cols[None, :] * stride_za,
+                            mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+                g += z * w
+            tl.store(g_ptr + rows64[:, None] * stride_gn + cols[None, :],
+                     g.to(g_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
+
+
+@triton.jit
+def _scale_grad_kernel(
+    g_ptr, lab_ptr, scale_ptr, vec_ptr, N, A, stride_gn, ignore_index,
+    BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_VEC: tl.constexpr,
+):
+    """In place: g_i ← g_i · scale + [y_i ≠ ignore] · vec   (scale 0-d, vec [A], fp32)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    row_in = rows < N
+    col_in = cols < A
+    mask = row_in[:, None] & col_in[None, :]
+    ptrs = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :]
+    g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * tl.load(scale_ptr)
+    if HAS_VEC:
+        y = tl.load(lab_ptr + rows, mask=row_in, other=ignore_index)
+        vec = tl.load(vec_ptr + cols, mask=col_in, other=0.0)
+        g += tl.where((y != ignore_index)[:, None], vec[None, :], 0.0)
+    tl.store(ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_grad_(g: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                vec: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Launch :func:`_scale_grad_kernel` on a contiguous gradient buffer ``g`` [N, A]."""
+    n, a = g.shape
+    if n == 0 or a == 0:
+        return g
+    block_n, block_a = 64, min(256, pow2_at_least(a))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(a, block_a))
+    _scale_grad_kernel[grid](
+        g, labels, scale, vec if vec is not None else scale, n, a, g.stride(0), ignore_index,
+        BLOCK_N=block_n, BLOCK_A=block_a, HAS_VEC=vec is not None, num_warps=4)
+    return g
+
+
+def regulariser(zsum: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, temperature: float):
+    """r and ∂r/∂z̄ on the device for z̄ = zsum / max(n, 1) (see the module docstring)."""
+    c = mean.shape[0]
+    zbar = zsum / n.clamp_min(1.0)
+    if c < 2:  # C ln C = 0: the regulariser is identically 0
+        return zsum.new_zeros(()), torch.zeros_like(zsum)
+    norm = c * math.log(c)
+    logits = mean @ zbar / temperature
+    r = torch.log_softmax(logits, dim=0).sum() / norm
+    q = torch.softmax(logits, dim=0)
+    grad = (mean.sum(0) - c * (q @ mean)) / (temperature * norm)
+    return r, grad
+
+
+def finish_loss(loss_sum: torch.Tensor, n: torch.Tensor, reg: torch.Tensor | None,
+                reg_weight: float):
+    """Mean over the valid pixels plus the weighted regulariser; 0 when n = 0. Returns (L, 1/n or 0)."""
+    has = n > 0
+    inv_n = torch.where(has, 1.0 / n.clamp_min(1.0), torch.zeros_like(n))
+    loss = loss_sum * inv_n
+    if reg is not None:
+        loss = loss + reg_weight * reg
+    return torch.where(has, loss, torch.zeros_like(loss)), inv_n
+
+
+def _launch(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, write_grad,
+            block_n=None, block_a=None):
+    n_rows, a = feat.shape
+    c = mean.shape[0]
+    use_var = var is not None
+    has_reg = reg_weight != 0.0
+    dev = feat.device
+    mean = mean.to(device=dev, dtype=torch.float32).contiguous()
+    var = var.to(device=dev, dtype=torch.float32).contiguous() if use_var else mean
+    labels = labels.contiguous()
+    ddt = dot_dtype(feat.dtype)
+    c_pad = pow2_at_least(c)
+    block_n = block_n or 64
+    block_a = block_a or min(128, pow2_at_least(a))
+    num_blocks = triton.cdiv(n_rows, block_n)
+    grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
+    loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
+    cnt_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
+    zsum_part = torch.empty((num_blocks, a) if has_reg else (1, a), device=dev, dtype=torch.float32)
+    if num_blocks > 0:
+        _dist_contrast_fwd_kernel[(num_blocks,)](
+            feat, labels, mean, var, grad if write_grad else feat, loss_part, cnt_part, zsum_part,
+            n_rows, a, c, feat.stride(0), feat.stride(1), grad.stride(0) if write_grad else 0,
+            ignore_index, 1.0 / temperature, (ratio / (2.0 * temperature**2)) if use_var else 0.0,
+            BLOCK_N=block_n, BLOCK_A=block_a, C_PAD=c_pad, USE_VAR=use_var,
+            WRITE_GRAD=write_grad, HAS_REG=has_reg, DOT_DTYPE=ddt, DOT_PREC=dot_precision(ddt),
+            num_warps=4 if c_pad <= 32 else 8)
+    n = cnt_part.sum()
+    reg = reg_grad = None
+    if has_reg:
+        reg, reg_grad = regulariser(zsum_part.sum(0), n, mean, temperature)
+    loss, inv_n = finish_loss(loss_part.sum(), n, reg, reg_weight)
+    vec = reg_weight * reg_grad * inv_n if has_reg else None
+    return loss, grad, inv_n, vec
+
+
+class _DistContrastFunction(torch.autograd.Function):
+    """L(feat) with ∂L/∂feat computed in the forward kernel and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index,
+                block_n, block_a):
+        write_grad = ctx.needs_input_grad[0]
+        loss, grad, inv_n, vec = _launch(feat, labels, mean, var, temperature, ratio, reg_weight,
+                                         ignore_index, write_grad, block_n, block_a)
+        ctx.grad, ctx.inv_n, ctx.vec = grad, inv_n, vec
+        ctx.labels, ctx.ignore_index = labels.contiguous(), ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grad is None:
+            raise RuntimeError("dist/proto_contrast_loss (triton): backward called twice; the "
+                               "gradient buffer is scaled in place, use retain_graph=False")
+        g, ctx.grad = ctx.grad, None
+        grad_out = grad_out.to(torch.float32)
+        vec = grad_out * ctx.vec if ctx.vec is not None else None
+        scale_grad_(g, ctx.labels, (grad_out * ctx.inv_n).reshape(1), vec, ctx.ignore_index)
+        return g, None, None, None, None, None, None, None, None, None
+
+
+def dist_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
+                       var: torch.Tensor, temperature: float = 100.0, ratio: float = 1.0,
+                       reg_weight: float = 0.0, ignore_index: int = 255, *,
+                       block_n: int | None = None, block_a: int | None = None) -> torch.Tensor:
+    """DistCL of SPEC §5 (see the module docstring); 0-d fp32, differentiable w.r.t. ``feat``.
+
+    feat [N, A] fp32/fp16/bf16 (any strides), labels [N] integer, mean/var [C, A] (used as
+    fp32 statistics, no gradient). ``block_n``/``block_a`` override the launcher's tile sizes
+    (tests use them to cover several blocks); arguments are assumed validated by
+    ``sepico_fast.contrast``.
+    """
+    check_device(feat, labels, mean, var)
+    return _DistContrastFunction.apply(feat, labels, mean, var, float(temperature), float(ratio),
+                                       float(reg_weight), int(ignore_index), block_n, block_a)
+
+
+def proto_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
+                        temperature: float = 100.0, reg_weight: float = 0.0,
+                        ignore_index: int = 255, *, block_n: int | None = None,
+                        block_a: int | None = None) -> torch.Tensor:
+    """ProtoCL of SPEC §5: the DistCL kernel compiled without the variance term (σ² = 0)."""
+    check_device(feat, labels, mean)
+    return _DistContrastFunction.apply(feat, labels, mean, None, float(temperature), 1.0,
+                                       float(reg_weight), int(ignore_index), block_n, block_a)

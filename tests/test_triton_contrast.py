@@ -1,0 +1,198 @@
+"""Triton DistCL / ProtoCL / BankCL kernels vs independent float64 formulations (SPEC §5).
+
+Runs in Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1 before
+triton is imported), so sizes stay tiny; block sizes are forced small so that several
+blocks, partial blocks and masked tails are exercised.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+kernels = pytest.importorskip("sepico_fast.kernels")
+
+IGNORE = 255
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- references
+def _reg64(zv, mean, tau):
+    c = mean.shape[0]
+    if c < 2:
+        return zv.new_zeros(())
+    zbar = zv.mean(0)
+    return torch.log_softmax(mean @ zbar / tau, 0).sum() / (c * math.log(c))
+
+
+def dist_ref(z, y, mean, var, tau=100.0, lam=1.0, w=0.0):
+    """Float64 DistCL written from SPEC §5 as −log softmax + the cancelling positive term."""
+    z, mean, var = z.double(), mean.double(), var.double()
+    v = y != IGNORE
+    if not bool(v.any()):
+        return (z * 0).sum()
+    zv, yv = z[v], y[v]
+    s = (zv @ mean.T + 0.5 * (zv * zv) @ var.T * lam / tau) / tau
+    loss = -torch.log_softmax(s, 1).gather(1, yv[:, None])[:, 0]
+    loss = loss + 0.5 * ((zv * zv) * var[yv]).sum(1) * lam / tau**2
+    return loss.mean() + w * _reg64(zv, mean, tau)
+
+
+def proto_ref(z, y, mean, tau=100.0, w=0.0):
+    z, mean = z.double(), mean.double()
+    v = y != IGNORE
+    if not bool(v.any()):
+        return (z * 0).sum()
+    zv, yv = z[v], y[v]
+    loss = F.cross_entropy(zv @ mean.T / tau, yv)
+    return loss + w * _reg64(zv, mean, tau)
+
+
+def make_inputs(n, a, c, *, ignore_frac=0.15, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(n, a, generator=g, dtype=torch.float64), dim=1)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignore_frac] = IGNORE
+    mean = F.normalize(torch.randn(c, a, generator=g, dtype=torch.float64), dim=1) * 0.8
+    # class spread well above the tiny realistic variances so the σ² term is visible
+    var = torch.rand(c, a, generator=g, dtype=torch.float64) * 2.0
+    return z, y, mean, var
+
+
+def grad_of(fn, z):
+    z = z.detach().clone().requires_grad_(True)
+    loss = fn(z)
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def assert_close(actual, expected, rtol, atol_scale, what):
+    expected = expected.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = (actual.double().cpu() - expected.cpu()).abs().max()
+    assert bool(err <= rtol * scale + atol_scale), f"{what}: max err {err:.3g}, scale {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------- DistCL / ProtoCL
+CASES = [  # (N, A, C, block_n, reg_weight)
+    (37, 16, 5, 16, 0.0),
+    (150, 64, 19, 32, 1.0),
+    (257, 64, 5, 64, 1.0),
+    (100, 512, 19, 32, 0.0),
+    (70, 512, 5, 16, 1.0),
+]
+
+
+@pytest.mark.parametrize("variant", ["dist", "proto"])
+@pytest.mark.parametrize("n,a,c,block_n,w", CASES)
+def test_fp32_matches_float64(variant, n, a, c, block_n, w):
+    z, y, mean, var = make_inputs(n, a, c, seed=n + a + c)
+    tau, lam = 100.0, 1.0
+    if variant == "dist":
+        ref = lambda t: dist_ref(t, y, mean, var, tau, lam, w)  # noqa: E731
+        tri = lambda t: kernels.dist_contrast_loss(  # noqa: E731
+            t, y.to(DEV), mean.float().to(DEV), var.float().to(DEV), tau, lam, w, IGNORE,
+            block_n=block_n)
+    else:
+        ref = lambda t: proto_ref(t, y, mean, tau, w)  # noqa: E731
+        tri = lambda t: kernels.proto_contrast_loss(  # noqa: E731
+            t, y.to(DEV), mean.float().to(DEV), tau, w, IGNORE, block_n=block_n)
+    l64, g64 = grad_of(ref, z)
+    l32, g32 = grad_of(tri, z.float().to(DEV))
+    assert l32.dtype == torch.float32 and l32.shape == ()
+    assert g32.dtype == torch.float32 and g32.shape == z.shape
+    assert_close(l32, l64, 1e-5, 0.0, "loss")
+    assert_close(g32, g64, 1e-5, 0.0, "grad")
+
+
+def test_variance_term_matters():
+    """Guard against a silently dropped σ² term: DistCL must differ from ProtoCL here."""
+    z, y, mean, var = make_inputs(64, 16, 5, seed=3)
+    var = var * 2000.0  # make κ Σ z² σ² comparable to z·μ/τ
+    zf, yd, mf, vf = z.float().to(DEV), y.to(DEV), mean.float().to(DEV), var.float().to(DEV)
+    d = kernels.dist_contrast_loss(zf, yd, mf, vf, 100.0, 1.0, 0.0, IGNORE, block_n=32)
+    p = kernels.proto_contrast_loss(zf, yd, mf, 100.0, 0.0, IGNORE, block_n=32)
+    assert_close(d, dist_ref(z, y, mean, var), 1e-5, 0.0, "loss")
+    assert abs(d.item() - p.item()) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["dist", "proto"])
+def test_half_inputs_vs_fp32_reference(dtype, variant):
+    """Half-precision features: fp32 math inside, gradient rounded to the feature dtype.
+
+    The reference is the float64 loss of the *rounded* features, so only kernel error is
+    measured: loss within 1e-4 relative, gradient within 1.5 % of its largest entry (one bf16
+    rounding of the stored gradient plus the rounded statistics in the products).
+    """
+    n, a, c = 120, 64, 19
+    z, y, mean, var = make_inputs(n, a, c, seed=11)
+    zh = z.to(dtype)
+    if variant == "dist":
+        ref = lambda t: dist_ref(t, y, mean.float(), var.float(), w=1.0)  # noqa: E731
+        tri = lambda t: kernels.dist_contrast_loss(  # noqa: E731
+            t, y.to(DEV), mean.float().to(DEV), var.float().to(DEV), 100.0, 1.0, 1.0, IGNORE,
+            block_n=32)
+    else:
+        ref = lambda t: proto_ref(t, y, mean.float(), w=1.0)  # noqa: E731
+        tri = lambda t: kernels.proto_contrast_loss(  # noqa: E731
+            t, y.to(DEV), mean.float().to(DEV), 100.0, 1.0, IGNORE, block_n=32)
+    l64, g64 = grad_of(ref, zh.double())
+    lh, gh = grad_of(tri, zh.to(DEV))
+    assert lh.dtype == torch.float32 and gh.dtype == dtype
+    assert_close(lh, l64, 1e-4, 0.0, "loss")
+    assert_close(gh, g64, 1.5e-2, 0.0, "grad")
+
+
+@pytest.mark.parametrize("variant", ["dist", "proto"])
+@pytest.mark.parametrize("n", [0, 40])
+def test_no_valid_pixel_gives_zero_loss_and_grad(variant, n):
+    a, c = 16, 5
+    z = F.normalize(torch.randn(n, a), dim=1).to(DEV).requires_grad_(True)
+    y = torch.full((n,), IGNORE, dtype=torch.long, device=DEV)
+    mean = torch.randn(c, a, device=DEV)
+    if variant == "dist":
+        loss = kernels.dist_contrast_loss(z, y, mean, torch.rand(c, a, device=DEV), 100.0, 1.0,
+                                          1.0, IGNORE, block_n=16)
+    else:
+        loss = kernels.proto_contrast_loss(z, y, mean, 100.0, 1.0, IGNORE, block_n=16)
+    loss.backward()
+    assert loss.shape == () and loss.item() == 0.0
+    assert z.grad.shape == (n, a) and bool(torch.isfinite(z.grad).all())
+    assert bool((z.grad == 0).all())
+
+
+def test_grad_output_scaling_and_strided_input():
+    """A non-unit incoming gradient is applied (AMP loss scale); a transposed view is read."""
+    n, a, c = 50, 16, 5
+    z, y, mean, var = make_inputs(n, a, c, seed=5)
+    zt = z.float().T.contiguous().to(DEV).requires_grad_(True)  # [A, N]; zt.T is strided
+    loss = kernels.dist_contrast_loss(zt.T, y.to(DEV), mean.float().to(DEV),
+                                      var.float().to(DEV), 100.0, 1.0, 1.0, IGNORE, block_n=16)
+    (loss * 3.0).backward()
+    l64, g64 = grad_of(lambda t: dist_ref(t, y, mean, var, w=1.0) * 3.0, z)
+    assert_close(loss * 3.0, l64, 1e-5, 0.0, "loss")
+    assert_close(zt.grad.T, g64, 1e-5, 0.0, "grad")
+
+
+def test_forward_without_grad_and_double_backward_error():
+    n, a, c = 20, 16, 5
+    z, y, mean, _ = make_inputs(n, a, c, seed=7)
+    zf, yd, mf = z.float().to(DEV), y.to(DEV), mean.float().to(DEV)
+    with torch.no_grad():
+        l0 = kernels.proto_contrast_loss(zf.requires_grad_(True), yd, mf, 100.0, 0.0, IGNORE)
+    assert not l0.requires_grad
+    assert_close(l0, proto_ref(z, y, mean), 1e-5, 0.0, "loss")
+    loss = kernels.proto_contrast_loss(zf, yd, mf, 100.0, 0.0, IGNORE)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward called twice"):
+        loss.backward()
+
+
+def test_out_of_range_label_poisons_loss():
+    z, y, mean, var = make_inputs(20, 16, 5, ignore_frac=0.0, seed=9)
+    y[3] = 7  # C = 5
+    loss = kernels.dist_contrast_loss(z.float().to(DEV), y.to(DEV), mean.float().to(DEV),
+                                      var.float().to(DEV), 100.0, 1.0, 0.0, IGNORE)
+    assert math.isnan(loss.item())
