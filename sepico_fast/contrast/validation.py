@@ -1,0 +1,144 @@
+"""Argument checks and implementation dispatch shared by the contrast ops.
+
+Every check here is cheap and raises ``ValueError`` naming the argument. Checks that
+depend on tensor *values* (label range, finite statistics) must not stall a CUDA
+stream: on CUDA they are queued with ``torch._assert_async`` (the error surfaces at
+a later synchronisation as a device-side assertion), on the CPU they are evaluated
+eagerly and raise ``ValueError``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+IMPLS = ("torch", "triton", "cuda")
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_value(cond: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the boolean tensor ``cond`` is all true.
+
+    CPU: eager check. CUDA (or any non-CPU device): asynchronous device assertion,
+    no host synchronisation.
+    """
+    cond = cond.all() if cond.dim() else cond
+    if cond.device.type == "cpu":
+        if not bool(cond):
+            raise ValueError(message)
+    else:
+        torch._assert_async(cond, message)
+
+
+def check_features(feat: torch.Tensor, name: str = "feat") -> None:
+    if not isinstance(feat, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(feat).__name__}")
+    if feat.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, A], got shape {tuple(feat.shape)}")
+    if not feat.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {feat.dtype}")
+
+
+def check_labels(labels: torch.Tensor, feat: torch.Tensor, num_classes: int, ignore_index: int,
+                 name: str = "labels") -> None:
+    """Shape/dtype checks plus the value check 0 <= label < num_classes or label == ignore."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in _INTEGER_DTYPES:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [N], got shape {tuple(labels.shape)}")
+    if labels.shape[0] != feat.shape[0]:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but feat has {feat.shape[0]} rows")
+    if labels.device != feat.device:
+        raise ValueError(f"{name} is on {labels.device} but feat is on {feat.device}")
+    check_ignore_index(ignore_index, num_classes)
+    if labels.numel():
+        in_range = ((labels >= 0) & (labels < num_classes)) | (labels == ignore_index)
+        check_value(in_range, f"{name} must hold values in 0..{num_classes - 1} or "
+                              f"ignore_index={ignore_index}")
+
+
+def check_ignore_index(ignore_index: int, num_classes: int) -> None:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index={ignore_index} collides with a class id "
+                         f"(num_classes={num_classes})")
+
+
+def check_statistic(t: torch.Tensor, name: str, feat: torch.Tensor,
+                    shape: tuple[int, ...] | None = None) -> None:
+    """A class statistic ``[C, A]`` (or ``shape``) on feat's device, floating and finite."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    if shape is None:
+        if t.dim() != 2 or t.shape[1] != feat.shape[1]:
+            raise ValueError(f"{name} must be [C, A] with A = feat.shape[1] = {feat.shape[1]}, "
+                             f"got shape {tuple(t.shape)}")
+    elif tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != feat.device:
+        raise ValueError(f"{name} is on {t.device} but feat is on {feat.device}")
+    if t.numel():
+        check_value(torch.isfinite(t), f"{name} contains NaN or Inf")
+
+
+def check_scalar(value: float, name: str, *, positive: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _load_kernel(op: str) -> Callable | None:
+    """``sepico_fast.kernels.<op>`` or None when Triton/the kernel is unavailable.
+
+    Imported lazily: the kernels package imports triton, which is optional on CPU.
+    """
+    try:
+        module = importlib.import_module("sepico_fast.kernels")
+    except Exception:  # triton missing or broken: the torch path still works
+        return None
+    return getattr(module, op, None)
+
+
+def resolve_impl(impl: str | None, op: str, device: torch.device,
+                 available: tuple[str, ...] = ("torch", "triton")) -> str:
+    """Pick the implementation of ``op``.
+
+    None -> "triton" when the tensors are on CUDA and ``sepico_fast.kernels.<op>``
+    imports, else "torch". Explicit names are checked against ``available``.
+    """
+    if impl is None:
+        if device.type == "cuda" and "triton" in available and _load_kernel(op) is not None:
+            return "triton"
+        return "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be None or one of {IMPLS}, got {impl!r}")
+    if impl not in available:
+        raise ValueError(f"impl={impl!r} has no kernel for {op}; available impls: "
+                         f"{', '.join(available)} (or None for the fastest)")
+    return impl
+
+
+def triton_kernel(op: str) -> Callable:
+    """The Triton kernel for ``op`` (explicit impl="triton"), or a clear ImportError."""
+    try:
+        module = importlib.import_module("sepico_fast.kernels")
+    except Exception as exc:
+        raise ImportError(f"impl='triton' for {op} needs sepico_fast.kernels (Triton), which "
+                          f"failed to import: {exc}") from exc
+    fn = getattr(module, op, None)
+    if fn is None:
+        raise ImportError(f"impl='triton' for {op}: sepico_fast.kernels has no '{op}'")
+    return fn
