@@ -1,0 +1,215 @@
+"""Evaluation (SPEC §7): ``python -m sepico_fast.evaluate --checkpoint CKPT``.
+
+Whole-image inference at the eval scale (the data layer resizes to fit 1280×640 for the
+real datasets), logits bilinearly upsampled to the original label size, arg-max,
+19×19 confusion matrix, per-class IoU table, mIoU over classes present in prediction or
+ground truth. ``--sliding`` runs overlapping crop windows instead (mmseg "slide" mode:
+window = training crop, stride 2/3 of it, logits averaged where windows overlap).
+``--out DIR`` writes ``DIR/labelTrainIds/<original stem>.png`` (8-bit train ids) and
+``DIR/labelTrainIds.zip`` with the same ``labelTrainIds/`` layout for the Dark Zurich
+benchmark server; ``--split test`` predicts the unlabelled Dark Zurich test images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zipfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .metrics import ConfusionMatrix
+
+
+def _autocast(device: torch.device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+@torch.no_grad()
+def predict_whole(model, img: torch.Tensor, out_hw: tuple[int, int], amp_dtype=None) -> torch.Tensor:
+    """Logits [B,C,H0,W0] fp32 of the whole (already resized) image, upsampled to ``out_hw``."""
+    with _autocast(img.device, amp_dtype):
+        logits = model.predict(img)
+    return F.interpolate(logits.float(), size=out_hw, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def predict_sliding(model, img: torch.Tensor, out_hw: tuple[int, int], crop: tuple[int, int],
+                    stride: tuple[int, int] | None = None, amp_dtype=None, num_classes: int = 19) -> torch.Tensor:
+    """Overlapping windows (last row/column aligned to the border), logits averaged."""
+    b, _, h, w = img.shape
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    sh, sw = stride or (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
+    ny = max(h - ch + sh - 1, 0) // sh + 1
+    nx = max(w - cw + sw - 1, 0) // sw + 1
+    acc = torch.zeros(b, num_classes, h, w, device=img.device)
+    cnt = torch.zeros(1, 1, h, w, device=img.device)
+    for iy in range(ny):
+        for ix in range(nx):
+            y1, x1 = min(iy * sh, h - ch), min(ix * sw, w - cw)
+            win = img[:, :, y1:y1 + ch, x1:x1 + cw]
+            with _autocast(img.device, amp_dtype):
+                logits = model.predict(win)
+            acc[:, :, y1:y1 + ch, x1:x1 + cw] += F.interpolate(logits.float(), size=(ch, cw), mode="bilinear",
+                                                               align_corners=False)
+            cnt[:, :, y1:y1 + ch, x1:x1 + cw] += 1
+    return F.interpolate(acc / cnt, size=out_hw, mode="bilinear", align_corners=False)
+
+
+def evaluate_model(model, batches: Iterable[dict], num_classes: int = 19, *, device=None, amp_dtype=None,
+                   sliding: bool = False, crop: tuple[int, int] = (640, 640), max_images: int = 0,
+                   out_dir: str | Path | None = None) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` (put in eval mode, restored afterwards) over ``batches``
+    (``{"img", "gt" [1,1,H0,W0] or absent, "name"}``). Writes train-id PNGs to ``out_dir``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    cm = ConfusionMatrix(num_classes, device=device)
+    was_training = model.training
+    model.eval()
+    label_dir = Path(out_dir) / "labelTrainIds" if out_dir is not None else None
+    if label_dir is not None:
+        label_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for n, batch in enumerate(batches):
+            if max_images and n >= max_images:
+                break
+            img = batch["img"].to(device)
+            gt = batch.get("gt")
+            out_hw = tuple(gt.shape[-2:]) if gt is not None else tuple(batch.get("orig_hw", img.shape[-2:]))
+            if sliding:
+                logits = predict_sliding(model, img, out_hw, crop, amp_dtype=amp_dtype, num_classes=num_classes)
+            else:
+                logits = predict_whole(model, img, out_hw, amp_dtype)
+            pred = logits.argmax(dim=1)
+            if gt is not None:
+                cm.update(pred, gt.to(device).reshape(pred.shape))
+            if label_dir is not None:
+                _write_prediction(label_dir, batch.get("name"), pred, n)
+    finally:
+        model.train(was_training)
+    return cm
+
+
+def _stem(name) -> str:
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    return Path(str(name)).stem if name else ""
+
+
+def _write_prediction(label_dir: Path, name, pred: torch.Tensor, index: int) -> None:
+    from PIL import Image
+
+    stem = _stem(name) or f"image_{index:05d}"
+    for suffix in ("_leftImg8bit", "_gtFine_labelTrainIds", "_gt_labelTrainIds"):
+        stem = stem.replace(suffix, "")
+    Image.fromarray(pred[0].to(torch.uint8).cpu().numpy()).save(label_dir / f"{stem}.png")
+
+
+def zip_predictions(out_dir: str | Path) -> Path:
+    """``labelTrainIds.zip`` holding ``labelTrainIds/<stem>.png`` (benchmark-server layout)."""
+    out_dir = Path(out_dir)
+    archive = out_dir / "labelTrainIds.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for png in sorted((out_dir / "labelTrainIds").glob("*.png")):
+            zf.write(png, f"labelTrainIds/{png.name}")
+    return archive
+
+
+def iou_summary(cm: ConfusionMatrix) -> dict:
+    iou = cm.iou().cpu().tolist()
+    miou = float(cm.miou())
+    return {"miou": 100.0 * miou, "miou_unit": "percent", "per_class_iou": [100.0 * v for v in iou]}
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+def _unlabelled_batches(root: Path, split: str, scale, device):
+    """Dark Zurich test images (labels withheld): ``rgb_anon/<split>/night/<seq>/*_rgb_anon.png``."""
+    from .data.io import read_image
+    from .data.transforms import fit_size, normalize, resize_image
+
+    files = sorted((root / "rgb_anon" / split / "night").glob("*/*_rgb_anon.png"))
+    if not files:
+        raise SystemExit(f"--data-root: no images under {root / 'rgb_anon' / split / 'night'}/<seq>/*_rgb_anon.png")
+    for path in files:
+        arr = read_image(path)
+        h0, w0 = arr.shape[:2]
+        img = normalize(resize_image(arr, fit_size(h0, w0, scale)))[None].to(device)
+        yield {"img": img, "name": path.name, "orig_hw": (h0, w0)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sepico_fast.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="sepico_fast checkpoint (or upstream .pth with --arch)")
+    p.add_argument("--dataset", default=None, choices=("cityscapes", "darkzurich", "synthetic"),
+                   help="evaluation set (default: the checkpoint's training target)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset folders")
+    p.add_argument("--split", default="val", choices=("val", "test"), help="test: Dark Zurich test (no labels)")
+    p.add_argument("--arch", default=None, help="segmentor (default: from the checkpoint's config)")
+    p.add_argument("--sliding", action="store_true", help="sliding-window instead of whole-image inference")
+    p.add_argument("--crop", type=int, nargs="+", default=None, help="sliding window H W (default: training crop)")
+    p.add_argument("--out", default=None, help="write labelTrainIds PNGs and a zip here")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--weights", default="model", choices=("model", "ema_model"),
+                   help="student (upstream default) or teacher weights")
+    return p
+
+
+def main(argv=None) -> dict:
+    from .checkpoint import load_official
+    from .models import build_segmentor
+    from .train.logging import iou_table
+
+    args = build_parser().parse_args(argv)
+    ckpt_path = Path(args.checkpoint)
+    if not ckpt_path.is_file():
+        raise SystemExit(f"--checkpoint: file {str(ckpt_path)!r} does not exist")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    config = (ckpt.get("meta") or {}).get("config") or {} if isinstance(ckpt, dict) else {}
+    arch = args.arch or config.get("arch")
+    if arch is None:
+        raise SystemExit("--arch: the checkpoint carries no config; name the architecture")
+    dataset = args.dataset or config.get("target") or "cityscapes"
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model = build_segmentor(arch, config.get("num_classes", 19), config.get("proj_dim", 512)).to(device)
+    load_official(model, ckpt, prefix=args.weights + ".")
+    amp_dtype = torch.bfloat16 if (args.amp and device.type == "cuda") else None
+    crop = tuple(args.crop) if args.crop else tuple(config.get("crop", (640, 640)))
+    if len(crop) == 1:
+        crop = crop * 2
+
+    from .data import build_datasets, val_loader
+    if args.split == "test":
+        if dataset != "darkzurich":
+            raise SystemExit("--split test: only Dark Zurich has a separate unlabelled test split")
+        from .data.datasets import EVAL_SCALE
+        root = Path(args.data_root or "data") / "dark_zurich"
+        batches = _unlabelled_batches(root, "test", EVAL_SCALE, device)
+    else:
+        source = "synthetic" if dataset == "synthetic" else ("cityscapes" if dataset == "darkzurich" else "gta")
+        try:
+            _, _, val_set = build_datasets(source, dataset, args.data_root)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"--data-root: cannot load {dataset}: {err}") from None
+        batches = val_loader(val_set, device)
+    cm = evaluate_model(model, batches, config.get("num_classes", 19), device=device, amp_dtype=amp_dtype,
+                        sliding=args.sliding, crop=crop, max_images=args.max_images, out_dir=args.out)
+    result = {"checkpoint": str(ckpt_path), "dataset": dataset, "split": args.split, "sliding": args.sliding}
+    if args.split != "test":
+        result.update(iou_summary(cm))
+        print(iou_table(cm.iou().cpu().tolist(), title=dataset))
+    if args.out:
+        result["zip"] = str(zip_predictions(args.out))
+        Path(args.out, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"predictions: {Path(args.out) / 'labelTrainIds'}  zip: {result['zip']}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

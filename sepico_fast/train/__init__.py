@@ -1,0 +1,21 @@
+"""SePiCo training (SPEC §5-7): ``python -m sepico_fast.train --amp``.
+
+    config.py         TrainConfig dataclass, presets, generated CLI, validation
+    step.py           train_step(): one iteration, top to bottom
+    uda.py            EMA teacher, pseudo labels, Dark Zurich fusion, ClassMix classes
+    schedule.py       warm-up + poly learning rate
+    checkpointing.py  atomic checkpoints, exact resume
+    profiling.py      NVTX ranges / torch.profiler per phase
+    logging.py        progress bar, scalar logs, IoU tables
+    ddp.py            torchrun / process-group helpers
+    runner.py         the loop: setup, logging, evaluation, checkpoints
+"""
+from .config import PRESETS, TrainConfig, make_config, parse_args
+
+__all__ = ["TrainConfig", "PRESETS", "make_config", "parse_args", "run"]
+
+
+def run(cfg: TrainConfig) -> dict:
+    from .runner import run as _run
+
+    return _run(cfg)

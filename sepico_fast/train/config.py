@@ -1,0 +1,312 @@
+"""Training configuration: one dataclass, named presets, a generated command line.
+
+Every field documents itself through ``field(metadata={"help": ...})``; the argparse
+parser is generated from the dataclass so the two can never drift apart. Precedence:
+dataclass defaults < preset (``--preset NAME``) < explicit command-line flags.
+Validation errors name the offending flag (``--crop``, not ``crop``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+DATASETS = ("gta", "synthia", "cityscapes", "darkzurich", "synthetic")
+METHODS = ("sepico", "source_only")
+VARIANTS = ("dist", "bank", "proto")
+PIPELINES = ("auto", "torch", "dali")
+
+
+def _f(default: Any, help: str, choices: Sequence[str] | None = None, **kw):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # --- run -------------------------------------------------------------------------
+    preset: str = _f("synthetic", "named configuration applied before the other flags (see --list-presets)")
+    work_dir: str = _f("", "output folder; default work_dirs/<preset>_<method>_<variant>_s<seed>_<UTC timestamp>")
+    seed: int = _f(0, "seed of every random choice (data order, crops, augmentation, init)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
+    method: str = _f("sepico", "sepico (full UDA) or source_only (student on source CE only)", METHODS)
+    variant: str = _f("dist", "contrast variant: dist (DistCL), bank (BankCL), proto (ProtoCL)", VARIANTS)
+    # --- model -----------------------------------------------------------------------
+    arch: str = _f("daformer_tiny", "segmentor: daformer_mitb0..b5, dlv2_r50, dlv2_r101, daformer_tiny, dlv2_tiny")
+    pretrained: str = _f("", "ImageNet backbone or upstream checkpoint loaded into the student (and teacher)")
+    num_classes: int = _f(19, "number of classes")
+    proj_dim: int = _f(512, "projection (contrast feature) dimension A")
+    drop_path_rate: float = _f(0.1, "student drop-path rate (the teacher always runs without)")
+    # --- data ------------------------------------------------------------------------
+    source: str = _f("synthetic", "source (labelled) dataset", DATASETS)
+    target: str = _f("synthetic", "target (unlabelled) dataset; also the evaluation set", DATASETS)
+    data_root: str = _f("", "folder holding the dataset folders (e.g. <root>/gta, <root>/cityscapes)")
+    pipeline: str = _f("auto", "input pipeline: auto, torch (workers) or dali", PIPELINES)
+    num_workers: int = _f(2, "data loader worker processes per rank")
+    batch_size: int = _f(2, "source images (and target images) per rank and iteration")
+    crop: list = _f([640, 640], "training crop H W (one number for a square; 0: the dataset's default); "
+                    "the target crop is chosen on pseudo labels")
+    # --- schedule ----------------------------------------------------------------------
+    iters: int = _f(40000, "number of training iterations")
+    lr: float = _f(6e-5, "AdamW learning rate of the backbone")
+    head_lr_mult: float = _f(10.0, "learning-rate multiplier of decode and projection heads")
+    weight_decay: float = _f(0.01, "AdamW weight decay (none on MiT norm / position-block parameters)")
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    warmup_iters: int = _f(1500, "linear warm-up iterations")
+    warmup_ratio: float = _f(1e-6, "learning-rate factor at iteration 0 of the warm-up")
+    poly_power: float = _f(1.0, "power of the polynomial decay to 0 at the last iteration")
+    # --- UDA ---------------------------------------------------------------------------
+    ema_alpha: float = _f(0.999, "teacher EMA momentum (alpha_t = min(1 - 1/(t+1), alpha))")
+    pseudo_threshold: float = _f(0.968, "confidence threshold defining the pseudo-label weight q")
+    color_jitter_strength: float = _f(0.2, "colour jitter strength s (brightness, contrast, saturation, hue)")
+    color_jitter_p: float = _f(0.2, "jitter happens when u > p, u ~ U(0,1) drawn once per iteration")
+    blur: bool = _f(True, "Gaussian blur when u' > 0.5 (drawn once per iteration)")
+    crop_tries: int = _f(10, "class-balanced crop: random windows scored per target image")
+    cat_max_ratio: float = _f(0.75, "class-balanced crop: largest class share allowed")
+    regen_pseudo: bool = _f(True, "rerun the teacher on the target crop to regenerate the pseudo labels")
+    pseudo_ignore_top: int = _f(-1, "rows of the target crop with pseudo weight 0 at the top, at 640-row scale "
+                                "(-1: 15 for GTA/SYNTHIA->Cityscapes, else 0); scaled to the crop height")
+    pseudo_ignore_bottom: int = _f(-1, "same at the bottom (-1: 120 for GTA/SYNTHIA->Cityscapes, else 0)")
+    day_ratio: float = _f(0.8, "Dark Zurich: day-probability weight on shift-insensitive classes")
+    dz_class_weight: bool = _f(True, "Dark Zurich: per-class weights (log frequency, std 0.05) on probabilities and CE")
+    # --- contrast ------------------------------------------------------------------------
+    contrast_start: int = _f(3000, "iteration at which source and target contrast losses start")
+    contrast_weight: float = _f(1.0, "weight of the contrast losses")
+    temperature: float = _f(100.0, "contrast temperature tau (a divisor)")
+    reg_weight: float = _f(1.0, "regulariser weight; upstream adds +r (quirk), use -1.0 for the fixed sign")
+    memory_length: int = _f(200, "BankCL memory length per class")
+    min_ratio: float = _f(0.75, "label downscaling: minimum class share of a feature cell")
+    ce_mean_over_all: bool = _f(True, "seg CE averaged over all pixels incl. ignored (mmseg 0.16 quirk)")
+    # --- numerics / speed ----------------------------------------------------------------------
+    amp: bool = _f(False, "mixed precision: bf16 autocast where supported, else fp16 + GradScaler")
+    cpu_amp: bool = _f(False, "with --amp on the CPU, really use bf16 autocast (slower than fp32 for the "
+                       "tiny models on the 2-core dev machine, so off by default)")
+    compile: bool = _f(False, "torch.compile the student and teacher")
+    max_skipped_steps: int = _f(20, "stop after this many optimizer steps skipped for NaN/Inf losses")
+    # --- outputs --------------------------------------------------------------------------
+    log_interval: int = _f(50, "iterations between log lines (the only host syncs of the loop)")
+    eval_interval: int = _f(4000, "iterations between evaluations (0: only at the end)")
+    checkpoint_interval: int = _f(4000, "iterations between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _f(2, "number of iteration checkpoints kept (latest.pt is extra)")
+    debug_interval: int = _f(1000, "iterations between debug pictures (0: never)")
+    resume: str = _f("", "checkpoint to resume from, or 'auto' for <work-dir>/latest.pt")
+    profile: bool = _f(False, "torch.profiler trace + per-phase time table for a few iterations")
+    profile_iters: int = _f(10, "iterations recorded by --profile")
+    nvtx: bool = _f(False, "NVTX ranges around each phase (for Nsight Systems)")
+    eval_max_images: int = _f(0, "evaluate on at most this many validation images (0: all)")
+
+    # ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @property
+    def crop_hw(self) -> tuple[int, int]:
+        """(H, W) of the training crop (resolved by the runner when --crop 0)."""
+        return int(self.crop[0]), int(self.crop[-1])
+
+    @property
+    def uses_contrast(self) -> bool:
+        return self.method == "sepico"
+
+    @property
+    def dark_zurich(self) -> bool:
+        return self.target == "darkzurich"
+
+    def ignore_rows(self) -> tuple[int, int]:
+        """Pseudo-weight rows (top, bottom) zeroed in the target crop, scaled to its height."""
+        street = self.source in ("gta", "synthia") and self.target == "cityscapes"
+        top = self.pseudo_ignore_top if self.pseudo_ignore_top >= 0 else (15 if street else 0)
+        bottom = self.pseudo_ignore_bottom if self.pseudo_ignore_bottom >= 0 else (120 if street else 0)
+        scale = self.crop_hw[0] / 640.0
+        return int(round(top * scale)), int(round(bottom * scale))
+
+
+# ----------------------------------------------------------------------------------------
+# Presets. The six paper configurations (SPEC §6, §8) and the CPU-sized synthetic default.
+# Seeds: upstream's released GTA/SYNTHIA runs use seed 76, Dark Zurich seed 42.
+# ----------------------------------------------------------------------------------------
+_PAPER = dict(iters=40000, batch_size=2, crop=[640, 640], lr=6e-5, warmup_iters=1500,
+              contrast_start=3000, log_interval=50, eval_interval=4000, checkpoint_interval=4000,
+              debug_interval=1000, num_workers=4, memory_length=200)
+
+PRESETS: dict[str, dict] = {
+    "daformer_gta2cs": dict(_PAPER, arch="daformer_mitb5", source="gta", target="cityscapes", seed=76,
+                            pretrained="pretrained/mit_b5.pth"),
+    "daformer_synthia2cs": dict(_PAPER, arch="daformer_mitb5", source="synthia", target="cityscapes", seed=76,
+                                pretrained="pretrained/mit_b5.pth"),
+    "daformer_cs2dz": dict(_PAPER, arch="daformer_mitb5", source="cityscapes", target="darkzurich", seed=42,
+                           iters=60000, pretrained="pretrained/mit_b5.pth"),
+    "dlv2_gta2cs": dict(_PAPER, arch="dlv2_r101", source="gta", target="cityscapes", seed=76,
+                        pretrained="pretrained/resnet101_v1c.pth"),
+    "dlv2_synthia2cs": dict(_PAPER, arch="dlv2_r101", source="synthia", target="cityscapes", seed=76,
+                            pretrained="pretrained/resnet101_v1c.pth"),
+    "dlv2_cs2dz": dict(_PAPER, arch="dlv2_r101", source="cityscapes", target="darkzurich", seed=42,
+                       iters=60000, pretrained="pretrained/resnet101_v1c.pth"),
+    # CPU default: tiny model, small crops; the schedule is the paper's scaled to the run
+    # length (warm-up 1500/40000 and contrast start 3000/40000 of the run, rounded).
+    "synthetic": dict(arch="daformer_tiny", source="synthetic", target="synthetic", seed=0,
+                      iters=600, batch_size=2, crop=[64, 64], lr=6e-4, warmup_iters=30,
+                      contrast_start=60, log_interval=20, eval_interval=0, checkpoint_interval=300,
+                      debug_interval=200, num_workers=0, memory_length=200, proj_dim=64,
+                      pipeline="torch", pretrained=""),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Command line generated from the dataclass
+# ----------------------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(f: dataclasses.Field):
+    hints = typing.get_type_hints(TrainConfig)
+    return hints[f.name]
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sepico_fast.train",
+        description="SePiCo training (SPEC §5-7). Precedence: defaults < --preset < flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    for f in dataclasses.fields(TrainConfig):
+        typ = _field_type(f)
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "")}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if typ is bool:
+            # --amp turns it on, --no-amp off; --amp=false also works.
+            parser.add_argument(_flag(f.name), nargs="?", const=True, type=_parse_bool, **kwargs)
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                help=argparse.SUPPRESS)
+        elif typ is list:
+            parser.add_argument(_flag(f.name), nargs="+", type=_list_item(f.name), **kwargs)
+        else:
+            parser.add_argument(_flag(f.name), type=typ, **kwargs)
+    return parser
+
+
+def _list_item(name: str):
+    def parse(text: str):
+        parts = text.lower().replace("x", " ").split() if name == "crop" else [text]
+        try:
+            vals = [int(p) if name == "crop" else float(p) for p in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{_flag(name)}: expected numbers, got {text!r}") from None
+        return vals if len(vals) > 1 else vals[0]
+    return parse
+
+
+def _flatten(values) -> list:
+    out = []
+    for v in values:
+        out.extend(v if isinstance(v, list) else [v])
+    return out
+
+
+def make_config(overrides: dict | None = None, preset: str | None = None) -> TrainConfig:
+    """Defaults < preset < overrides, then validation. Usable from Python and tests."""
+    overrides = dict(overrides or {})
+    name = preset if preset is not None else overrides.pop("preset", TrainConfig.preset)
+    overrides.pop("preset", None)
+    if name not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    values = dict(PRESETS[name])
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}")
+    cfg = TrainConfig(preset=name, **values)
+    if isinstance(cfg.crop, int):
+        cfg.crop = [cfg.crop, cfg.crop]
+    cfg.crop = [int(c) for c in cfg.crop]
+    if len(cfg.crop) == 1:
+        cfg.crop = cfg.crop * 2
+    validate(cfg)
+    return cfg
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    if ns.pop("list_presets", False):
+        for name, values in PRESETS.items():
+            print(f"{name}: {json.dumps(values)}")
+        raise SystemExit(0)
+    for key in ("crop", "betas"):
+        if key in ns:
+            ns[key] = _flatten(ns[key])
+    try:
+        return make_config(ns)
+    except ValueError as err:
+        parser.error(str(err))  # SystemExit(2) with the message naming the flag
+        raise  # unreachable
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the flag of the first invalid value."""
+    def bad(name: str, why: str):
+        raise ValueError(f"{_flag(name)}: {why} (got {getattr(cfg, name)!r})")
+
+    for f in dataclasses.fields(cfg):
+        if "choices" in f.metadata and getattr(cfg, f.name) not in f.metadata["choices"]:
+            bad(f.name, f"expected one of {list(f.metadata['choices'])}")
+    for name in ("iters", "batch_size", "num_classes", "proj_dim", "crop_tries", "log_interval"):
+        if getattr(cfg, name) < 1:
+            bad(name, "must be >= 1")
+    for name in ("warmup_iters", "contrast_start", "eval_interval", "checkpoint_interval",
+                 "debug_interval", "num_workers", "max_skipped_steps", "memory_length", "eval_max_images"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must be >= 0")
+    if len(cfg.crop) != 2 or (min(cfg.crop) < 8 and cfg.crop != [0, 0]):
+        bad("crop", "expected H W (or one number), each >= 8, or 0 for the dataset default")
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        bad("betas", "expected two numbers in [0, 1)")
+    for name in ("lr", "temperature"):
+        if not getattr(cfg, name) > 0:
+            bad(name, "must be > 0")
+    for name in ("ema_alpha", "pseudo_threshold", "cat_max_ratio", "min_ratio", "color_jitter_p", "day_ratio"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            bad(name, "must be in [0, 1]")
+    if cfg.weight_decay < 0 or cfg.head_lr_mult <= 0 or cfg.poly_power < 0:
+        bad("weight_decay" if cfg.weight_decay < 0 else "head_lr_mult" if cfg.head_lr_mult <= 0 else "poly_power",
+            "out of range")
+    if not 0.0 <= cfg.color_jitter_strength <= 0.5:
+        bad("color_jitter_strength", "must be in [0, 0.5] (hue shift is a fraction of a half turn)")
+    if cfg.source == "darkzurich":
+        bad("source", "darkzurich has no training labels; use it as --target")
+    if (cfg.source == "synthetic") != (cfg.target == "synthetic"):
+        bad("target", "the synthetic pair is used as a whole: give --source synthetic --target synthetic")
+    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        bad("device", "expected auto, cpu, cuda or cuda:N")
+    if not cfg.pretrained == "" and cfg.pretrained.startswith("-"):
+        bad("pretrained", "expected a path")
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """Rebuild a config saved by ``TrainConfig.to_dict`` (checkpoint / config.json)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in known})
+    validate(cfg)
+    return cfg

@@ -1,0 +1,109 @@
+"""Console progress bar with ETA, scalar logs (TensorBoard if importable, JSONL always),
+per-class IoU tables. No new dependency.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                      "truck", "bus", "train", "motorcycle", "bicycle")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressBar:
+    """``[#####.....] 120/600 20% | 00:31<02:04 | 3.9 it/s 7.8 img/s | loss ...``.
+
+    Redraws one line on a terminal; prints one line per update otherwise (logs, CI).
+    """
+
+    def __init__(self, total: int, start: int = 0, width: int = 24, stream=None):
+        self.total, self.start, self.width = total, start, width
+        self.stream = stream or sys.stdout
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, it: int, text: str = "") -> str:
+        done = it - self.start
+        elapsed = time.perf_counter() - self.t0
+        rate = done / elapsed if elapsed > 0 and done > 0 else float("nan")
+        eta = (self.total - it) / rate if rate == rate and rate > 0 else float("nan")
+        frac = it / self.total if self.total else 1.0
+        filled = int(round(self.width * frac))
+        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {it}/{self.total} {100 * frac:3.0f}% | "
+                f"{format_duration(elapsed)}<{format_duration(eta)} | {text}")
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            if it >= self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        return line
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class ScalarWriter:
+    """Scalars to ``scalars.jsonl`` (always) and TensorBoard (when importable)."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.log_dir = Path(log_dir)
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.log_dir / "scalars.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional
+            self._tb = SummaryWriter(str(self.log_dir / "tb"))
+        except Exception:  # tensorboard missing or broken: JSONL only
+            self._tb = None
+
+    @property
+    def tensorboard(self) -> bool:
+        return self._tb is not None
+
+    def write(self, it: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"iter": it, **scalars}) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, it)
+
+    def close(self):
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def iou_table(iou, class_names=CITYSCAPES_CLASSES, title: str = "target") -> str:
+    """Per-class IoU (%) table; NaN (class absent from prediction and ground truth) shown as n/a."""
+    vals = [float(v) for v in iou]
+    names = list(class_names) + [f"class{i}" for i in range(len(class_names), len(vals))]
+    lines = [f"{'class':<16}{'IoU %':>8}"]
+    for name, v in zip(names, vals):
+        lines.append(f"{name:<16}{'n/a' if v != v else f'{100 * v:.2f}':>8}")
+    valid = [v for v in vals if v == v]
+    miou = 100 * sum(valid) / len(valid) if valid else float("nan")
+    lines.append(f"{'mIoU (' + title + ')':<16}{miou:>8.2f}")
+    return "\n".join(lines)

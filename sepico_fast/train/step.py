@@ -1,0 +1,283 @@
+"""One SePiCo training iteration (SPEC §6), readable top to bottom: ``train_step``.
+
+Upstream semantics without upstream waste:
+
+* the teacher runs once per distinct input: weak source (backbone + projection head
+  only, for the class statistics), weak target (pseudo labels), target crop
+  (regenerated pseudo labels; skipped when the crop is the whole image);
+* the student runs its backbone once per input and feeds both heads;
+* nothing here reads a tensor on the host: losses stay device tensors, the pseudo-label
+  weight q is a 0-d tensor, the crop window and ClassMix classes are chosen on the
+  device, and a non-finite gradient skips the optimizer step through the fused AdamW
+  ``found_inf`` flag instead of a Python ``if``;
+* randomness is a pure function of (seed, iteration, rank) (``iteration_rng``), so a
+  resumed run replays the same iteration exactly.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .. import augment
+from ..contrast import (ClassStats, bank_contrast_loss, dist_contrast_loss, prepare_contrast,
+                        proto_contrast_loss)
+from .config import TrainConfig
+from .profiling import Profiler
+from .schedule import lr_factor, set_lr
+from .uda import (IGNORE, choose_mix_classes, ema_update, fuse_day_night, probs_to_pseudo,
+                  pseudo_weight_map, resize_logits)
+from . import ops_compat as ops
+
+
+@dataclass
+class StepContext:
+    """Everything ``train_step`` touches, built once by the runner."""
+    cfg: TrainConfig
+    student: nn.Module
+    teacher: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    stats: ClassStats | None
+    device: torch.device
+    amp_dtype: torch.dtype | None = None              # None: float32
+    scaler: torch.amp.GradScaler | None = None        # fp16 only
+    class_weight: torch.Tensor | None = None          # Dark Zurich CE / fusion weights
+    process_group: object = None                      # DDP: gradients and statistics
+    world_size: int = 1
+    rank: int = 0
+    profiler: Profiler | None = None
+    student_params: list = field(default_factory=list)
+    teacher_params: list = field(default_factory=list)
+    skipped: torch.Tensor | None = None               # device counter of skipped steps
+    found_inf: torch.Tensor | None = None             # device 0-d flag fed to fused AdamW
+
+    def __post_init__(self):
+        self.student_params = [p for p in self.student.parameters()]
+        if self.teacher is not None:
+            self.teacher_params = [p for p in self.teacher.parameters()]
+        self.skipped = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.profiler is None:
+            self.profiler = Profiler(profile=False, nvtx=False, device=self.device, out_dir=".")
+
+
+# ----------------------------------------------------------------------------------------
+# Small pieces
+# ----------------------------------------------------------------------------------------
+def iteration_seed(seed: int, it: int, rank: int = 0) -> int:
+    """A 63-bit seed unique to (seed, iteration, rank)."""
+    return random.Random(f"sepico/{seed}/{it}/{rank}").getrandbits(63)
+
+
+def iteration_rng(seed: int, it: int, rank: int, device: torch.device):
+    """Host RNG (per-iteration decisions, blur σ) and device generator (jitter factors,
+    crop windows, ClassMix classes); also reseeds torch's global RNG (student dropout,
+    drop-path) so that resuming at ``it`` replays the same draws."""
+    s = iteration_seed(seed, it, rank)
+    torch.manual_seed(s)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(s)
+    return random.Random(s), gen
+
+
+def seg_ce(logits: torch.Tensor, label: torch.Tensor, pixel_weight: torch.Tensor | None = None,
+           class_weight: torch.Tensor | None = None, mean_over_all: bool = True) -> torch.Tensor:
+    """Cross-entropy after bilinear upsampling to the label size, in fp32.
+
+    Averaged over *all* pixels including ignored ones (mmseg 0.16 quirk) unless
+    ``mean_over_all`` is False (then over non-ignored pixels).
+    """
+    lbl = label[:, 0] if label.dim() == 4 else label
+    logits = resize_logits(logits, tuple(lbl.shape[-2:])).float()
+    loss = F.cross_entropy(logits, lbl, weight=class_weight, ignore_index=IGNORE, reduction="none")
+    if pixel_weight is not None:
+        loss = loss * (pixel_weight[:, 0] if pixel_weight.dim() == 4 else pixel_weight)
+    if mean_over_all:
+        return loss.mean()
+    return loss.sum() / (lbl != IGNORE).sum().clamp_min(1)
+
+
+def contrast_loss(cfg: TrainConfig, stats: ClassStats, proj: torch.Tensor, label: torch.Tensor):
+    """ProtoCL / DistCL / BankCL of projection features against the class statistics."""
+    feat, labels = prepare_contrast(proj, label, min_ratio=cfg.min_ratio, num_classes=cfg.num_classes,
+                                    ignore_index=IGNORE)
+    common = dict(temperature=cfg.temperature, reg_weight=cfg.reg_weight, ignore_index=IGNORE)
+    if cfg.variant == "dist":
+        return dist_contrast_loss(feat, labels, stats.mean, stats.var, ratio=1.0, **common)
+    if cfg.variant == "proto":
+        return proto_contrast_loss(feat, labels, stats.mean, **common)
+    return bank_contrast_loss(feat, labels, stats.bank, stats.bank_len, mean=stats.mean, **common)
+
+
+def _autocast(ctx: StepContext):
+    return torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32,
+                          enabled=ctx.amp_dtype is not None)
+
+
+def _backward(ctx: StepContext, loss: torch.Tensor) -> None:
+    (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
+
+
+def teacher_pseudo_labels(ctx: StepContext, img: torch.Tensor, ref_img: torch.Tensor | None):
+    """Teacher → softmax → (p, ŷ, q); Dark Zurich fuses the day (ref) and night predictions."""
+    cfg, teacher = ctx.cfg, ctx.teacher
+    size = tuple(img.shape[-2:])
+    with _autocast(ctx):
+        night = torch.softmax(resize_logits(teacher.predict(img), size).float(), dim=1)
+        if ref_img is None:
+            return probs_to_pseudo(night, cfg.pseudo_threshold)
+        day = torch.softmax(resize_logits(teacher.predict(ref_img), size).float(), dim=1)
+    fused = fuse_day_night(day, night, ctx.class_weight, cfg.day_ratio)
+    return probs_to_pseudo(fused, cfg.pseudo_threshold)
+
+
+def allreduce_grads(ctx: StepContext) -> None:
+    """Average gradients over ranks in one flat all-reduce (three backward passes have
+    accumulated into .grad; DDP's reducer expects one forward per backward, see ddp.py)."""
+    grads = [p.grad for p in ctx.student_params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=ctx.process_group)
+    flat.div_(ctx.world_size)
+    torch._foreach_copy_(grads, list(torch._utils._unflatten_dense_tensors(flat, grads)))
+
+
+def optimizer_step(ctx: StepContext, losses: dict[str, torch.Tensor]) -> None:
+    """One AdamW step; skipped on the device when a gradient (or, with fp16, a loss) is not finite."""
+    opt = ctx.optimizer
+    if ctx.world_size > 1:
+        allreduce_grads(ctx)
+    if ctx.scaler is not None:
+        # GradScaler feeds its own found_inf / grad_scale to the fused AdamW (no host sync).
+        ctx.scaler.step(opt)
+        ctx.scaler.update()
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        ctx.skipped.add_((~torch.isfinite(total)).float())
+    else:
+        grads = [p.grad for p in ctx.student_params if p.grad is not None]
+        ctx.found_inf.zero_()
+        if grads:
+            one = torch.ones((), device=ctx.device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, ctx.found_inf, one)
+        opt.found_inf = ctx.found_inf
+        opt.grad_scale = None
+        opt.step()
+        ctx.skipped.add_(ctx.found_inf)
+    opt.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The iteration
+# ----------------------------------------------------------------------------------------
+def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = False) -> dict:
+    """Run iteration ``it`` (0-based) on one source and one target batch.
+
+    Returns ``{"losses": {name: 0-d device tensor}, "debug": {...} or None}``. Losses are
+    detached and never read here.
+    """
+    cfg, phase = ctx.cfg, ctx.profiler.phase
+    student, teacher, stats = ctx.student, ctx.teacher, ctx.stats
+    uda = cfg.method == "sepico"
+    contrast_on = uda and it >= cfg.contrast_start
+    losses: dict[str, torch.Tensor] = {}
+    vis: dict | None = {} if debug else None
+    rng, gen = iteration_rng(cfg.seed, it, ctx.rank, ctx.device)
+    set_lr(ctx.optimizer, lr_factor(it, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power))
+
+    img_s, gt_s = src["img"], src["gt"]                      # weak source [B,3,h,w], [B,1,h,w]
+    img_t, ref_t = tgt.get("img"), tgt.get("ref_img")        # weak target (full image), DZ day image
+    strong = augment.draw_strong_params(rng, cfg.color_jitter_strength, cfg.color_jitter_p, cfg.blur)
+    class_weight = ctx.class_weight if cfg.dark_zurich else None
+
+    # 1. Teacher EMA (parameters only; copy at t = 0).
+    if uda:
+        with phase("ema"):
+            ema_update(ctx.teacher_params, ctx.student_params, it, cfg.ema_alpha)
+
+    # 2-3, 5. Teacher passes: pseudo labels, class-balanced crop, regeneration, statistics.
+    if uda:
+        with phase("teacher"), torch.no_grad():
+            prob, plabel, q = teacher_pseudo_labels(ctx, img_t, ref_t)
+            crop_hw = (min(cfg.crop_hw[0], img_t.shape[-2]), min(cfg.crop_hw[1], img_t.shape[-1]))
+            whole = crop_hw == tuple(img_t.shape[-2:])
+            if not whole:
+                offsets = ops.sample_crop_offsets(img_t.shape[0], cfg.crop_tries, tuple(img_t.shape[-2:]),
+                                                  crop_hw, generator=gen, device=ctx.device)
+                window = ops.select_crop_windows(plabel, offsets, crop_hw, num_classes=cfg.num_classes,
+                                                 cat_max_ratio=cfg.cat_max_ratio, ignore_index=IGNORE)
+                img_t = ops.crop_batch(img_t, window, crop_hw)
+                ref_t = ops.crop_batch(ref_t, window, crop_hw) if ref_t is not None else None
+                if cfg.regen_pseudo:
+                    prob, plabel, q = teacher_pseudo_labels(ctx, img_t, ref_t)
+                else:
+                    plabel = ops.crop_batch(plabel.unsqueeze(1), window, crop_hw)[:, 0]
+            with _autocast(ctx):
+                feats_t = teacher.extract(img_s)
+                proj_t = teacher.project(feats_t)
+            if debug:
+                with _autocast(ctx):
+                    vis["source_pseudo"] = resize_logits(teacher.decode(feats_t), tuple(gt_s.shape[-2:])).argmax(1)
+        with phase("stats"), torch.no_grad():
+            feat, lab = prepare_contrast(proj_t.float(), gt_s, min_ratio=cfg.min_ratio,
+                                         num_classes=cfg.num_classes, ignore_index=IGNORE)
+            stats.update(feat, lab, process_group=ctx.process_group if ctx.world_size > 1 else None)
+        top, bottom = (0, 0) if cfg.dark_zurich else cfg.ignore_rows()
+        pweight = pseudo_weight_map(q, tuple(plabel.shape), top, bottom)          # [B,H,W]
+        losses["pseudo_q"] = q.detach()
+
+    # 4. Strong augmentation of the student's source image and target crop.
+    with phase("augment"):
+        img_s_strong = augment.strong_augment(img_s, strong, rng, gen)
+        img_t_strong = augment.strong_augment(img_t, strong, rng, gen) if uda else None
+
+    # 6. Student, source: seg CE (+ contrast). Backward.
+    with phase("student_source"):
+        with _autocast(ctx):
+            feats = student.extract(img_s_strong)
+            loss_src = seg_ce(student.decode(feats), gt_s, None, class_weight, cfg.ce_mean_over_all)
+            losses["src_ce"] = loss_src.detach()
+            if contrast_on:
+                loss_cl = contrast_loss(cfg, stats, student.project(feats), gt_s)
+                losses["src_contrast"] = loss_cl.detach()
+                loss_src = loss_src + cfg.contrast_weight * loss_cl
+        _backward(ctx, loss_src)
+        del feats
+
+    # 7. Student, target: contrast on the strong crop with ŷ (ignored where the weight is 0).
+    if contrast_on:
+        with phase("student_target"):
+            tgt_label = torch.where(pweight == 0, torch.full_like(plabel, IGNORE), plabel).unsqueeze(1)
+            with _autocast(ctx):
+                loss_tgt = cfg.contrast_weight * contrast_loss(
+                    cfg, stats, student.project(student.extract(img_t_strong)), tgt_label)
+            losses["tgt_contrast"] = loss_tgt.detach()
+            _backward(ctx, loss_tgt)
+
+    # 8. Self-training on ClassMix of weak source and weak target crop.
+    if uda:
+        with phase("mix"):
+            mix_classes = choose_mix_classes(gt_s, gen)
+            mixed_img, mixed_lbl, mixed_w = ops.classmix(img_s, img_t, gt_s, plabel.unsqueeze(1),
+                                                         pweight.unsqueeze(1), mix_classes)
+            mixed_img = augment.strong_augment(mixed_img, strong, rng, gen, per_image_sigma=True)
+            with _autocast(ctx):
+                loss_mix = seg_ce(student.predict(mixed_img), mixed_lbl, mixed_w, class_weight,
+                                  cfg.ce_mean_over_all)
+            losses["mix_ce"] = loss_mix.detach()
+            _backward(ctx, loss_mix)
+        if debug:
+            mask = mix_classes.gather(1, gt_s.flatten(1).long()).view_as(gt_s)
+            vis.update(target=img_t, pseudo_label=plabel, pseudo_weight=pweight, mix_mask=mask,
+                       mixed_img=mixed_img, mixed_label=mixed_lbl)
+    if debug:
+        vis.update(source=img_s, source_strong=img_s_strong, source_gt=gt_s)
+
+    # 9. One optimizer step for the accumulated gradients.
+    with phase("optimizer"):
+        optimizer_step(ctx, losses)
+    return {"losses": losses, "debug": vis}
