@@ -14,7 +14,9 @@ Accepted inputs (a path or an already loaded dict; nothing is ever downloaded):
   (``stem.0.weight``, ``layer1.0.conv1.weight``...; classifier ``fc.*`` ignored). Only the
   backbone is loaded; both heads keep their random initialisation.
 
-Strictness: every key the target needs must be present with the right shape, and keys that
+Strictness: every key the target needs must be present with the right shape (BatchNorm
+``num_batches_tracked`` counters excepted: numerically unused with momentum 0.1, absent from
+some old backbone files; a missing one is listed in the report and left at 0), and keys that
 fall inside one of the target's own modules but are not part of it (e.g. ResNet-101's extra
 ``backbone.layer3.6`` blocks offered to a ResNet-50) raise too. Keys outside the target's
 modules (the other UDA branch, classifier heads, ``imnet_model.*``...) are ignored and
@@ -22,6 +24,7 @@ listed in the report; unknown ones are logged as a warning.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -40,6 +43,8 @@ _NON_WEIGHT_ENTRIES = ("meta", "optimizer", "optimizer_state", "scheduler", "lr_
 # Classifier heads of ImageNet backbone files (NVlabs MiT: head.*, torchvision/mmcls ResNet: fc.*).
 _CLASSIFIER_PREFIXES = ("head.", "fc.")
 _MAX_LISTED = 5
+# BatchNorm's counter only matters with momentum=None (never here); old files may lack it.
+_BN_COUNTER = "num_batches_tracked"
 
 
 @dataclass
@@ -130,13 +135,15 @@ def _check(target: nn.Module, sd: Mapping[str, torch.Tensor], *, what: str, stri
     ]
     extra = [k for k in sd if k not in expected]
     foreign = [k for k in extra if k.split(".", 1)[0] in children]  # inside our modules
-    ignored = [k for k in extra if k not in foreign and k.startswith(ignorable)]
-    unexpected = [k for k in extra if k not in foreign and k not in ignored]
+    outside = [k for k in extra if k.split(".", 1)[0] not in children]
+    ignored = [k for k in outside if k.startswith(ignorable)]
+    unexpected = [k for k in outside if not k.startswith(ignorable)]
     problems = []
     if shape_bad:
         problems.append(f"{len(shape_bad)} shape mismatches, e.g. {shape_bad[:_MAX_LISTED]}")
-    if strict and missing:
-        problems.append(f"{len(missing)} missing keys, e.g. {missing[:_MAX_LISTED]}")
+    needed = [k for k in missing if not k.endswith(_BN_COUNTER)]
+    if strict and needed:
+        problems.append(f"{len(needed)} missing keys, e.g. {needed[:_MAX_LISTED]}")
     if strict and foreign:
         problems.append(f"{len(foreign)} keys not in this architecture, e.g. {foreign[:_MAX_LISTED]}")
     if problems:
@@ -145,18 +152,28 @@ def _check(target: nn.Module, sd: Mapping[str, torch.Tensor], *, what: str, stri
     return missing, unexpected + foreign, ignored
 
 
-def _guess_arch(sd: Mapping[str, torch.Tensor], target: nn.Module) -> str:
-    """Name the known architecture whose layout the checkpoint matches, if any (error path only)."""
+@functools.lru_cache(maxsize=8)
+def _known_layouts(num_classes: int, proj_dim: int) -> list[tuple[str, dict, dict]]:
+    """(arch, segmentor {key: shape}, backbone {key: shape}) of every known architecture."""
     from .models import ARCHS, build_segmentor
 
-    keys = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    out = []
     for arch in ARCHS:
         with torch.device("meta"):
-            ref = build_segmentor(arch, num_classes=_num_classes(sd) or 19,
-                                  proj_dim=_proj_dim(sd) or 512)
-        for module, part in ((ref, ""), (ref.backbone, " backbone")):
-            if keys == {k: tuple(v.shape) for k, v in module.state_dict().items()}:
-                return f" (it matches the {arch}{part} layout)"
+            ref = build_segmentor(arch, num_classes=num_classes, proj_dim=proj_dim)
+        out.append((arch, {k: tuple(v.shape) for k, v in ref.state_dict().items()},
+                    {k: tuple(v.shape) for k, v in ref.backbone.state_dict().items()}))
+    return out
+
+
+def _guess_arch(sd: Mapping[str, torch.Tensor], target: nn.Module) -> str:
+    """Name the known architecture whose layout the checkpoint matches, if any (error path only)."""
+    keys = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    for arch, full, backbone in _known_layouts(_num_classes(sd) or 19, _proj_dim(sd) or 512):
+        if keys == full:
+            return f" (it matches the {arch} layout)"
+        if keys == backbone:
+            return f" (it matches the {arch} backbone layout)"
     return ""
 
 
@@ -209,9 +226,10 @@ def load_official(model: nn.Module, checkpoint, prefix: str = "model.", *,
                              "(ema_model.) weights; it is a student-only segmentor checkpoint")
         missing, unexpected, ignored = _check(model, sd, what=f"{_arch(model)}", strict=strict,
                                               ignorable=())
-        tensors = {k: v for k, v in sd.items() if k in model.state_dict()}
+        wanted = model.state_dict().keys()
+        tensors = {k: v for k, v in sd.items() if k in wanted}
         model.load_state_dict(tensors, strict=False)
-        random_init = sorted({k.split(".", 1)[0] for k in missing})
+        random_init = sorted({k.split(".", 1)[0] for k in missing if not k.endswith(_BN_COUNTER)})
     else:
         # An ImageNet backbone file: backbone-local names.
         if ignored_branch:  # a UDA-style prefix on backbone-local keys makes no sense
@@ -219,7 +237,8 @@ def load_official(model: nn.Module, checkpoint, prefix: str = "model.", *,
         kind = "backbone"
         missing, unexpected, ignored = _check(model.backbone, sd, what=f"the {_arch(model)} backbone",
                                               strict=strict, ignorable=_CLASSIFIER_PREFIXES)
-        tensors = {k: v for k, v in sd.items() if k in model.backbone.state_dict()}
+        wanted = model.backbone.state_dict().keys()
+        tensors = {k: v for k, v in sd.items() if k in wanted}
         model.backbone.load_state_dict(tensors, strict=False)
         missing = [f"backbone.{k}" for k in missing]
         random_init = ["decode_head", "auxiliary_head"]

@@ -201,6 +201,20 @@ def test_train_mode_is_stochastic_eval_is_not_and_all_params_get_grads():
         torch.testing.assert_close(model(img)[0], model(img)[0])
 
 
+def test_set_stochastic_false_keeps_bn_training_but_drops_no_paths():
+    model = build_segmentor("daformer_tiny", drop_path_rate=0.5).set_stochastic(False)
+    model.train()
+    assert model.training and model.decode_head.fuse_layer.bottleneck.bn.training
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(img)[0], model(img)[0]
+    torch.testing.assert_close(a, b)  # deterministic: no dropout, no drop-path
+    bn = model.decode_head.fuse_layer.bottleneck.bn
+    assert int(bn.num_batches_tracked) == 2  # BN still used batch statistics
+    model.set_stochastic(True)
+    assert model.decode_head.dropout.training and model.backbone.block1[0].training
+
+
 @pytest.mark.parametrize("arch", ["daformer_tiny", "dlv2_tiny"])
 def test_dynamo_traces_without_graph_breaks(arch):
     import torch._dynamo
@@ -397,3 +411,25 @@ def test_param_groups_dlv2_decays_resnet_bn():
     model = build_segmentor("dlv2_tiny")
     groups = param_groups(model, lr=1.0, weight_decay=0.5, head_lr_mult=3.0)
     assert {(g["lr"], g["weight_decay"]) for g in groups} == {(1.0, 0.5), (3.0, 0.5)}
+
+
+# ----------------------------------------------------------------------------- FLOP counter
+
+def test_flop_counts_match_closed_form_and_cli_prints(capsys):
+    from sepico_fast.models.__main__ import main
+    from sepico_fast.models.flops import model_cost
+
+    # ProjHead = two 1x1 convs: 2 FLOPs per multiply-add, per output pixel.
+    c = model_cost("dlv2_tiny", 64, 64)
+    assert c.flops_proj == 2 * (512 * 512 + 512 * 512) * 8 * 8
+    c = model_cost("daformer_tiny", 64, 64)
+    assert c.flops_proj == 2 * (240 * 60 + 60 * 512) * 16 * 16
+    # DLV2 head: four 3x3 convs 512 -> 19 at stride 8.
+    assert model_cost("dlv2_tiny", 64, 64).flops_decode == 4 * 2 * 19 * 512 * 9 * 8 * 8
+    assert c.params == sum(p.numel() for p in build_segmentor("daformer_tiny").parameters())
+    assert c.flops_infer == c.flops_backbone + c.flops_decode > 0
+    main(["daformer_tiny", "--size", "64", "64"])
+    out = capsys.readouterr().out
+    assert "| daformer_tiny | 708,843 |" in out and "2 FLOPs" in out
+    with pytest.raises(SystemExit):
+        main(["resnet9000"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .mit import Block
+
 
 class Segmentor(nn.Module):
     """SePiCo's EncoderDecoderProjector without the mmseg machinery.
@@ -21,6 +23,25 @@ class Segmentor(nn.Module):
         self.backbone = backbone
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
+        self.stochastic = True
+
+    def set_stochastic(self, enabled: bool) -> "Segmentor":
+        """Switch dropout and drop-path on/off independently of train/eval mode.
+
+        The SePiCo teacher runs with BatchNorm in training mode (batch statistics, an
+        upstream quirk) but without dropout/drop-path: ``set_stochastic(False)`` keeps that
+        setting across later ``train()`` / ``eval()`` calls.
+        """
+        self.stochastic = bool(enabled)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "Segmentor":
+        super().train(mode)
+        if mode and not self.stochastic:
+            for m in self.modules():
+                if isinstance(m, (nn.modules.dropout._DropoutNd, Block)):
+                    m.training = False  # Block.training only gates drop-path
+        return self
 
     def extract(self, img: torch.Tensor) -> list[torch.Tensor]:
         """Backbone feature maps (4 levels) for a normalised image batch [B,3,H,W]."""
