@@ -185,7 +185,7 @@ def _launch(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_inde
     ddt = dot_dtype(feat.dtype)
     c_pad = pow2_at_least(c)
     block_n = block_n or 64
-    block_a = block_a or min(128, pow2_at_least(a))
+    block_a = block_a or min(64, pow2_at_least(a))  # ~32 KB of operands per pipeline stage
     num_blocks = triton.cdiv(n_rows, block_n)
     grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
     loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)

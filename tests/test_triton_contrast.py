@@ -196,3 +196,138 @@ def test_out_of_range_label_poisons_loss():
     loss = kernels.dist_contrast_loss(z.float().to(DEV), y.to(DEV), mean.float().to(DEV),
                                       var.float().to(DEV), 100.0, 1.0, 0.0, IGNORE)
     assert math.isnan(loss.item())
+
+
+# ----------------------------------------------------------------------------- BankCL
+def bank_ref(z, y, bank, bank_len, tau=100.0, mean=None, w=0.0):
+    """Float64 BankCL written literally from SPEC §5, one class at a time.
+
+    Negatives are the mean over the other class's entries of the individual similarities
+    (not a dot with a mean row); pixels whose own bank is empty are left out of the mean.
+    """
+    z, bank = z.double(), bank.double()
+    c = bank.shape[0]
+    lens = [int(v) for v in bank_len]
+    total, count = z.sum() * 0, 0
+    for k in range(c):
+        rows = (y == k).nonzero()[:, 0]
+        if len(rows) == 0 or lens[k] == 0:
+            continue
+        zk = z[rows]
+        pos = zk @ bank[k, :lens[k]].T / tau  # [n_k, L]
+        negs = [(zk @ bank[j, :lens[j]].T / tau).mean(1) for j in range(c) if j != k and lens[j] > 0]
+        neg_sum = torch.stack(negs, 1).exp().sum(1, keepdim=True) if negs else torch.zeros_like(pos[:, :1])
+        total = total - torch.log(pos.exp() / (pos.exp() + neg_sum)).mean(1).sum()
+        count += len(rows)
+    loss = total / count if count else total
+    valid = y != IGNORE
+    if w and bool(valid.any()):
+        loss = loss + w * _reg64(z[valid], mean.double(), tau)
+    return loss
+
+
+def make_bank(c, m, a, lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(c, m, a, generator=g, dtype=torch.float64), dim=2)
+    bank_len = torch.tensor(lens, dtype=torch.long)
+    for k in range(c):  # stale rows past bank_len must not be read
+        bank[k, lens[k]:] = float("nan")
+    return bank, bank_len
+
+
+BANK_CASES = [  # (N, A, C, M, block_n, sort, reg_weight)
+    (45, 16, 5, 7, 16, True, 0.0),
+    (130, 64, 19, 20, 32, True, 1.0),
+    (90, 64, 5, 33, 32, False, 1.0),
+    (60, 512, 5, 16, 16, True, 0.0),
+]
+
+
+@pytest.mark.parametrize("n,a,c,m,block_n,sort,w", BANK_CASES)
+def test_bank_fp32_matches_float64(n, a, c, m, block_n, sort, w):
+    z, y, mean, _ = make_inputs(n, a, c, seed=n + m)
+    g = torch.Generator().manual_seed(m)
+    lens = torch.randint(1, m + 1, (c,), generator=g).tolist()
+    lens[1] = 0  # one empty bank: its pixels have no positive, it is no negative
+    bank, bank_len = make_bank(c, m, a, lens, seed=c)
+    l64, g64 = grad_of(lambda t: bank_ref(t, y, bank, bank_len, 100.0, mean, w), z)
+    l32, g32 = grad_of(lambda t: kernels.bank_contrast_loss(
+        t, y.to(DEV), bank.float().to(DEV), bank_len.to(DEV), 100.0, mean.float().to(DEV), w,
+        IGNORE, sort=sort, block_n=block_n), z.float().to(DEV))
+    assert l32.dtype == torch.float32 and l32.shape == ()
+    assert_close(l32, l64, 1e-5, 0.0, "loss")
+    assert_close(g32, g64, 1e-5, 0.0, "grad")
+
+
+def test_bank_strong_logits_and_single_bank():
+    """Large similarities (τ = 0.1) exercise the stable softplus/sigmoid; with one class
+    banked there are no negatives and the loss of that class is exactly 0."""
+    n, a, c, m = 60, 16, 5, 6
+    z, y, mean, _ = make_inputs(n, a, c, seed=21)
+    bank, bank_len = make_bank(c, m, a, [3, 6, 1, 2, 5], seed=4)
+    l64, g64 = grad_of(lambda t: bank_ref(t, y, bank, bank_len, 0.1), z)
+    l32, g32 = grad_of(lambda t: kernels.bank_contrast_loss(
+        t, y.to(DEV), bank.float().to(DEV), bank_len.to(DEV), 0.1, None, 0.0, IGNORE,
+        block_n=16), z.float().to(DEV))
+    assert_close(l32, l64, 1e-5, 0.0, "loss")
+    assert_close(g32, g64, 1e-5, 0.0, "grad")
+    only = torch.tensor([0, 4, 0, 0, 0])
+    loss = kernels.bank_contrast_loss(z.float().to(DEV), y.to(DEV), bank.float().to(DEV),
+                                      only.to(DEV), 100.0, None, 0.0, IGNORE)
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bank_half_inputs(dtype):
+    n, a, c, m = 100, 64, 5, 12
+    z, y, mean, _ = make_inputs(n, a, c, seed=13)
+    bank, bank_len = make_bank(c, m, a, [12, 5, 1, 8, 3], seed=5)
+    zh = z.to(dtype)
+    l64, g64 = grad_of(lambda t: bank_ref(t, y, bank.float(), bank_len, 100.0, mean.float(), 1.0),
+                       zh.double())
+    lh, gh = grad_of(lambda t: kernels.bank_contrast_loss(
+        t, y.to(DEV), bank.float().to(DEV), bank_len.to(DEV), 100.0, mean.float().to(DEV), 1.0,
+        IGNORE, block_n=32), zh.to(DEV))
+    assert gh.dtype == dtype
+    assert_close(lh, l64, 1e-4, 0.0, "loss")
+    assert_close(gh, g64, 1.5e-2, 0.0, "grad")
+
+
+@pytest.mark.parametrize("n", [0, 30])
+def test_bank_no_valid_pixel(n):
+    a, c, m = 16, 5, 4
+    z = F.normalize(torch.randn(n, a), dim=1).to(DEV).requires_grad_(True)
+    y = torch.full((n,), IGNORE, dtype=torch.long, device=DEV)
+    bank, bank_len = make_bank(c, m, a, [4, 4, 4, 4, 4])
+    loss = kernels.bank_contrast_loss(z, y, bank.float().to(DEV), bank_len.to(DEV), 100.0,
+                                      torch.randn(c, a, device=DEV), 1.0, IGNORE)
+    loss.backward()
+    assert loss.item() == 0.0 and z.grad.shape == (n, a) and bool((z.grad == 0).all())
+
+
+# ----------------------------------------------------------------------------- public API
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_api_triton_matches_torch(dtype):
+    """sepico_fast.contrast: impl="triton" (these kernels) against impl="torch"."""
+    contrast = pytest.importorskip("sepico_fast.contrast")
+    n, a, c, m = 90, 64, 19, 6
+    z, y, mean, var = make_inputs(n, a, c, seed=17)
+    var = var * 0.01
+    bank, bank_len = make_bank(c, m, a, [(k % m) + 1 for k in range(c)], seed=3)
+    bank = torch.nan_to_num(bank)  # the public API rejects non-finite banks
+    zd, yd = z.to(dtype).to(DEV), y.to(DEV)
+    md, vd, bd = (t.float().to(DEV) for t in (mean, var, bank))
+    bl = bank_len.to(DEV)
+    calls = {
+        "proto": lambda t, impl: contrast.proto_contrast_loss(t, yd, md, reg_weight=1.0, impl=impl),
+        "dist": lambda t, impl: contrast.dist_contrast_loss(t, yd, md, vd, reg_weight=1.0, impl=impl),
+        "bank": lambda t, impl: contrast.bank_contrast_loss(t, yd, bd, bl, mean=md, reg_weight=1.0,
+                                                            impl=impl),
+    }
+    tol_loss, tol_grad = (1e-5, 1e-5) if dtype == torch.float32 else (1e-4, 1.5e-2)
+    for name, call in calls.items():
+        lt, gt = grad_of(lambda t: call(t, "torch"), zd)
+        lk, gk = grad_of(lambda t: call(t, "triton"), zd)
+        assert lk.dtype == torch.float32 and gk.dtype == dtype, name
+        assert_close(lk, lt.float(), tol_loss, 0.0, f"{name} loss")
+        assert_close(gk, gt.float(), tol_grad, 0.0, f"{name} grad")

@@ -1,0 +1,238 @@
+"""Fused BankCL memory-bank contrast loss (SPEC §5), forward + backward.
+
+Math. Bank b_{c,j} (j < L_c valid entries of class c, fp32 [C, M, A], no gradient), bank
+means b̄_c = Σ_{j<L_c} b_{c,j} / L_c, temperature τ. For a valid pixel i of class y:
+
+    p_ij = z_i·b_{y,j}/τ   (j < L_y),      n_ik = z_i·b̄_k/τ   (k ≠ y, L_k > 0)
+    S_i  = logsumexp_k n_ik  (−∞ when there is no negative class)
+    ℓ_i  = (1/L_y) Σ_j −log(e^{p_ij} / (e^{p_ij} + Σ_k e^{n_ik})) = (1/L_y) Σ_j softplus(S_i − p_ij)
+    σ_ij = sigmoid(S_i − p_ij),   π_ik = softmax_k(n_ik)
+    ∂ℓ_i/∂z_i = (1/(τ L_y)) [ −Σ_j σ_ij b_{y,j} + (Σ_j σ_ij) Σ_k π_ik b̄_k ]
+
+(n_ik is the mean of z_i·b_{k,j}/τ over j, i.e. one dot with the mean row, so the negatives
+are one [N,A]×[A,C] product). Pixels whose own bank is empty (L_y = 0) have no positive
+pair and are left out of the loss mean; the regulariser (see ``dist_contrast``) uses the
+class means ``mean`` and all non-ignore pixels, as in DistCL/ProtoCL.
+
+Kernel layout. Pixels are visited in label-sorted order (``perm``, one argsort of the
+labels on the device), so a block of BLOCK_N pixels spans one or two classes; for each class
+c present in the block the [BLOCK_N, M_PAD] positive logit tile is one tensor-core product
+z·B_cᵀ streamed over A chunks, and rows of other classes are masked out. The tile stays in
+registers; the gradient pass re-reads B̄ and B_y (L2-resident: a few hundred KB) and writes
+g_i once to row perm[i]. Never materialises N×C×M: FLOPs ≈ 2·N·A·(M_PAD + C_PAD)·2.
+Without sorting the kernel is still correct, only slower (a block spans more classes).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, dot_dtype, dot_precision, pow2_at_least
+from .dist_contrast import finish_loss, regulariser, scale_grad_
+
+
+@triton.jit
+def _bank_contrast_fwd_kernel(
+    z_ptr, lab_ptr, perm_ptr, bank_ptr, blen_ptr, bmean_ptr, g_ptr,
+    loss_part_ptr, cnt_part_ptr, valid_part_ptr, zsum_part_ptr,
+    N, A, C, M, stride_bc, stride_zn, stride_za, stride_gn, ignore_index, inv_tau,
+    BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, C_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    SORTED: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_REG: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    pos = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos_in = pos < N
+    if SORTED:
+        rows = tl.load(perm_ptr + pos, mask=pos_in, other=0).to(tl.int64)
+    else:
+        rows = pos.to(tl.int64)
+    y = tl.load(lab_ptr + rows, mask=pos_in, other=ignore_index).to(tl.int32)
+    valid = pos_in & (y != ignore_index)
+    in_range = (y >= 0) & (y < C)
+    bad = valid & (in_range == 0)
+    y_safe = tl.where(valid & in_range, y, 0)
+    len_y = tl.load(blen_ptr + y_safe, mask=valid & in_range, other=0).to(tl.int32)
+    has_pos = valid & in_range & (len_y > 0)
+    y_lo = tl.min(tl.where(has_pos, y, C), axis=0)
+    y_hi = tl.max(tl.where(has_pos, y, -1), axis=0)
+
+    cls = tl.arange(0, C_PAD)
+    cls_in = cls < C
+    len_cls = tl.load(blen_ptr + cls, mask=cls_in, other=0).to(tl.int32)
+    slot = tl.arange(0, M_PAD)
+
+    # ---- negatives: one product with the bank means; Σz for the regulariser ----
+    acc_n = tl.zeros([BLOCK_N, C_PAD], dtype=tl.float32)
+    for a0 in range(0, A, BLOCK_A):
+        cols = a0 + tl.arange(0, BLOCK_A)
+        col_in = cols < A
+        z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_za,
+                    mask=pos_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+        bm_t = tl.load(bmean_ptr + cls[None, :] * A + cols[:, None],
+                       mask=col_in[:, None] & cls_in[None, :], other=0.0)
+        acc_n = tl.dot(z.to(DOT_DTYPE), bm_t.to(DOT_DTYPE), acc_n, input_precision=DOT_PREC)
+        if HAS_REG:
+            zs = tl.sum(tl.where(valid[:, None], z, 0.0), axis=0)
+            tl.store(zsum_part_ptr + blk.to(tl.int64) * A + cols, zs, mask=col_in)
+
+    # ---- positives: per class present in the block, z·B_cᵀ on its rows ----
+    pos_logit = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
+    for c in range(y_lo, y_hi + 1):
+        sel = has_pos & (y == c)
+        if tl.max(sel.to(tl.int32), axis=0) > 0:
+            len_c = tl.load(blen_ptr + c).to(tl.int32)
+            acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
+            for a0 in range(0, A, BLOCK_A):
+                cols = a0 + tl.arange(0, BLOCK_A)
+                col_in = cols < A
+                z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_za,
+                            mask=sel[:, None] & col_in[None, :], other=0.0)
+                b_t = tl.load(bank_ptr + c * stride_bc + slot[None, :] * A
+                              + cols[:, None], mask=col_in[:, None] & (slot < len_c)[None, :],
+                              other=0.0)
+                acc = tl.dot(z.to(DOT_DTYPE), b_t.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+            pos_logit = tl.where(sel[:, None], acc, pos_logit)
+
+    # ---- loss: softplus(S − p) averaged over the own-class entries ----
+    neg_ok = cls_in[None, :] & (cls[None, :] != y[:, None]) & (len_cls > 0)[None, :]
+    n_logit = tl.where(neg_ok, acc_n * inv_tau, float("-inf"))
+    n_max = tl.max(n_logit, axis=1)
+    has_neg = n_max > float("-inf")
+    n_max_safe = tl.where(has_neg, n_max, 0.0)
+    n_exp = tl.exp(n_logit - n_max_safe[:, None])
+    n_den = tl.sum(n_exp, axis=1)
+    lse_neg = tl.where(has_neg, n_max_safe + tl.log(tl.where(has_neg, n_den, 1.0)),
+                       float("-inf"))
+    x = lse_neg[:, None] - pos_logit * inv_tau  # [BLOCK_N, M_PAD]
+    entry_ok = has_pos[:, None] & (slot[None, :] < len_y[:, None])
+    softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    inv_len = 1.0 / tl.maximum(len_y, 1).to(tl.float32)
+    loss = tl.sum(tl.where(entry_ok, softplus, 0.0), axis=1) * inv_len
+    loss = tl.where(bad, float("nan"), loss)
+    tl.store(loss_part_ptr + blk, tl.sum(tl.where(has_pos | bad, loss, 0.0), axis=0))
+    tl.store(cnt_part_ptr + blk, tl.sum(has_pos.to(tl.float32), axis=0))
+    tl.store(valid_part_ptr + blk, tl.sum(valid.to(tl.float32), axis=0))
+
+    # ---- gradient: (W·B_y + U·B̄)/τ, W_ij = −σ_ij/L_y, U_ik = (Σ_j σ_ij/L_y) π_ik ----
+    if WRITE_GRAD:
+        sig = tl.where(entry_ok, 1.0 / (1.0 + tl.exp(-x)), 0.0)
+        w_pos = -sig * (inv_len * inv_tau)[:, None]
+        pi = n_exp / tl.where(has_neg, n_den, 1.0)[:, None]
+        u_neg = pi * (tl.sum(sig, axis=1) * inv_len * inv_tau)[:, None]
+        u_neg = tl.where(has_pos[:, None] & has_neg[:, None], u_neg, 0.0)
+        for a0 in range(0, A, BLOCK_A):
+            cols = a0 + tl.arange(0, BLOCK_A)
+            col_in = cols < A
+            bm = tl.load(bmean_ptr + cls[:, None] * A + cols[None, :],
+                         mask=cls_in[:, None] & col_in[None, :], other=0.0)
+            g = tl.dot(u_neg.to(DOT_DTYPE), bm.to(DOT_DTYPE), input_precision=DOT_PREC)
+            for c in range(y_lo, y_hi + 1):
+                sel = has_pos & (y == c)
+                if tl.max(sel.to(tl.int32), axis=0) > 0:
+                    len_c = tl.load(blen_ptr + c).to(tl.int32)
+                    b = tl.load(bank_ptr + c * stride_bc + slot[:, None] * A
+                                + cols[None, :], mask=(slot < len_c)[:, None] & col_in[None, :],
+                                other=0.0)
+                    w_c = tl.where(sel[:, None], w_pos, 0.0)
+                    g = tl.dot(w_c.to(DOT_DTYPE), b.to(DOT_DTYPE), g, input_precision=DOT_PREC)
+            tl.store(g_ptr + rows[:, None] * stride_gn + cols[None, :],
+                     g.to(g_ptr.dtype.element_ty), mask=pos_in[:, None] & col_in[None, :])
+
+
+def _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_index,
+            write_grad, sort, block_n, block_a):
+    n_rows, a = feat.shape
+    c, m, _ = bank.shape
+    dev = feat.device
+    has_reg = reg_weight != 0.0
+    ddt = dot_dtype(feat.dtype)
+    labels = labels.contiguous()
+    # statistics: fp32 means of the valid entries, the bank itself in the dot dtype
+    bank32 = bank.to(device=dev, dtype=torch.float32)
+    blen = bank_len.to(device=dev, dtype=torch.int64).clamp(0, m).contiguous()
+    entry = torch.arange(m, device=dev)[None, :, None] < blen[:, None, None]
+    # where, not a 0/1 weight: rows past bank_len may hold anything (even NaN) and are unread
+    bmean = (torch.where(entry, bank32, 0.0).sum(1)
+             / blen.clamp_min(1).to(torch.float32)[:, None]).contiguous()
+    bank_dot = bank32.to(feat.dtype if ddt != tl.float32 else torch.float32).contiguous()
+    perm = torch.argsort(labels) if sort and n_rows > 1 else labels  # placeholder when unsorted
+    sorted_ = sort and n_rows > 1
+
+    c_pad = pow2_at_least(c)
+    m_pad = pow2_at_least(m)
+    # the [BLOCK_N, M_PAD] positive tile and its accumulator live in registers: 8K fp32 each
+    block_n = block_n or max(16, min(64, 8192 // m_pad))
+    block_a = block_a or min(64 if ddt != tl.float32 else 32, pow2_at_least(a))
+    num_blocks = triton.cdiv(n_rows, block_n)
+    grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
+    loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
+    cnt_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
+    valid_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
+    zsum_part = torch.empty((num_blocks, a) if has_reg else (1, a), device=dev, dtype=torch.float32)
+    if num_blocks > 0:
+        _bank_contrast_fwd_kernel[(num_blocks,)](
+            feat, labels, perm, bank_dot, blen, bmean, grad if write_grad else feat,
+            loss_part, cnt_part, valid_part, zsum_part,
+            n_rows, a, c, m, m * a, feat.stride(0), feat.stride(1), grad.stride(0) if write_grad else 0,
+            ignore_index, 1.0 / temperature,
+            BLOCK_N=block_n, BLOCK_A=block_a, C_PAD=c_pad, M_PAD=m_pad, SORTED=sorted_,
+            WRITE_GRAD=write_grad, HAS_REG=has_reg, DOT_DTYPE=ddt, DOT_PREC=dot_precision(ddt),
+            num_warps=8 if m_pad >= 128 else 4, num_stages=2)
+    n_loss = cnt_part.sum()
+    n_valid = valid_part.sum()
+    loss, inv_n = finish_loss(loss_part.sum(), n_loss, None, 0.0)
+    vec = None
+    if has_reg:
+        reg, reg_grad = regulariser(zsum_part.sum(0), n_valid, mean.to(dev, torch.float32),
+                                    temperature)
+        has_valid = n_valid > 0
+        inv_valid = torch.where(has_valid, 1.0 / n_valid.clamp_min(1.0), torch.zeros_like(n_valid))
+        loss = loss + torch.where(has_valid, reg_weight * reg, torch.zeros_like(reg))
+        vec = reg_weight * reg_grad * inv_valid
+    return loss, grad, inv_n, vec
+
+
+class _BankContrastFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_index,
+                sort, block_n, block_a):
+        write_grad = ctx.needs_input_grad[0]
+        loss, grad, inv_n, vec = _launch(feat, labels, bank, bank_len, temperature, mean,
+                                         reg_weight, ignore_index, write_grad, sort, block_n,
+                                         block_a)
+        ctx.grad, ctx.inv_n, ctx.vec = grad, inv_n, vec
+        ctx.labels, ctx.ignore_index = labels.contiguous(), ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grad is None:
+            raise RuntimeError("bank_contrast_loss (triton): backward called twice; the "
+                               "gradient buffer is scaled in place, use retain_graph=False")
+        g, ctx.grad = ctx.grad, None
+        grad_out = grad_out.to(torch.float32)
+        vec = grad_out * ctx.vec if ctx.vec is not None else None
+        scale_grad_(g, ctx.labels, (grad_out * ctx.inv_n).reshape(1), vec, ctx.ignore_index)
+        return g, None, None, None, None, None, None, None, None, None, None
+
+
+def bank_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor,
+                       bank_len: torch.Tensor, temperature: float = 100.0,
+                       mean: torch.Tensor | None = None, reg_weight: float = 0.0,
+                       ignore_index: int = 255, *, sort: bool = True,
+                       block_n: int | None = None, block_a: int | None = None) -> torch.Tensor:
+    """BankCL of SPEC §5 (see the module docstring); 0-d fp32, differentiable w.r.t. ``feat``.
+
+    feat [N, A], labels [N], bank [C, M, A] with entries 0..bank_len[c]-1 valid, ``mean``
+    [C, A] the class means for the regulariser (needed when reg_weight != 0). ``sort=False``
+    skips the label argsort (correct, slower on real data); ``block_n``/``block_a`` override
+    the tile sizes.
+    """
+    if reg_weight != 0.0 and mean is None:
+        raise ValueError("mean: the class means [C, A] are required when reg_weight != 0")
+    check_device(feat, labels, bank, bank_len)
+    return _BankContrastFunction.apply(feat, labels, bank, bank_len, float(temperature), mean,
+                                       float(reg_weight), int(ignore_index), bool(sort), block_n,
+                                       block_a)
