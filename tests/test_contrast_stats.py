@@ -238,3 +238,52 @@ def test_ddp_ranks_hold_identical_statistics_of_all_pixels():
         single.update(torch.cat([f for f, _ in pair]), torch.cat([y for _, y in pair]))
     torch.testing.assert_close(states[0]["bank"], single.bank)
     assert torch.equal(states[0]["bank_len"], single.bank_len)
+
+
+def test_triton_impl_dispatches_to_kernel(monkeypatch):
+    """ClassStats(impl="triton") takes its batch moments from sepico_fast.kernels.class_moments
+    (stubbed with the torch reference here; the kernel is tested in its own file)."""
+    import importlib
+    try:
+        kernels = importlib.import_module("sepico_fast.kernels")
+    except Exception as exc:  # pragma: no cover - depends on triton being importable
+        pytest.skip(f"sepico_fast.kernels does not import here: {exc}")
+    calls = []
+
+    def fake(feat, labels, num_classes, ignore_index, deterministic=False):
+        calls.append((num_classes, ignore_index, deterministic))
+        return class_moments_torch(feat, labels, num_classes, ignore_index)
+
+    monkeypatch.setattr(kernels, "class_moments", fake, raising=False)
+    feat, labels = random_batch(20, 4, [0, 1, 2], torch.Generator().manual_seed(9))
+    stats = ClassStats(3, 4, impl="triton", deterministic=True)
+    stats.update(feat.float(), labels)
+    assert calls == [(3, IGNORE, True)]
+    want = ClassStats(3, 4)
+    want.update(feat.float(), labels)
+    torch.testing.assert_close(stats.var, want.var)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: host-sync check needs one")
+def test_no_host_sync_on_cuda():  # pragma: no cover - GPU only
+    from sepico_fast.contrast import bank_contrast_loss, dist_contrast_loss, proto_contrast_loss
+    dev = torch.device("cuda")
+    feat = torch.randn(64, 8, device=dev, requires_grad=True)
+    labels = torch.randint(0, 4, (64,), device=dev)
+    labels[::7] = IGNORE
+    stats = ClassStats(4, 8, memory_length=3, device=dev, impl="torch")
+    stats.update(feat.detach(), labels)  # warm-up (lazy CUDA init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats.update(feat.detach(), labels)
+        for impl in ("torch",):
+            loss = (proto_contrast_loss(feat, labels, stats.mean, reg_weight=1.0, impl=impl)
+                    + dist_contrast_loss(feat, labels, stats.mean, stats.var, reg_weight=1.0,
+                                         impl=impl)
+                    + bank_contrast_loss(feat, labels, stats.bank, stats.bank_len,
+                                         mean=stats.mean, reg_weight=1.0, impl=impl))
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(feat.grad).all()

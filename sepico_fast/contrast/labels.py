@@ -1,6 +1,8 @@
 """Labels at feature resolution (SPEC §3) and contrast preparation."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .validation import check_ignore_index, check_value
@@ -36,8 +38,13 @@ def downscale_label_ratio(label: torch.Tensor, scale: int, min_ratio: float = 0.
     per pixel into a [B*H/s*W/s, C+1] histogram. [B,1,H,W] -> [B,1,H/s,W/s] int64.
     """
     _check_label_map(label, num_classes, ignore_index)
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    original_scale = scale
+    try:
+        scale = operator.index(scale) if not isinstance(scale, bool) else None
+    except TypeError:
+        scale = None
+    if scale is None or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {original_scale!r}")
     batch, _, height, width = label.shape
     if height % scale or width % scale:
         raise ValueError(f"label size {height}x{width} is not divisible by scale={scale}")

@@ -50,8 +50,9 @@ def class_moments_torch(feat: torch.Tensor, labels: torch.Tensor, num_classes: i
             total = torch.zeros(num_classes + 1, dim, dtype=dtype, device=feat.device)
             total.index_add_(0, seg, x)
         mean = total / count.clamp_min(1.0)[:, None]
-        centred = x - mean[seg]  # N x A: one gathered row per pixel
-        sq = centred * centred
+        # (m_{y_i} - z_i)^2 in one N x A buffer: the gathered class mean, updated in place.
+        sq = mean.index_select(0, seg)
+        sq.sub_(x).square_()
         if deterministic:
             m2 = onehot.t() @ sq
         else:
@@ -92,6 +93,24 @@ def all_gather_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
     stacked = torch.stack(gathered)  # [R, C, 1 + 2A], rank order
     dim = mean.shape[1]
     return merge_moments(stacked[..., 0], stacked[..., 1:1 + dim], stacked[..., 1 + dim:])
+
+
+def merge_batch(count, mean, var, k, m, m2):
+    """The SPEC §4 update of (count n, mean μ, var σ²) by batch (k, m, m2), in the given order:
+
+        w = k / (k + n)  (0 when both are 0),  v = m2 / k
+        σ² <- (1 - w) σ² + w v + w (1 - w) (μ - m)²
+        μ  <- (1 - w) μ + w m
+        n  <- n + k
+
+    A pure function (returns the new tensors) so that it can be compiled or reused.
+    """
+    v = m2 / k.clamp_min(1.0)[:, None]
+    total = k + count
+    w = torch.where(total > 0, k / total.clamp_min(1.0), torch.zeros_like(k))[:, None]
+    var = (1 - w) * var + w * v + w * (1 - w) * (mean - m) ** 2
+    mean = (1 - w) * mean + w * m
+    return count + k, mean, var
 
 
 class ClassStats:
@@ -175,13 +194,7 @@ class ClassStats:
         self._merge(k, m, m2)
 
     def _merge(self, k: torch.Tensor, m: torch.Tensor, m2: torch.Tensor) -> None:
-        """The SPEC §4 update, in the given order, from batch count/mean/centred moment."""
-        v = m2 / k.clamp_min(1.0)[:, None]
-        total = k + self.count
-        w = torch.where(total > 0, k / total.clamp_min(1.0), torch.zeros_like(k))[:, None]
-        self.var = (1 - w) * self.var + w * v + w * (1 - w) * (self.mean - m) ** 2
-        self.mean = (1 - w) * self.mean + w * m
-        self.count = self.count + k
+        self.count, self.mean, self.var = merge_batch(self.count, self.mean, self.var, k, m, m2)
         if self.memory_length:
             self._push(m, k > 0)
 
