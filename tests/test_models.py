@@ -100,7 +100,7 @@ def test_mit_norm_eps_and_drop_path_schedule():
         if isinstance(m, torch.nn.LayerNorm):
             want = 1e-5 if (name.startswith("patch_embed") or name.endswith("attn.norm")) else 1e-6
             assert m.eps == want, name
-    rates = [blk.drop_path for s in range(1, 5) for blk in getattr(bb, f"block{s}")]
+    rates = [blk.drop_path.drop_prob for s in range(1, 5) for blk in getattr(bb, f"block{s}")]
     assert len(rates) == 52 and rates[0] == 0.0
     assert rates[-1] == pytest.approx(0.1)
     assert rates == pytest.approx([0.1 * i / 51 for i in range(52)], abs=1e-7)
@@ -212,7 +212,7 @@ def test_set_stochastic_false_keeps_bn_training_but_drops_no_paths():
     bn = model.decode_head.fuse_layer.bottleneck.bn
     assert int(bn.num_batches_tracked) == 2  # BN still used batch statistics
     model.set_stochastic(True)
-    assert model.decode_head.dropout.training and model.backbone.block1[0].training
+    assert model.decode_head.dropout.training and model.backbone.block1[0].drop_path.training
 
 
 @pytest.mark.parametrize("arch", ["daformer_tiny", "dlv2_tiny"])

@@ -42,13 +42,23 @@ MIT_CONFIGS: dict[str, MiTConfig] = {
 }
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with prob ``p``, rescale the rest."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+class DropPath(nn.Module):
+    """Stochastic depth: zero whole samples of a residual branch with prob ``drop_prob``,
+    rescale the rest by 1/(1-drop_prob); identity in eval mode. No state-dict entries."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -125,13 +135,13 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = EfficientAttention(dim, num_heads, sr_ratio)
+        self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MixFFN(dim, dim * mlp_ratio)
-        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), h, w), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x), h, w), self.drop_path, self.training)
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x), h, w))
 
 
 class MixVisionTransformer(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mit import Block
+from .mit import DropPath
 
 
 class Segmentor(nn.Module):
@@ -39,8 +39,8 @@ class Segmentor(nn.Module):
         super().train(mode)
         if mode and not self.stochastic:
             for m in self.modules():
-                if isinstance(m, (nn.modules.dropout._DropoutNd, Block)):
-                    m.training = False  # Block.training only gates drop-path
+                if isinstance(m, (nn.modules.dropout._DropoutNd, DropPath)):
+                    m.training = False
         return self
 
     def extract(self, img: torch.Tensor) -> list[torch.Tensor]:
