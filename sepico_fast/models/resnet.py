@@ -7,7 +7,6 @@ Output stride 8: stage strides (1, 2, 1, 1) and dilations (1, 1, 2, 4) with
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
