@@ -9,12 +9,15 @@ from __future__ import annotations
 import torch
 
 try:  # the real layer
-    from ..ops import classmix, crop_batch, sample_crop_offsets, select_crop_windows  # noqa: F401
+    from ..ops import (choose_mix_classes, classmix, crop_batch, sample_crop_offsets,  # noqa: F401
+                       select_crop_windows)
     HAVE_OPS = True
 except ImportError:
     HAVE_OPS = False
 
 if not HAVE_OPS:
+    from .uda import choose_mix_classes  # noqa: F401
+
     def sample_crop_offsets(batch, num_tries, image_hw, crop_hw, generator=None, device=None):
         """[B,K,2] int64 (y0, x0), uniform over the valid offsets (as mmseg RandomCrop)."""
         my = max(image_hw[0] - crop_hw[0], 0) + 1

@@ -29,7 +29,7 @@ from ..contrast import (ClassStats, bank_contrast_loss, dist_contrast_loss, prep
 from .config import TrainConfig
 from .profiling import Profiler
 from .schedule import lr_factor, set_lr
-from .uda import (IGNORE, choose_mix_classes, ema_update, fuse_day_night, probs_to_pseudo,
+from .uda import (IGNORE, ema_update, fuse_day_night, probs_to_pseudo,
                   pseudo_weight_map, resize_logits)
 from . import ops_compat as ops
 
@@ -261,7 +261,7 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
     # 8. Self-training on ClassMix of weak source and weak target crop.
     if uda:
         with phase("mix"):
-            mix_classes = choose_mix_classes(gt_s, gen)
+            mix_classes = ops.choose_mix_classes(gt_s, gen)
             mixed_img, mixed_lbl, mixed_w = ops.classmix(img_s, img_t, gt_s, plabel.unsqueeze(1),
                                                          pweight.unsqueeze(1), mix_classes)
             mixed_img = augment.strong_augment(mixed_img, strong, rng, gen, per_image_sigma=True)
