@@ -32,7 +32,7 @@ from PIL import Image
 from .labels import CITYSCAPES_TRAIN_TO_ID, cityscapes_id_palette
 from .rcs import scaled_thresholds
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump when the generated data changes (the code hash below also keys the cache)
 SOURCE_SIZE = (216, 384)  # (h, w): GTA 1914x1052 at 1/5 of its training scale, 16:9
 TARGET_SIZE = (128, 256)  # (h, w): Cityscapes at 1/5 of its 1280x640 training scale
 CROP = (128, 128)
@@ -454,7 +454,8 @@ def ensure_synthetic(cache_dir: str | os.PathLike | None = None, *, num_source: 
             raise ValueError(f"{name}: expected at least 1, got {value}")
     params = {"version": GENERATOR_VERSION, "seed": seed, "source": num_source, "train": num_target_train,
               "val": num_target_val, "source_size": SOURCE_SIZE, "target_size": TARGET_SIZE}
-    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    code = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()  # any edit of the generator regenerates
+    key = hashlib.sha1((json.dumps(params, sort_keys=True) + code).encode()).hexdigest()[:10]
     cache = Path(cache_dir) if cache_dir is not None else _default_cache()
     final = cache / f"v{GENERATOR_VERSION}-{key}"
     paths = SyntheticPaths(final / "source", final / "target")
