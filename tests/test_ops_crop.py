@@ -190,6 +190,8 @@ def test_bad_arguments_raise_value_errors():
         ops.sample_crop_offsets(2, 3, (8, 8), (4, 9))
     with pytest.raises(ValueError, match="offsets"):
         ops.crop_batch(labels, offsets, 4)
+    with pytest.raises(ValueError, match="generator"):
+        ops.sample_crop_offsets(2, 3, 8, 4, generator=torch.Generator(), device="cuda")
 
 
 @pytest.mark.skipif(ops.EXTENSION_AVAILABLE, reason="checks the error when the extension is missing")

@@ -131,3 +131,22 @@ def test_custom_ops_compile_fullgraph():
     for a, b in zip(compiled, eager):
         assert a.shape == b.shape and a.dtype == b.dtype
         torch.testing.assert_close(a, b)
+
+
+@needs_ext
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (shape) functions and dispatch registration of each custom op."""
+    g = torch.Generator(device=DEV).manual_seed(5)
+    labels = torch.randint(0, 19, (2, 48, 64), device=DEV, generator=g)
+    offsets = torch.randint(0, 16, (2, 10, 2), device=DEV, generator=g)
+    torch.library.opcheck(torch.ops.sepico_fast.crop_window_scores.default,
+                          (labels, offsets, 32, 32, 19, 0.75, 255))
+    src_lbl = torch.randint(0, 19, (2, 1, 16, 16), device=DEV, generator=g)
+    torch.library.opcheck(torch.ops.sepico_fast.classmix.default,
+                          (torch.randn(2, 3, 16, 16, device=DEV, generator=g),
+                           torch.randn(2, 3, 16, 16, device=DEV, generator=g), src_lbl,
+                           torch.randint(0, 19, (2, 1, 16, 16), device=DEV, generator=g),
+                           torch.rand(2, 1, 16, 16, device=DEV, generator=g),
+                           torch.rand(2, 256, device=DEV, generator=g) < 0.5))
+    torch.library.opcheck(torch.ops.sepico_fast.pseudo_label.default,
+                          (torch.randn(2, 19, 16, 16, device=DEV, generator=g), 0.968))

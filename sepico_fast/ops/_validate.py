@@ -52,3 +52,10 @@ def same_device(**tensors: torch.Tensor) -> None:
 def crop_fits(crop_hw: tuple[int, int], image_hw: tuple[int, int]) -> None:
     if crop_hw[0] > image_hw[0] or crop_hw[1] > image_hw[1]:
         raise ValueError(f"crop_hw {crop_hw} must fit inside the image (H, W) = {image_hw}")
+
+
+def generator_on(generator: torch.Generator | None, device: torch.device | str) -> None:
+    """A generator must live on the device it draws for (torch would fail less clearly)."""
+    if generator is not None and torch.device(generator.device).type != torch.device(device).type:
+        raise ValueError(f"generator is on {generator.device} but the values are drawn on "
+                         f"{torch.device(device)}; pass a generator created on that device")

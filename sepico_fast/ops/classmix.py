@@ -47,6 +47,7 @@ def choose_mix_classes(src_lbl: torch.Tensor, generator: torch.Generator | None 
     """
     _validate.integer_tensor("src_lbl", src_lbl, ndim=(3, 4))
     batch, device = src_lbl.shape[0], src_lbl.device
+    _validate.generator_on(generator, device)
     flat = src_lbl.reshape(-1).long()
     in_table = (flat >= 0) & (flat < TABLE_SIZE)
     # Slot TABLE_SIZE collects out-of-table values and is dropped.

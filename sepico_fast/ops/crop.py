@@ -55,6 +55,7 @@ def sample_crop_offsets(batch: int, num_tries: int, image_hw: Sequence[int] | in
     _validate.crop_fits(crop_hw, image_hw)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
+    _validate.generator_on(generator, device)
     size = (batch, num_tries)
     y0 = torch.randint(0, image_hw[0] - crop_hw[0] + 1, size, generator=generator, device=device)
     x0 = torch.randint(0, image_hw[1] - crop_hw[1] + 1, size, generator=generator, device=device)
