@@ -68,6 +68,8 @@ def _cuda_extension() -> tuple[list, dict]:
                 if require:
                     raise
                 _note(f"WARNING: CUDA extension build failed, using torch fallbacks: {exc}")
+                # Nothing was built: later steps (in-place copy, output lists) must skip it.
+                self.extensions = []
 
     ext = CUDAExtension(
         name="sepico_fast.ops._C",

@@ -171,7 +171,7 @@ TORCH_LIBRARY_IMPL(sepico_fast, CUDA, m) {
 
 // `import sepico_fast.ops._C` only needs to load the library (which runs the registrations
 // above); the module itself is empty, so no pybind11 is involved.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
                                           nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
