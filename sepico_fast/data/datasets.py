@@ -77,6 +77,13 @@ class _Files:
     def resized_size(self, i: int) -> tuple[int, int]:
         return fit_size(*self.size(i), self.scale)
 
+    def label_size(self, i: int) -> tuple[int, int]:
+        """Original (h, w) of label i (GTA has a few labels whose size differs from the image)."""
+        key = -1 - i
+        if key not in self._sizes:
+            self._sizes[key] = io.image_size(self.entries[i].label)
+        return self._sizes[key]
+
 
 @dataclass(frozen=True)
 class SourcePlan:
