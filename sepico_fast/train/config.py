@@ -89,6 +89,7 @@ class TrainConfig:
     cpu_amp: bool = _f(False, "with --amp on the CPU, really use bf16 autocast (slower than fp32 for the "
                        "tiny models on the 2-core dev machine, so off by default)")
     compile: bool = _f(False, "torch.compile the student and teacher")
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes; slower)")
     max_skipped_steps: int = _f(20, "stop after this many optimizer steps skipped for NaN/Inf losses")
     # --- outputs --------------------------------------------------------------------------
     log_interval: int = _f(50, "iterations between log lines (the only host syncs of the loop)")
@@ -97,6 +98,8 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "number of iteration checkpoints kept (latest.pt is extra)")
     debug_interval: int = _f(1000, "iterations between debug pictures (0: never)")
     resume: str = _f("", "checkpoint to resume from, or 'auto' for <work-dir>/latest.pt")
+    stop_at: int = _f(0, "end the run after this many iterations with a checkpoint, as if interrupted "
+                      "(0: run to --iters); the schedule still follows --iters")
     profile: bool = _f(False, "torch.profiler trace + per-phase time table for a few iterations")
     profile_iters: int = _f(10, "iterations recorded by --profile")
     nvtx: bool = _f(False, "NVTX ranges around each phase (for Nsight Systems)")
@@ -276,7 +279,8 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             bad(name, "must be >= 1")
     for name in ("warmup_iters", "contrast_start", "eval_interval", "checkpoint_interval",
-                 "debug_interval", "num_workers", "max_skipped_steps", "memory_length", "eval_max_images"):
+                 "debug_interval", "num_workers", "max_skipped_steps", "memory_length", "eval_max_images",
+                 "stop_at"):
         if getattr(cfg, name) < 0:
             bad(name, "must be >= 0")
     if len(cfg.crop) != 2 or (min(cfg.crop) < 8 and cfg.crop != [0, 0]):

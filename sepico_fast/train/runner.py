@@ -127,6 +127,8 @@ def run(cfg: TrainConfig) -> dict:
     if main:
         work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     # --- data ------------------------------------------------------------------------------
     crop = tuple(cfg.crop) if min(cfg.crop) > 0 else None
@@ -148,7 +150,7 @@ def run(cfg: TrainConfig) -> dict:
     teacher = make_teacher(student) if cfg.method == "sepico" else None
     optimizer = build_optimizer(cfg, student, device)
     stats = (ClassStats(cfg.num_classes, cfg.proj_dim, cfg.memory_length if cfg.variant == "bank" else 0,
-                        device=device) if cfg.method == "sepico" else None)
+                        device=device, deterministic=cfg.deterministic) if cfg.method == "sepico" else None)
     class_weight = log_frequency_class_weights().to(device) if (cfg.dark_zurich and cfg.dz_class_weight) else None
     profiler = Profiler(profile=cfg.profile and main, nvtx=cfg.nvtx, device=device,
                         out_dir=work_dir / "profile", iters=cfg.profile_iters)
@@ -192,7 +194,8 @@ def run(cfg: TrainConfig) -> dict:
     t_log, it_log = time.perf_counter(), start_it
     t_train0 = time.perf_counter()
     last_eval: dict | None = None
-    for it in range(start_it, cfg.iters):
+    end_it = min(cfg.stop_at, cfg.iters) if cfg.stop_at else cfg.iters
+    for it in range(start_it, end_it):
         with profiler.phase("data"):
             src, tgt = next(batches)
         if target_hw is None:
@@ -208,7 +211,7 @@ def run(cfg: TrainConfig) -> dict:
             save_debug_images(out["debug"], work_dir / "debug" / f"iter_{it:06d}.png")
         done = it + 1
 
-        if done % cfg.log_interval == 0 or done == cfg.iters:
+        if done % cfg.log_interval == 0 or done == end_it:
             # The only host sync of the loop: losses and the skipped-step counter, read together.
             names = sorted(acc)
             values = torch.stack([acc[k].float() / acc_n for k in names] + [ctx.skipped.float()]).tolist()
@@ -238,12 +241,19 @@ def run(cfg: TrainConfig) -> dict:
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.iters:
             last_eval = _evaluate(cfg, ctx, val_target, val_loader, device, amp_dtype, main, writer, done)
             t_log = time.perf_counter()
-        if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.iters:
+        if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == end_it:
             if main:
                 ckpt_io.save_checkpoint(work_dir, snapshot(ctx, done), done, cfg.keep_checkpoints)
             barrier()
     profiler.finish()
     train_time = time.perf_counter() - t_train0
+    if end_it < cfg.iters:
+        if main:
+            print(f"stopped after iteration {end_it} (--stop-at); resume with --resume auto --work-dir {work_dir}")
+        writer.close()
+        barrier()
+        shutdown()
+        return {"stopped_at": end_it}
 
     # --- final evaluation ----------------------------------------------------------------------
     last_eval = _evaluate(cfg, ctx, val_target, val_loader, device, amp_dtype, main, writer, cfg.iters,
