@@ -8,6 +8,7 @@ eagerly and raise ``ValueError``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -100,16 +101,22 @@ def check_scalar(value: float, name: str, *, positive: bool = False) -> float:
     return value
 
 
-def _load_kernel(op: str) -> Callable | None:
-    """``sepico_fast.kernels.<op>`` or None when Triton/the kernel is unavailable.
+@functools.lru_cache(maxsize=None)
+def _kernels_module():
+    """``sepico_fast.kernels`` or None when Triton is unavailable (tried once per process).
 
     Imported lazily: the kernels package imports triton, which is optional on CPU.
     """
     try:
-        module = importlib.import_module("sepico_fast.kernels")
+        return importlib.import_module("sepico_fast.kernels")
     except Exception:  # triton missing or broken: the torch path still works
         return None
-    return getattr(module, op, None)
+
+
+def _load_kernel(op: str) -> Callable | None:
+    """``sepico_fast.kernels.<op>`` or None when Triton/the kernel is unavailable."""
+    module = _kernels_module()
+    return getattr(module, op, None) if module is not None else None
 
 
 def resolve_impl(impl: str | None, op: str, device: torch.device,
