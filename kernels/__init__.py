@@ -6,7 +6,7 @@ Run on CUDA tensors, or on CPU tensors with ``TRITON_INTERPRET=1`` set before tr
 imported (Triton's interpreter: slow, for tests only).
 """
 from .bank_contrast import bank_contrast_loss
-from .class_moments import class_moments
+from .moments import class_moments
 from .dist_contrast import dist_contrast_loss, proto_contrast_loss
 
 __all__ = ["dist_contrast_loss", "proto_contrast_loss", "bank_contrast_loss",

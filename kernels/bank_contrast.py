@@ -53,8 +53,7 @@ def _bank_contrast_fwd_kernel(
     in_range = (y >= 0) & (y < C)
     bad = valid & (in_range == 0)
     y_safe = tl.where(valid & in_range, y, 0)
-    len_y = tl.load(blen_ptr + y_safe, mask=valid & in_range, other=0).to(tl.int32)
-    has_pos = valid & in_range & (len_y > 0)
+    has_pos = valid & in_range & (tl.load(blen_ptr + y_safe, mask=valid & in_range, other=0) > 0)
     y_lo = tl.min(tl.where(has_pos, y, C), axis=0)
     y_hi = tl.max(tl.where(has_pos, y, -1), axis=0)
 
@@ -77,68 +76,90 @@ def _bank_contrast_fwd_kernel(
             zs = tl.sum(tl.where(valid[:, None], z, 0.0), axis=0)
             tl.store(zsum_part_ptr + blk.to(tl.int64) * A + cols, zs, mask=col_in)
 
-    # ---- positives: per class present in the block, z·B_cᵀ on its rows ----
-    pos_logit = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
-    for c in range(y_lo, y_hi + 1):
-        sel = has_pos & (y == c)
-        if tl.max(sel.to(tl.int32), axis=0) > 0:
-            len_c = tl.load(blen_ptr + c).to(tl.int32)
-            acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
-            for a0 in range(0, A, BLOCK_A):
-                cols = a0 + tl.arange(0, BLOCK_A)
-                col_in = cols < A
-                z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_za,
-                            mask=sel[:, None] & col_in[None, :], other=0.0)
-                b_t = tl.load(bank_ptr + c * stride_bc + slot[None, :] * A
-                              + cols[:, None], mask=col_in[:, None] & (slot < len_c)[None, :],
-                              other=0.0)
-                acc = tl.dot(z.to(DOT_DTYPE), b_t.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
-            pos_logit = tl.where(sel[:, None], acc, pos_logit)
-
-    # ---- loss: softplus(S − p) averaged over the own-class entries ----
+    # ---- negatives: S_i = logsumexp over the allowed classes, π_i = their softmax ----
     neg_ok = cls_in[None, :] & (cls[None, :] != y[:, None]) & (len_cls > 0)[None, :]
     n_logit = tl.where(neg_ok, acc_n * inv_tau, float("-inf"))
     n_max = tl.max(n_logit, axis=1)
     has_neg = n_max > float("-inf")
     n_max_safe = tl.where(has_neg, n_max, 0.0)
     n_exp = tl.exp(n_logit - n_max_safe[:, None])
-    n_den = tl.sum(n_exp, axis=1)
-    lse_neg = tl.where(has_neg, n_max_safe + tl.log(tl.where(has_neg, n_den, 1.0)),
-                       float("-inf"))
-    x = lse_neg[:, None] - pos_logit * inv_tau  # [BLOCK_N, M_PAD]
-    entry_ok = has_pos[:, None] & (slot[None, :] < len_y[:, None])
-    softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-    inv_len = 1.0 / tl.maximum(len_y, 1).to(tl.float32)
-    loss = tl.sum(tl.where(entry_ok, softplus, 0.0), axis=1) * inv_len
-    loss = tl.where(bad, float("nan"), loss)
+    n_den = tl.where(has_neg, tl.sum(n_exp, axis=1), 1.0)
+    lse_neg = tl.where(has_neg, n_max_safe + tl.log(n_den), float("-inf"))
+    pi = tl.where(has_neg[:, None], n_exp / n_den[:, None], 0.0)
+
+    # ---- per class c present in the block: positives z·B_cᵀ, loss, and g of its rows ----
+    # (one class segment at a time keeps a single [BLOCK_N, M_PAD] tile live)
+    loss = tl.where(bad, float("nan"), 0.0)
+    for c in range(y_lo, y_hi + 1):
+        sel = has_pos & (y == c)
+        if tl.max(sel.to(tl.int32), axis=0) > 0:
+            len_c = tl.load(blen_ptr + c).to(tl.int32)
+            inv_len = 1.0 / len_c.to(tl.float32)
+            bank_c = bank_ptr + c * stride_bc
+            acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
+            for a0 in range(0, A, BLOCK_A):
+                cols = a0 + tl.arange(0, BLOCK_A)
+                col_in = cols < A
+                z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_za,
+                            mask=sel[:, None] & col_in[None, :], other=0.0)
+                b_t = tl.load(bank_c + slot[None, :] * A + cols[:, None],
+                              mask=col_in[:, None] & (slot < len_c)[None, :], other=0.0)
+                acc = tl.dot(z.to(DOT_DTYPE), b_t.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+            # ℓ_ij = softplus(S_i − p_ij), stable for any sign; x = −∞ without negatives
+            x = lse_neg[:, None] - acc * inv_tau
+            entry_ok = sel[:, None] & (slot < len_c)[None, :]
+            softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+            loss += tl.sum(tl.where(entry_ok, softplus, 0.0), axis=1) * inv_len
+            if WRITE_GRAD:
+                # g = (W·B_c + U·B̄)/τ, W_ij = −σ_ij/L_c, U_ik = (Σ_j σ_ij/L_c) π_ik
+                sig = tl.where(entry_ok, 1.0 / (1.0 + tl.exp(-x)), 0.0)
+                scale = inv_len * inv_tau
+                w_pos = sig * (-scale)
+                u_neg = pi * (tl.sum(sig, axis=1) * scale)[:, None]
+                for a0 in range(0, A, BLOCK_A):
+                    cols = a0 + tl.arange(0, BLOCK_A)
+                    col_in = cols < A
+                    bm = tl.load(bmean_ptr + cls[:, None] * A + cols[None, :],
+                                 mask=cls_in[:, None] & col_in[None, :], other=0.0)
+                    g = tl.dot(u_neg.to(DOT_DTYPE), bm.to(DOT_DTYPE), input_precision=DOT_PREC)
+                    b = tl.load(bank_c + slot[:, None] * A + cols[None, :],
+                                mask=(slot < len_c)[:, None] & col_in[None, :], other=0.0)
+                    g = tl.dot(w_pos.to(DOT_DTYPE), b.to(DOT_DTYPE), g, input_precision=DOT_PREC)
+                    tl.store(g_ptr + rows[:, None] * stride_gn + cols[None, :],
+                             g.to(g_ptr.dtype.element_ty), mask=sel[:, None] & col_in[None, :])
+
     tl.store(loss_part_ptr + blk, tl.sum(tl.where(has_pos | bad, loss, 0.0), axis=0))
     tl.store(cnt_part_ptr + blk, tl.sum(has_pos.to(tl.float32), axis=0))
     tl.store(valid_part_ptr + blk, tl.sum(valid.to(tl.float32), axis=0))
+    if WRITE_GRAD:  # rows without a positive pair (ignored, empty own bank) get g = 0
+        zero_rows = pos_in & (has_pos == 0)
+        if tl.max(zero_rows.to(tl.int32), axis=0) > 0:
+            for a0 in range(0, A, BLOCK_A):
+                cols = a0 + tl.arange(0, BLOCK_A)
+                tl.store(g_ptr + rows[:, None] * stride_gn + cols[None, :],
+                         tl.zeros([BLOCK_N, BLOCK_A], dtype=g_ptr.dtype.element_ty),
+                         mask=zero_rows[:, None] & (cols < A)[None, :])
 
-    # ---- gradient: (W·B_y + U·B̄)/τ, W_ij = −σ_ij/L_y, U_ik = (Σ_j σ_ij/L_y) π_ik ----
-    if WRITE_GRAD:
-        sig = tl.where(entry_ok, 1.0 / (1.0 + tl.exp(-x)), 0.0)
-        w_pos = -sig * (inv_len * inv_tau)[:, None]
-        pi = n_exp / tl.where(has_neg, n_den, 1.0)[:, None]
-        u_neg = pi * (tl.sum(sig, axis=1) * inv_len * inv_tau)[:, None]
-        u_neg = tl.where(has_pos[:, None] & has_neg[:, None], u_neg, 0.0)
-        for a0 in range(0, A, BLOCK_A):
-            cols = a0 + tl.arange(0, BLOCK_A)
-            col_in = cols < A
-            bm = tl.load(bmean_ptr + cls[:, None] * A + cols[None, :],
-                         mask=cls_in[:, None] & col_in[None, :], other=0.0)
-            g = tl.dot(u_neg.to(DOT_DTYPE), bm.to(DOT_DTYPE), input_precision=DOT_PREC)
-            for c in range(y_lo, y_hi + 1):
-                sel = has_pos & (y == c)
-                if tl.max(sel.to(tl.int32), axis=0) > 0:
-                    len_c = tl.load(blen_ptr + c).to(tl.int32)
-                    b = tl.load(bank_ptr + c * stride_bc + slot[:, None] * A
-                                + cols[None, :], mask=(slot < len_c)[:, None] & col_in[None, :],
-                                other=0.0)
-                    w_c = tl.where(sel[:, None], w_pos, 0.0)
-                    g = tl.dot(w_c.to(DOT_DTYPE), b.to(DOT_DTYPE), g, input_precision=DOT_PREC)
-            tl.store(g_ptr + rows[:, None] * stride_gn + cols[None, :],
-                     g.to(g_ptr.dtype.element_ty), mask=pos_in[:, None] & col_in[None, :])
+
+def kernel_config(feat_dtype: torch.dtype, a: int, c: int, m: int, *, sorted_: bool = True,
+                  write_grad: bool = True, has_reg: bool = True, block_n: int | None = None,
+                  block_a: int | None = None) -> dict:
+    """Compile-time parameters of :func:`_bank_contrast_fwd_kernel` for one problem shape.
+
+    The [BLOCK_N, M_PAD] positive tile lives in registers. For M = 200 (M_PAD = 256) half
+    features use 32-row blocks, 32-column chunks and 8 warps (~200 registers, no spills on
+    sm_90 by ptxas -v); fp32 features (3xTF32) use 16-row blocks, 4 warps, no pipelining and
+    still spill a few hundred bytes — the fast path is half-precision features under AMP.
+    Not tuned on hardware.
+    """
+    ddt = dot_dtype(feat_dtype)
+    m_pad = pow2_at_least(m)
+    half = ddt != tl.float32
+    default_bn = max(16, min(64, (8192 if half else 4096) // m_pad))
+    return dict(BLOCK_N=block_n or default_bn, BLOCK_A=block_a or min(32, pow2_at_least(a)),
+                C_PAD=pow2_at_least(c), M_PAD=m_pad, SORTED=sorted_, WRITE_GRAD=write_grad,
+                HAS_REG=has_reg, DOT_DTYPE=ddt, DOT_PREC=dot_precision(ddt),
+                num_warps=8 if half else 4, num_stages=2 if half else 1)
 
 
 def _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_index,
@@ -154,18 +175,14 @@ def _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_
     blen = bank_len.to(device=dev, dtype=torch.int64).clamp(0, m).contiguous()
     entry = torch.arange(m, device=dev)[None, :, None] < blen[:, None, None]
     # where, not a 0/1 weight: rows past bank_len may hold anything (even NaN) and are unread
-    bmean = (torch.where(entry, bank32, 0.0).sum(1)
-             / blen.clamp_min(1).to(torch.float32)[:, None]).contiguous()
-    bank_dot = bank32.to(feat.dtype if ddt != tl.float32 else torch.float32).contiguous()
-    perm = torch.argsort(labels) if sort and n_rows > 1 else labels  # placeholder when unsorted
+    bank_valid = torch.where(entry, bank32, 0.0)
+    bmean = (bank_valid.sum(1) / blen.clamp_min(1).to(torch.float32)[:, None]).contiguous()
+    bank_dot = bank_valid.to(feat.dtype if ddt != tl.float32 else torch.float32).contiguous()
     sorted_ = sort and n_rows > 1
-
-    c_pad = pow2_at_least(c)
-    m_pad = pow2_at_least(m)
-    # the [BLOCK_N, M_PAD] positive tile and its accumulator live in registers: 8K fp32 each
-    block_n = block_n or max(16, min(64, 8192 // m_pad))
-    block_a = block_a or min(64 if ddt != tl.float32 else 32, pow2_at_least(a))
-    num_blocks = triton.cdiv(n_rows, block_n)
+    perm = torch.argsort(labels) if sorted_ else labels  # (unused placeholder when unsorted)
+    cfg = kernel_config(feat.dtype, a, c, m, sorted_=sorted_, write_grad=write_grad,
+                        has_reg=has_reg, block_n=block_n, block_a=block_a)
+    num_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
     grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
     loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
     cnt_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
@@ -176,10 +193,7 @@ def _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_
             feat, labels, perm, bank_dot, blen, bmean, grad if write_grad else feat,
             loss_part, cnt_part, valid_part, zsum_part,
             n_rows, a, c, m, m * a, feat.stride(0), feat.stride(1), grad.stride(0) if write_grad else 0,
-            ignore_index, 1.0 / temperature,
-            BLOCK_N=block_n, BLOCK_A=block_a, C_PAD=c_pad, M_PAD=m_pad, SORTED=sorted_,
-            WRITE_GRAD=write_grad, HAS_REG=has_reg, DOT_DTYPE=ddt, DOT_PREC=dot_precision(ddt),
-            num_warps=8 if m_pad >= 128 else 4, num_stages=2)
+            ignore_index, 1.0 / temperature, **cfg)
     n_loss = cnt_part.sum()
     n_valid = valid_part.sum()
     loss, inv_n = finish_loss(loss_part.sum(), n_loss, None, 0.0)

@@ -53,7 +53,11 @@ def _dist_contrast_fwd_kernel(
     y = tl.load(lab_ptr + rows, mask=row_in, other=ignore_index).to(tl.int32)
     valid = row_in & (y != ignore_index)
     bad = valid & ((y < 0) | (y >= C))  # out-of-range label: poison the loss
-    rows64 = rows.to(tl.int64)  # N*A may exceed 2^31 elements
+    # 64-bit scalar base of the block (N·A may exceed 2^31), 32-bit offsets inside it
+    row0 = (blk * BLOCK_N).to(tl.int64)
+    z_blk = z_ptr + row0 * stride_zn
+    g_blk = g_ptr + row0 * stride_gn
+    r_loc = tl.arange(0, BLOCK_N)
     cls = tl.arange(0, C_PAD)
     cls_in = cls < C
 
@@ -63,7 +67,7 @@ def _dist_contrast_fwd_kernel(
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + tl.arange(0, BLOCK_A)
         col_in = cols < A
-        z = tl.load(z_ptr + rows64[:, None] * stride_zn + cols[None, :] * stride_za,
+        z = tl.load(z_blk + r_loc[:, None] * stride_zn + cols[None, :] * stride_za,
                     mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
         st_mask = col_in[:, None] & cls_in[None, :]
         mu_t = tl.load(mu_ptr + cls[None, :] * A + cols[:, None], mask=st_mask, other=0.0)
@@ -106,10 +110,10 @@ def _dist_contrast_fwd_kernel(
                 var_c = tl.load(var_ptr + cls[:, None] * A + cols[None, :], mask=st_mask,
                                 other=0.0)
                 w = tl.dot(coef_var.to(DOT_DTYPE), var_c.to(DOT_DTYPE), input_precision=DOT_PREC)
-                z = tl.load(z_ptr + rows64[:, None] * stride_zn + cols[None, :] * stride_za,
+                z = tl.load(z_blk + r_loc[:, None] * stride_zn + cols[None, :] * stride_za,
                             mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
                 g += z * w
-            tl.store(g_ptr + rows64[:, None] * stride_gn + cols[None, :],
+            tl.store(g_blk + r_loc[:, None] * stride_gn + cols[None, :],
                      g.to(g_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
 
 
@@ -133,17 +137,22 @@ def _scale_grad_kernel(
     tl.store(ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
+def scale_grad_config(a: int) -> dict:
+    """Tile of the in-place backward scale (no register spills on sm_90, ptxas -v)."""
+    return dict(BLOCK_N=32, BLOCK_A=min(128, pow2_at_least(a)), num_warps=4)
+
+
 def scale_grad_(g: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
                 vec: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
     """Launch :func:`_scale_grad_kernel` on a contiguous gradient buffer ``g`` [N, A]."""
     n, a = g.shape
     if n == 0 or a == 0:
         return g
-    block_n, block_a = 64, min(256, pow2_at_least(a))
-    grid = (triton.cdiv(n, block_n), triton.cdiv(a, block_a))
+    cfg = scale_grad_config(a)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(a, cfg["BLOCK_A"]))
     _scale_grad_kernel[grid](
         g, labels, scale, vec if vec is not None else scale, n, a, g.stride(0), ignore_index,
-        BLOCK_N=block_n, BLOCK_A=block_a, HAS_VEC=vec is not None, num_warps=4)
+        HAS_VEC=vec is not None, **cfg)
     return g
 
 
@@ -172,6 +181,27 @@ def finish_loss(loss_sum: torch.Tensor, n: torch.Tensor, reg: torch.Tensor | Non
     return torch.where(has, loss, torch.zeros_like(loss)), inv_n
 
 
+def kernel_config(feat_dtype: torch.dtype, a: int, c: int, *, use_var: bool = True,
+                  write_grad: bool = True, has_reg: bool = True, block_n: int | None = None,
+                  block_a: int | None = None) -> dict:
+    """Compile-time parameters of :func:`_dist_contrast_fwd_kernel` for one problem shape.
+
+    Tiles were chosen so that the kernel compiles for sm_90 without register spills (checked
+    with ptxas -v, see tests/test_triton_sm90_compile.py); they are not tuned on hardware.
+    Half features: 64-row blocks, 64-column chunks, 8 warps (~106 registers, 2 CTAs/SM);
+    fp32 features (3xTF32 products need more registers): 16-column chunks, 4 warps.
+    """
+    ddt = dot_dtype(feat_dtype)
+    c_pad = pow2_at_least(c)
+    half = ddt != tl.float32
+    default_bn = 64 if c_pad <= 32 else 32
+    default_ba = (64 if half else 16) if c_pad <= 32 else 16
+    return dict(BLOCK_N=block_n or default_bn, BLOCK_A=block_a or min(default_ba, pow2_at_least(a)),
+                C_PAD=c_pad, USE_VAR=use_var, WRITE_GRAD=write_grad, HAS_REG=has_reg,
+                DOT_DTYPE=ddt, DOT_PREC=dot_precision(ddt), num_warps=8 if half else 4,
+                num_stages=3)
+
+
 def _launch(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, write_grad,
             block_n=None, block_a=None):
     n_rows, a = feat.shape
@@ -182,11 +212,9 @@ def _launch(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_inde
     mean = mean.to(device=dev, dtype=torch.float32).contiguous()
     var = var.to(device=dev, dtype=torch.float32).contiguous() if use_var else mean
     labels = labels.contiguous()
-    ddt = dot_dtype(feat.dtype)
-    c_pad = pow2_at_least(c)
-    block_n = block_n or 64
-    block_a = block_a or min(64, pow2_at_least(a))  # ~32 KB of operands per pipeline stage
-    num_blocks = triton.cdiv(n_rows, block_n)
+    cfg = kernel_config(feat.dtype, a, c, use_var=use_var, write_grad=write_grad,
+                        has_reg=has_reg, block_n=block_n, block_a=block_a)
+    num_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
     grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
     loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
     cnt_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
@@ -196,9 +224,7 @@ def _launch(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_inde
             feat, labels, mean, var, grad if write_grad else feat, loss_part, cnt_part, zsum_part,
             n_rows, a, c, feat.stride(0), feat.stride(1), grad.stride(0) if write_grad else 0,
             ignore_index, 1.0 / temperature, (ratio / (2.0 * temperature**2)) if use_var else 0.0,
-            BLOCK_N=block_n, BLOCK_A=block_a, C_PAD=c_pad, USE_VAR=use_var,
-            WRITE_GRAD=write_grad, HAS_REG=has_reg, DOT_DTYPE=ddt, DOT_PREC=dot_precision(ddt),
-            num_warps=4 if c_pad <= 32 else 8)
+            **cfg)
     n = cnt_part.sum()
     reg = reg_grad = None
     if has_reg:
