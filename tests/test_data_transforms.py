@@ -30,7 +30,7 @@ def test_nearest_and_bilinear_resize():
     ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(23, 40), mode="bilinear",
                         align_corners=False)[0]
     assert r.dtype == np.uint8 and r.shape == (23, 40, 3)
-    assert np.abs(r.astype(np.float32) - ref.permute(1, 2, 0).numpy()).max() <= 0.5 + 1e-4
+    assert np.abs(r.astype(np.float32) - ref.permute(1, 2, 0).numpy()).max() <= 0.5 + 2e-3  # float32 ties
     assert resize_image(img, (37, 61)) is img
 
 
