@@ -345,3 +345,25 @@ def test_full_iteration_matches_reference(variant):
             assert n == len(ref_st["bank"][c])
             for j in range(n):
                 torch.testing.assert_close(ctx.stats.bank[c, j].double(), ref_st["bank"][c][j], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_skips_the_step_without_touching_state():
+    cfg, ctx = make_ctx("dist", 0)
+    src, tgt = make_batches()
+    train_step(ctx, src, tgt, 0)
+    params = [p.detach().clone() for p in ctx.student.parameters()]
+    steps = [ctx.optimizer.state[p]["step"].clone() for p in ctx.student.parameters() if p in ctx.optimizer.state]
+    count = ctx.stats.count.clone()
+    bad = {"img": src["img"].clone(), "gt": src["gt"]}
+    bad["img"][0, :, 3, 3] = float("nan")
+    out = train_step(ctx, bad, tgt, 1)
+    assert not torch.isfinite(out["losses"]["src_ce"])
+    assert float(ctx.skipped) == 1.0
+    assert all(torch.equal(a, p) for a, p in zip(params, ctx.student.parameters()))
+    assert all(torch.equal(s, ctx.optimizer.state[p]["step"]) for s, p in
+               zip(steps, [p for p in ctx.student.parameters() if p in ctx.optimizer.state]))
+    assert torch.isfinite(ctx.stats.mean).all() and torch.isfinite(ctx.stats.var).all()
+    assert torch.all(ctx.stats.count >= count)
+    train_step(ctx, src, tgt, 2)  # training goes on normally afterwards
+    assert float(ctx.skipped) == 1.0
+    assert not all(torch.equal(a, p) for a, p in zip(params, ctx.student.parameters()))

@@ -225,6 +225,10 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
         with phase("stats"), torch.no_grad():
             feat, lab = prepare_contrast(proj_t.float(), gt_s, min_ratio=cfg.min_ratio,
                                          num_classes=cfg.num_classes, ignore_index=IGNORE)
+            # A non-finite teacher feature must not poison the running statistics for good:
+            # such rows are treated as ignored (device-side, no sync).
+            lab = torch.where(torch.isfinite(feat).all(dim=1), lab, torch.full_like(lab, IGNORE))
+            feat = torch.nan_to_num(feat, nan=0.0, posinf=0.0, neginf=0.0)
             stats.update(feat, lab, process_group=ctx.process_group if ctx.world_size > 1 else None)
         top, bottom = (0, 0) if cfg.dark_zurich else cfg.ignore_rows()
         pweight = pseudo_weight_map(q, tuple(plabel.shape), top, bottom)          # [B,H,W]
