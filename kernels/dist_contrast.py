@@ -21,9 +21,11 @@ the tile. Pass 2 re-reads the block's z chunks (still in L2: BLOCK_N·A·2 bytes
 and writes g_i = ∂ℓ_i/∂z_i once, as (p − onehot)·μ/τ + 2κ z ⊙ (p·σ²) — two more small dots.
 Each program stores its partial Σℓ, n and Σz (fp32, no atomics); the host sums the
 per-block partials with torch ops on the device (no host sync), so the result is
-deterministic. Backward is one in-place pass g ← g·(∂L_out/n) + [i ∈ V]·(∂L_out w ∂r/∂z̄ / n),
-as fused cross-entropy kernels do: DRAM traffic is one read of z and one write of g in the
-forward, one read + write of g in the backward.
+deterministic. Backward (``grad_mode="stored"``, the default) is one in-place pass
+g ← g·(∂L_out/n) + [i ∈ V]·(∂L_out w ∂r/∂z̄ / n), as fused cross-entropy kernels do: DRAM
+traffic is one read of z and one write of g in the forward, one read + write of g in the
+backward. ``grad_mode="recompute"`` skips the forward write and re-runs the kernel in backward
+with the scale and the regulariser vector folded into pass 2 (3 passes instead of 4).
 
 Labels outside [0, C) other than ``ignore_index`` make the loss NaN (a kernel cannot raise;
 the torch reference raises an index error).
@@ -42,9 +44,11 @@ from ._common import check_device, dot_dtype, dot_precision, pow2_at_least
 @triton.jit
 def _dist_contrast_fwd_kernel(
     z_ptr, lab_ptr, mu_ptr, var_ptr, g_ptr, loss_part_ptr, cnt_part_ptr, zsum_part_ptr,
+    gscale_ptr, gvec_ptr,
     N, A, C, stride_zn, stride_za, stride_gn, ignore_index, inv_tau, var_coef,
     BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, C_PAD: tl.constexpr,
     USE_VAR: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_REG: tl.constexpr,
+    SCALED: tl.constexpr, HAS_GVEC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     blk = tl.program_id(0)
@@ -95,11 +99,14 @@ def _dist_contrast_fwd_kernel(
     tl.store(loss_part_ptr + blk, tl.sum(tl.where(valid, loss, 0.0), axis=0))
     tl.store(cnt_part_ptr + blk, tl.sum(valid.to(tl.float32), axis=0))
 
-    # ---- pass 2: g_i = ∂ℓ_i/∂z_i, written once ----
+    # ---- pass 2: g_i = ∂ℓ_i/∂z_i (SCALED: the final s·g_i + [i ∈ V]·v), written once ----
     if WRITE_GRAD:
         p = e / denom[:, None]
-        coef_mu = tl.where(valid[:, None], (p - onehot.to(tl.float32)) * inv_tau, 0.0)
-        coef_var = tl.where(valid[:, None], p * (2.0 * var_coef), 0.0)
+        gscale = 1.0
+        if SCALED:
+            gscale = tl.load(gscale_ptr)
+        coef_mu = tl.where(valid[:, None], (p - onehot.to(tl.float32)) * (inv_tau * gscale), 0.0)
+        coef_var = tl.where(valid[:, None], p * (2.0 * var_coef * gscale), 0.0)
         for a0 in range(0, A, BLOCK_A):
             cols = a0 + tl.arange(0, BLOCK_A)
             col_in = cols < A
@@ -113,6 +120,9 @@ def _dist_contrast_fwd_kernel(
                 z = tl.load(z_blk + r_loc[:, None] * stride_zn + cols[None, :] * stride_za,
                             mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
                 g += z * w
+            if HAS_GVEC:
+                gvec = tl.load(gvec_ptr + cols, mask=col_in, other=0.0)
+                g += tl.where(valid[:, None], gvec[None, :], 0.0)
             tl.store(g_blk + r_loc[:, None] * stride_gn + cols[None, :],
                      g.to(g_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
 
@@ -182,7 +192,8 @@ def finish_loss(loss_sum: torch.Tensor, n: torch.Tensor, reg: torch.Tensor | Non
 
 
 def kernel_config(feat_dtype: torch.dtype, a: int, c: int, *, use_var: bool = True,
-                  write_grad: bool = True, has_reg: bool = True, block_n: int | None = None,
+                  write_grad: bool = True, has_reg: bool = True, scaled: bool = False,
+                  has_gvec: bool = False, block_n: int | None = None,
                   block_a: int | None = None) -> dict:
     """Compile-time parameters of :func:`_dist_contrast_fwd_kernel` for one problem shape.
 
@@ -198,22 +209,19 @@ def kernel_config(feat_dtype: torch.dtype, a: int, c: int, *, use_var: bool = Tr
     default_ba = (64 if half else 16) if c_pad <= 32 else 16
     return dict(BLOCK_N=block_n or default_bn, BLOCK_A=block_a or min(default_ba, pow2_at_least(a)),
                 C_PAD=c_pad, USE_VAR=use_var, WRITE_GRAD=write_grad, HAS_REG=has_reg,
-                DOT_DTYPE=ddt, DOT_PREC=dot_precision(ddt), num_warps=8 if half else 4,
+                SCALED=scaled, HAS_GVEC=has_gvec, DOT_DTYPE=ddt, DOT_PREC=dot_precision(ddt), num_warps=8 if half else 4,
                 num_stages=3)
 
 
-def _launch(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, write_grad,
-            block_n=None, block_a=None):
+def _run_kernel(feat, labels, mean, var, temperature, ratio, ignore_index, *, write_grad,
+                has_reg, gscale=None, gvec=None, block_n=None, block_a=None):
+    """One launch of the fused kernel; returns (g or None, Σℓ, n, Σz or None) on the device."""
     n_rows, a = feat.shape
     c = mean.shape[0]
-    use_var = var is not None
-    has_reg = reg_weight != 0.0
     dev = feat.device
-    mean = mean.to(device=dev, dtype=torch.float32).contiguous()
-    var = var.to(device=dev, dtype=torch.float32).contiguous() if use_var else mean
-    labels = labels.contiguous()
-    cfg = kernel_config(feat.dtype, a, c, use_var=use_var, write_grad=write_grad,
-                        has_reg=has_reg, block_n=block_n, block_a=block_a)
+    cfg = kernel_config(feat.dtype, a, c, use_var=var is not None, write_grad=write_grad,
+                        has_reg=has_reg, scaled=gscale is not None, has_gvec=gvec is not None,
+                        block_n=block_n, block_a=block_a)
     num_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
     grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
     loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
@@ -221,65 +229,103 @@ def _launch(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_inde
     zsum_part = torch.empty((num_blocks, a) if has_reg else (1, a), device=dev, dtype=torch.float32)
     if num_blocks > 0:
         _dist_contrast_fwd_kernel[(num_blocks,)](
-            feat, labels, mean, var, grad if write_grad else feat, loss_part, cnt_part, zsum_part,
+            feat, labels, mean, var if var is not None else mean,
+            grad if write_grad else feat, loss_part, cnt_part, zsum_part,
+            gscale if gscale is not None else loss_part, gvec if gvec is not None else loss_part,
             n_rows, a, c, feat.stride(0), feat.stride(1), grad.stride(0) if write_grad else 0,
-            ignore_index, 1.0 / temperature, (ratio / (2.0 * temperature**2)) if use_var else 0.0,
-            **cfg)
-    n = cnt_part.sum()
-    reg = reg_grad = None
-    if has_reg:
-        reg, reg_grad = regulariser(zsum_part.sum(0), n, mean, temperature)
-    loss, inv_n = finish_loss(loss_part.sum(), n, reg, reg_weight)
-    vec = reg_weight * reg_grad * inv_n if has_reg else None
-    return loss, grad, inv_n, vec
+            ignore_index, 1.0 / temperature,
+            (ratio / (2.0 * temperature**2)) if var is not None else 0.0, **cfg)
+    return grad, loss_part.sum(), cnt_part.sum(), zsum_part.sum(0) if has_reg else None
 
 
 class _DistContrastFunction(torch.autograd.Function):
-    """L(feat) with ∂L/∂feat computed in the forward kernel and scaled in backward."""
+    """L(feat); ∂L/∂feat either stored by the forward kernel and scaled in backward
+    (``grad_mode="stored"``) or recomputed by the backward kernel ("recompute")."""
 
     @staticmethod
     def forward(ctx, feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index,
-                block_n, block_a):
-        write_grad = ctx.needs_input_grad[0]
-        loss, grad, inv_n, vec = _launch(feat, labels, mean, var, temperature, ratio, reg_weight,
-                                         ignore_index, write_grad, block_n, block_a)
-        ctx.grad, ctx.inv_n, ctx.vec = grad, inv_n, vec
-        ctx.labels, ctx.ignore_index = labels.contiguous(), ignore_index
+                grad_mode, block_n, block_a):
+        dev = feat.device
+        mean = mean.to(device=dev, dtype=torch.float32).contiguous()
+        var = var.to(device=dev, dtype=torch.float32).contiguous() if var is not None else None
+        labels = labels.contiguous()
+        has_reg = reg_weight != 0.0
+        store = ctx.needs_input_grad[0] and grad_mode == "stored"
+        grad, loss_sum, n, zsum = _run_kernel(
+            feat, labels, mean, var, temperature, ratio, ignore_index, write_grad=store,
+            has_reg=has_reg, block_n=block_n, block_a=block_a)
+        reg = reg_grad = None
+        if has_reg:
+            reg, reg_grad = regulariser(zsum, n, mean, temperature)
+        loss, inv_n = finish_loss(loss_sum, n, reg, reg_weight)
+        ctx.grad, ctx.inv_n = grad, inv_n
+        ctx.vec = reg_weight * reg_grad * inv_n if has_reg else None
+        ctx.args = (labels, mean, var, temperature, ratio, ignore_index, block_n, block_a)
+        ctx.grad_mode = grad_mode
+        if grad_mode == "recompute" and ctx.needs_input_grad[0]:
+            ctx.save_for_backward(feat)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.grad is None:
-            raise RuntimeError("dist/proto_contrast_loss (triton): backward called twice; the "
-                               "gradient buffer is scaled in place, use retain_graph=False")
-        g, ctx.grad = ctx.grad, None
         grad_out = grad_out.to(torch.float32)
+        scale = (grad_out * ctx.inv_n).reshape(1)
         vec = grad_out * ctx.vec if ctx.vec is not None else None
-        scale_grad_(g, ctx.labels, (grad_out * ctx.inv_n).reshape(1), vec, ctx.ignore_index)
-        return g, None, None, None, None, None, None, None, None, None
+        labels, mean, var, temperature, ratio, ignore_index, block_n, block_a = ctx.args
+        if ctx.grad_mode == "recompute":
+            (feat,) = ctx.saved_tensors
+            g, *_ = _run_kernel(feat, labels, mean, var, temperature, ratio, ignore_index,
+                                write_grad=True, has_reg=False, gscale=scale,
+                                gvec=vec.contiguous() if vec is not None else None,
+                                block_n=block_n, block_a=block_a)
+        else:
+            if ctx.grad is None:
+                raise RuntimeError("dist/proto_contrast_loss (triton): backward called twice; "
+                                   "the stored gradient is scaled in place, use "
+                                   "retain_graph=False or grad_mode='recompute'")
+            g, ctx.grad = ctx.grad, None
+            scale_grad_(g, labels, scale, vec, ignore_index)
+        return g, None, None, None, None, None, None, None, None, None, None
+
+
+GRAD_MODES = ("stored", "recompute")
+
+
+def _check_grad_mode(grad_mode: str) -> str:
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    return grad_mode
 
 
 def dist_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
                        var: torch.Tensor, temperature: float = 100.0, ratio: float = 1.0,
                        reg_weight: float = 0.0, ignore_index: int = 255, *,
-                       block_n: int | None = None, block_a: int | None = None) -> torch.Tensor:
+                       grad_mode: str = "stored", block_n: int | None = None,
+                       block_a: int | None = None) -> torch.Tensor:
     """DistCL of SPEC §5 (see the module docstring); 0-d fp32, differentiable w.r.t. ``feat``.
 
     feat [N, A] fp32/fp16/bf16 (any strides), labels [N] integer, mean/var [C, A] (used as
-    fp32 statistics, no gradient). ``block_n``/``block_a`` override the launcher's tile sizes
-    (tests use them to cover several blocks); arguments are assumed validated by
-    ``sepico_fast.contrast``.
+    fp32 statistics, no gradient); arguments are assumed validated by ``sepico_fast.contrast``.
+
+    ``grad_mode``: "stored" (default) writes ∂ℓ/∂z in the forward pass and scales it in place
+    in backward — 4 passes of N×A over DRAM (read z, write g; read g, write g), one extra
+    N×A buffer held until backward. "recompute" computes only the loss in the forward and
+    re-runs the fused pass in backward, writing the final gradient once — 3 passes (read z;
+    read z, write g), nothing held but ``feat``, twice the (small) tensor-core work.
+    ``block_n``/``block_a`` override the launcher's tile sizes (tests cover several blocks).
     """
     check_device(feat, labels, mean, var)
     return _DistContrastFunction.apply(feat, labels, mean, var, float(temperature), float(ratio),
-                                       float(reg_weight), int(ignore_index), block_n, block_a)
+                                       float(reg_weight), int(ignore_index),
+                                       _check_grad_mode(grad_mode), block_n, block_a)
 
 
 def proto_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
                         temperature: float = 100.0, reg_weight: float = 0.0,
-                        ignore_index: int = 255, *, block_n: int | None = None,
-                        block_a: int | None = None) -> torch.Tensor:
+                        ignore_index: int = 255, *, grad_mode: str = "stored",
+                        block_n: int | None = None, block_a: int | None = None) -> torch.Tensor:
     """ProtoCL of SPEC §5: the DistCL kernel compiled without the variance term (σ² = 0)."""
     check_device(feat, labels, mean)
     return _DistContrastFunction.apply(feat, labels, mean, None, float(temperature), 1.0,
-                                       float(reg_weight), int(ignore_index), block_n, block_a)
+                                       float(reg_weight), int(ignore_index),
+                                       _check_grad_mode(grad_mode), block_n, block_a)

@@ -89,15 +89,16 @@ CASES = [  # (N, A, C, block_n, reg_weight)
 def test_fp32_matches_float64(variant, n, a, c, block_n, w):
     z, y, mean, var = make_inputs(n, a, c, seed=n + a + c)
     tau, lam = 100.0, 1.0
+    mode = "recompute" if n % 2 else "stored"  # both backward strategies across the cases
     if variant == "dist":
         ref = lambda t: dist_ref(t, y, mean, var, tau, lam, w)  # noqa: E731
         tri = lambda t: kernels.dist_contrast_loss(  # noqa: E731
             t, y.to(DEV), mean.float().to(DEV), var.float().to(DEV), tau, lam, w, IGNORE,
-            block_n=block_n)
+            grad_mode=mode, block_n=block_n)
     else:
         ref = lambda t: proto_ref(t, y, mean, tau, w)  # noqa: E731
         tri = lambda t: kernels.proto_contrast_loss(  # noqa: E731
-            t, y.to(DEV), mean.float().to(DEV), tau, w, IGNORE, block_n=block_n)
+            t, y.to(DEV), mean.float().to(DEV), tau, w, IGNORE, grad_mode=mode, block_n=block_n)
     l64, g64 = grad_of(ref, z)
     l32, g32 = grad_of(tri, z.float().to(DEV))
     assert l32.dtype == torch.float32 and l32.shape == ()
@@ -119,7 +120,8 @@ def test_variance_term_matters():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["dist", "proto"])
-def test_half_inputs_vs_fp32_reference(dtype, variant):
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_half_inputs_vs_fp32_reference(dtype, variant, mode):
     """Half-precision features: fp32 math inside, gradient rounded to the feature dtype.
 
     The reference is the float64 loss of the *rounded* features, so only kernel error is
@@ -133,11 +135,11 @@ def test_half_inputs_vs_fp32_reference(dtype, variant):
         ref = lambda t: dist_ref(t, y, mean.float(), var.float(), w=1.0)  # noqa: E731
         tri = lambda t: kernels.dist_contrast_loss(  # noqa: E731
             t, y.to(DEV), mean.float().to(DEV), var.float().to(DEV), 100.0, 1.0, 1.0, IGNORE,
-            block_n=32)
+            grad_mode=mode, block_n=32)
     else:
         ref = lambda t: proto_ref(t, y, mean.float(), w=1.0)  # noqa: E731
         tri = lambda t: kernels.proto_contrast_loss(  # noqa: E731
-            t, y.to(DEV), mean.float().to(DEV), 100.0, 1.0, IGNORE, block_n=32)
+            t, y.to(DEV), mean.float().to(DEV), 100.0, 1.0, IGNORE, grad_mode=mode, block_n=32)
     l64, g64 = grad_of(ref, zh.double())
     lh, gh = grad_of(tri, zh.to(DEV))
     assert lh.dtype == torch.float32 and gh.dtype == dtype
@@ -147,29 +149,33 @@ def test_half_inputs_vs_fp32_reference(dtype, variant):
 
 @pytest.mark.parametrize("variant", ["dist", "proto"])
 @pytest.mark.parametrize("n", [0, 40])
-def test_no_valid_pixel_gives_zero_loss_and_grad(variant, n):
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_no_valid_pixel_gives_zero_loss_and_grad(variant, n, mode):
     a, c = 16, 5
     z = F.normalize(torch.randn(n, a), dim=1).to(DEV).requires_grad_(True)
     y = torch.full((n,), IGNORE, dtype=torch.long, device=DEV)
     mean = torch.randn(c, a, device=DEV)
     if variant == "dist":
         loss = kernels.dist_contrast_loss(z, y, mean, torch.rand(c, a, device=DEV), 100.0, 1.0,
-                                          1.0, IGNORE, block_n=16)
+                                          1.0, IGNORE, grad_mode=mode, block_n=16)
     else:
-        loss = kernels.proto_contrast_loss(z, y, mean, 100.0, 1.0, IGNORE, block_n=16)
+        loss = kernels.proto_contrast_loss(z, y, mean, 100.0, 1.0, IGNORE, grad_mode=mode,
+                                           block_n=16)
     loss.backward()
     assert loss.shape == () and loss.item() == 0.0
     assert z.grad.shape == (n, a) and bool(torch.isfinite(z.grad).all())
     assert bool((z.grad == 0).all())
 
 
-def test_grad_output_scaling_and_strided_input():
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_grad_output_scaling_and_strided_input(mode):
     """A non-unit incoming gradient is applied (AMP loss scale); a transposed view is read."""
     n, a, c = 50, 16, 5
     z, y, mean, var = make_inputs(n, a, c, seed=5)
     zt = z.float().T.contiguous().to(DEV).requires_grad_(True)  # [A, N]; zt.T is strided
     loss = kernels.dist_contrast_loss(zt.T, y.to(DEV), mean.float().to(DEV),
-                                      var.float().to(DEV), 100.0, 1.0, 1.0, IGNORE, block_n=16)
+                                      var.float().to(DEV), 100.0, 1.0, 1.0, IGNORE,
+                                      grad_mode=mode, block_n=16)
     (loss * 3.0).backward()
     l64, g64 = grad_of(lambda t: dist_ref(t, y, mean, var, w=1.0) * 3.0, z)
     assert_close(loss * 3.0, l64, 1e-5, 0.0, "loss")
@@ -188,6 +194,15 @@ def test_forward_without_grad_and_double_backward_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward called twice"):
         loss.backward()
+    # recomputing the gradient in backward supports retain_graph
+    zf.grad = None
+    loss = kernels.proto_contrast_loss(zf, yd, mf, 100.0, 0.0, IGNORE, grad_mode="recompute")
+    loss.backward(retain_graph=True)
+    first = zf.grad.clone()
+    loss.backward()
+    assert torch.allclose(zf.grad, 2 * first)
+    with pytest.raises(ValueError, match="grad_mode"):
+        kernels.proto_contrast_loss(zf, yd, mf, 100.0, 0.0, IGNORE, grad_mode="lazy")
 
 
 def test_out_of_range_label_poisons_loss():

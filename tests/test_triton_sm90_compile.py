@@ -87,6 +87,11 @@ def compile_all() -> dict:
             results[f"dist-{dt}-{use_var}"] = _compile(
                 dist_contrast._dist_contrast_fwd_kernel,
                 {"z_ptr": t, "g_ptr": t, "lab_ptr": "*i64"}, {"inv_tau", "var_coef"}, cfg)
+        cfg = dist_contrast.kernel_config(torch_dtype[dt], A, C, has_reg=False, scaled=True,
+                                          has_gvec=True)  # grad_mode="recompute" backward
+        results[f"dist-{dt}-recompute"] = _compile(
+            dist_contrast._dist_contrast_fwd_kernel,
+            {"z_ptr": t, "g_ptr": t, "lab_ptr": "*i64"}, {"inv_tau", "var_coef"}, cfg)
         cfg = bank_contrast.kernel_config(torch_dtype[dt], A, C, M)
         results[f"bank-{dt}"] = _compile(
             bank_contrast._bank_contrast_fwd_kernel,
@@ -131,6 +136,7 @@ def _check(res, *, spill_limit=0):
 def test_dist_proto_kernel_compiles_without_spills(sm90, dt):
     _check(sm90[f"dist-{dt}-True"])
     _check(sm90[f"dist-{dt}-False"])
+    _check(sm90[f"dist-{dt}-recompute"])
 
 
 @pytest.mark.parametrize("dt", DTYPES)
