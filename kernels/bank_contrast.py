@@ -111,20 +111,21 @@ def _bank_contrast_fwd_kernel(
             softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
             loss += tl.sum(tl.where(entry_ok, softplus, 0.0), axis=1) * inv_len
             if WRITE_GRAD:
-                # g = (W·B_c + U·B̄)/τ, W_ij = −σ_ij/L_c, U_ik = (Σ_j σ_ij/L_c) π_ik
+                # g = (U·B̄ − W·B_c) / (τ L_c), W_ij = σ_ij, U_ik = (Σ_j σ_ij) π_ik; operands
+                # stay O(1) and 1/(τ L_c) is applied in fp32 (fp16 operands never go subnormal)
                 sig = tl.where(entry_ok, 1.0 / (1.0 + tl.exp(-x)), 0.0)
-                scale = inv_len * inv_tau
-                w_pos = sig * (-scale)
-                u_neg = pi * (tl.sum(sig, axis=1) * scale)[:, None]
+                u_neg = (pi * tl.sum(sig, axis=1)[:, None]).to(DOT_DTYPE)
+                w_pos = (-sig).to(DOT_DTYPE)
                 for a0 in range(0, A, BLOCK_A):
                     cols = a0 + tl.arange(0, BLOCK_A)
                     col_in = cols < A
                     bm = tl.load(bmean_ptr + cls[:, None] * A + cols[None, :],
                                  mask=cls_in[:, None] & col_in[None, :], other=0.0)
-                    g = tl.dot(u_neg.to(DOT_DTYPE), bm.to(DOT_DTYPE), input_precision=DOT_PREC)
+                    g = tl.dot(u_neg, bm.to(DOT_DTYPE), input_precision=DOT_PREC)
                     b = tl.load(bank_c + slot[:, None] * A + cols[None, :],
                                 mask=(slot < len_c)[:, None] & col_in[None, :], other=0.0)
-                    g = tl.dot(w_pos.to(DOT_DTYPE), b.to(DOT_DTYPE), g, input_precision=DOT_PREC)
+                    g = tl.dot(w_pos, b.to(DOT_DTYPE), g, input_precision=DOT_PREC)
+                    g = g * (inv_len * inv_tau)
                     tl.store(g_ptr + rows[:, None] * stride_gn + cols[None, :],
                              g.to(g_ptr.dtype.element_ty), mask=sel[:, None] & col_in[None, :])
 

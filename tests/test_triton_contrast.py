@@ -346,3 +346,18 @@ def test_public_api_triton_matches_torch(dtype):
         assert lk.dtype == torch.float32 and gk.dtype == dtype, name
         assert_close(lk, lt.float(), tol_loss, 0.0, f"{name} loss")
         assert_close(gk, gt.float(), tol_grad, 0.0, f"{name} grad")
+
+
+def test_bank_fp16_full_banks():
+    """The SePiCo bank size (M = 200, all entries valid) with fp16 features: the 1/(τ L) =
+    5e-5 factor is applied in fp32 after the products, not folded into fp16 operands."""
+    n, a, c, m = 80, 16, 5, 200
+    z, y, mean, _ = make_inputs(n, a, c, seed=29)
+    bank, bank_len = make_bank(c, m, a, [m] * c, seed=6)
+    zh = z.half()
+    l64, g64 = grad_of(lambda t: bank_ref(t, y, bank.float(), bank_len), zh.double())
+    lh, gh = grad_of(lambda t: kernels.bank_contrast_loss(
+        t, y.to(DEV), bank.float().to(DEV), bank_len.to(DEV), 100.0, None, 0.0, IGNORE),
+        zh.to(DEV))
+    assert_close(lh, l64, 1e-4, 0.0, "loss")
+    assert_close(gh, g64, 1.5e-2, 0.0, "grad")
