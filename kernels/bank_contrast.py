@@ -15,12 +15,17 @@ pair and are left out of the loss mean; the regulariser (see ``dist_contrast``) 
 class means ``mean`` and all non-ignore pixels, as in DistCL/ProtoCL.
 
 Kernel layout. Pixels are visited in label-sorted order (``perm``, one argsort of the
-labels on the device), so a block of BLOCK_N pixels spans one or two classes; for each class
-c present in the block the [BLOCK_N, M_PAD] positive logit tile is one tensor-core product
-z·B_cᵀ streamed over A chunks, and rows of other classes are masked out. The tile stays in
-registers; the gradient pass re-reads B̄ and B_y (L2-resident: a few hundred KB) and writes
-g_i once to row perm[i]. Never materialises N×C×M: FLOPs ≈ 2·N·A·(M_PAD + C_PAD)·2.
-Without sorting the kernel is still correct, only slower (a block spans more classes).
+labels on the device), so a block of BLOCK_N pixels usually spans one or two classes. Pass 1
+streams the block's z over A chunks for the negatives (one [BLOCK_N, C_PAD] product with the
+bank means) and Σz. Then, one class segment c at a time (only the classes present in the
+block), the [BLOCK_N, M_PAD] positive logit tile z·B_cᵀ is accumulated on tensor cores
+(rows of other classes masked out), turned into the loss and the weights σ, π in registers,
+and the gradient of that segment's rows is written once (to rows perm[i]) by a second
+A-chunk loop: g = (U·B̄ − σ·B_c) / (τ L_c). Only one [BLOCK_N, M_PAD] tile is live at a time;
+z and the bank rows are re-read from L2. Rows without a positive pair get g = 0. Never
+materialises N×C×M: FLOPs ≈ 2·N·A·(M_PAD + C_PAD)·2. Without sorting the kernel is still
+correct, only slower (a block spans more classes). The gradient is stored by the forward
+and scaled in place in backward, as for DistCL (``scale_grad_``).
 """
 from __future__ import annotations
 
