@@ -160,7 +160,7 @@ class ClassStats:
 
     def batch_moments(self, feat: torch.Tensor, labels: torch.Tensor):
         """count [C], mean [C,A], m2 [C,A] of one batch in the state dtype (no validation)."""
-        impl = resolve_impl(self.impl, "class_moments", feat.device)
+        impl = resolve_impl(self.impl, "class_moments", feat.device, dtype=feat.dtype)
         deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
         if impl == "triton":
             fn = triton_kernel("class_moments")

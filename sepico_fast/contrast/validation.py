@@ -119,15 +119,22 @@ def _load_kernel(op: str) -> Callable | None:
     return getattr(module, op, None) if module is not None else None
 
 
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def resolve_impl(impl: str | None, op: str, device: torch.device,
-                 available: tuple[str, ...] = ("torch", "triton")) -> str:
+                 available: tuple[str, ...] = ("torch", "triton"),
+                 dtype: torch.dtype | None = None) -> str:
     """Pick the implementation of ``op``.
 
-    None -> "triton" when the tensors are on CUDA and ``sepico_fast.kernels.<op>``
-    imports, else "torch". Explicit names are checked against ``available``.
+    None -> "triton" when the tensors are on CUDA, their dtype is one the kernels take
+    (float32/16-bit; float64 stays on the torch reference) and
+    ``sepico_fast.kernels.<op>`` imports, else "torch". Explicit names are checked
+    against ``available``.
     """
     if impl is None:
-        if device.type == "cuda" and "triton" in available and _load_kernel(op) is not None:
+        if (device.type == "cuda" and "triton" in available
+                and (dtype is None or dtype in _TRITON_DTYPES) and _load_kernel(op) is not None):
             return "triton"
         return "torch"
     if impl not in IMPLS:
