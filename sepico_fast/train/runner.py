@@ -183,7 +183,8 @@ def run(cfg: TrainConfig) -> dict:
     flops_iter = None
     peak = device_peak_tflops(device)
     if main:
-        print(f"sepico_fast.train: {cfg.method}/{cfg.variant} {cfg.arch} {cfg.source}->{cfg.target} "
+        method = cfg.method + (f"/{cfg.variant}" if cfg.method == "sepico" else "")
+        print(f"sepico_fast.train: {method} {cfg.arch} {cfg.source}->{cfg.target} "
               f"iters={cfg.iters} batch={cfg.batch_size}x{dist_info.world_size} crop={cfg.crop_hw} "
               f"device={device} precision={amp_desc} work_dir={work_dir}")
 
