@@ -14,6 +14,7 @@ Precision policy of every kernel (one rule, so the kernels stay comparable):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -37,6 +38,24 @@ def check_device(*tensors: torch.Tensor) -> None:
         raise ValueError(
             f"sepico_fast.kernels needs CUDA tensors (got a tensor on {t.device}); on the CPU set "
             "TRITON_INTERPRET=1 before importing triton, or use impl='torch'")
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU current for a launch: Triton launches on the current device and
+    stream, which need not be the tensors' device (e.g. cuda:1 without set_device)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def check_blocks(block_n: int | None, block_a: int | None) -> None:
+    """Tile overrides must be powers of two >= 16: tl.arange needs a power of two and a
+    compiled tl.dot needs every dimension >= 16 (the interpreter accepts less)."""
+    for name, value in (("block_n", block_n), ("block_a", block_a)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be None or a power of two >= 16, got {value!r}")
 
 
 def pow2_at_least(n: int, floor: int = 16) -> int:

@@ -32,9 +32,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-from ._common import check_device, dot_dtype, dot_precision, pow2_at_least
-from .dist_contrast import finish_loss, regulariser, scale_grad_
+from ._common import (check_blocks, check_device, device_guard, dot_dtype, dot_precision,
+                      pow2_at_least)
+from .dist_contrast import _needs_grad, finish_loss, regulariser, scale_grad_
 
 
 @triton.jit
@@ -194,12 +196,13 @@ def _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_
     cnt_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
     valid_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
     zsum_part = torch.empty((num_blocks, a) if has_reg else (1, a), device=dev, dtype=torch.float32)
-    if num_blocks > 0:
-        _bank_contrast_fwd_kernel[(num_blocks,)](
-            feat, labels, perm, bank_dot, blen, bmean, grad if write_grad else feat,
-            loss_part, cnt_part, valid_part, zsum_part,
-            n_rows, a, c, m, m * a, feat.stride(0), feat.stride(1), grad.stride(0) if write_grad else 0,
-            ignore_index, 1.0 / temperature, **cfg)
+    if num_blocks > 0:  # a CUDA grid of size 0 is a launch error
+        with device_guard(feat):
+            _bank_contrast_fwd_kernel[(num_blocks,)](
+                feat, labels, perm, bank_dot, blen, bmean, grad if write_grad else feat,
+                loss_part, cnt_part, valid_part, zsum_part,
+                n_rows, a, c, m, m * a, feat.stride(0), feat.stride(1),
+                grad.stride(0) if write_grad else 0, ignore_index, 1.0 / temperature, **cfg)
     n_loss = cnt_part.sum()
     n_valid = valid_part.sum()
     loss, inv_n = finish_loss(loss_part.sum(), n_loss, None, 0.0)
@@ -217,8 +220,8 @@ def _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_
 class _BankContrastFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_index,
-                sort, block_n, block_a):
-        write_grad = ctx.needs_input_grad[0]
+                sort, block_n, block_a, need_grad):
+        write_grad = need_grad and ctx.needs_input_grad[0]  # see _DistContrastFunction
         loss, grad, inv_n, vec = _launch(feat, labels, bank, bank_len, temperature, mean,
                                          reg_weight, ignore_index, write_grad, sort, block_n,
                                          block_a)
@@ -227,6 +230,7 @@ class _BankContrastFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the gradient comes from a kernel: no graph for double backward
     def backward(ctx, grad_out):
         if ctx.grad is None:
             raise RuntimeError("bank_contrast_loss (triton): backward called twice; the "
@@ -235,7 +239,7 @@ class _BankContrastFunction(torch.autograd.Function):
         grad_out = grad_out.to(torch.float32)
         vec = grad_out * ctx.vec if ctx.vec is not None else None
         scale_grad_(g, ctx.labels, (grad_out * ctx.inv_n).reshape(1), vec, ctx.ignore_index)
-        return g, None, None, None, None, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None, None, None, None, None
 
 
 def bank_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor,
@@ -253,6 +257,7 @@ def bank_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, bank: torch.Ten
     if reg_weight != 0.0 and mean is None:
         raise ValueError("mean: the class means [C, A] are required when reg_weight != 0")
     check_device(feat, labels, bank, bank_len)
+    check_blocks(block_n, block_a)
     return _BankContrastFunction.apply(feat, labels, bank, bank_len, float(temperature), mean,
                                        float(reg_weight), int(ignore_index), bool(sort), block_n,
-                                       block_a)
+                                       block_a, _needs_grad(feat))

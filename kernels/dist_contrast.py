@@ -37,8 +37,10 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-from ._common import check_device, dot_dtype, dot_precision, pow2_at_least
+from ._common import (check_blocks, check_device, device_guard, dot_dtype, dot_precision,
+                      pow2_at_least)
 
 
 @triton.jit
@@ -163,23 +165,32 @@ def scale_grad_(g: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
         return g
     cfg = scale_grad_config(a)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(a, cfg["BLOCK_A"]))
-    _scale_grad_kernel[grid](
-        g, labels, scale, vec if vec is not None else scale, n, a, g.stride(0), ignore_index,
-        HAS_VEC=vec is not None, **cfg)
+    with device_guard(g):
+        _scale_grad_kernel[grid](
+            g, labels, scale, vec if vec is not None else scale, n, a, g.stride(0), ignore_index,
+            HAS_VEC=vec is not None, **cfg)
     return g
 
 
 def regulariser(zsum: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, temperature: float):
-    """r and ∂r/∂z̄ on the device for z̄ = zsum / max(n, 1) (see the module docstring)."""
+    """r and ∂r/∂z̄ on the device for z̄ = zsum / max(n, 1) (see the module docstring).
+
+    Always fp32: the losses are called inside the training step's autocast region, where
+    the two small products would otherwise run in bf16/fp16 (r rounded to ~4e-3). The
+    gradient is formed as Σ_c (1 − C q_c) μ_c, not Σ_c μ_c − C Σ_c q_c μ_c, whose two O(1)
+    terms cancel to the O(z̄·μ/τ) result.
+    """
     c = mean.shape[0]
-    zbar = zsum / n.clamp_min(1.0)
-    if c < 2:  # C ln C = 0: the regulariser is identically 0
-        return zsum.new_zeros(()), torch.zeros_like(zsum)
-    norm = c * math.log(c)
-    logits = mean @ zbar / temperature
-    r = torch.log_softmax(logits, dim=0).sum() / norm
-    q = torch.softmax(logits, dim=0)
-    grad = (mean.sum(0) - c * (q @ mean)) / (temperature * norm)
+    with torch.autocast(zsum.device.type, enabled=False):
+        zsum, n, mean = zsum.float(), n.float(), mean.float()
+        zbar = zsum / n.clamp_min(1.0)
+        if c < 2:  # C ln C = 0: the regulariser is identically 0
+            return zsum.new_zeros(()), torch.zeros_like(zsum)
+        norm = c * math.log(c)
+        logits = mean @ zbar / temperature
+        r = torch.log_softmax(logits, dim=0).sum() / norm
+        q = torch.softmax(logits, dim=0)
+        grad = ((1.0 - c * q) @ mean) / (temperature * norm)
     return r, grad
 
 
@@ -230,14 +241,16 @@ def _run_kernel(feat, labels, mean, var, temperature, ratio, ignore_index, *, wr
     loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
     cnt_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
     zsum_part = torch.empty((num_blocks, a) if has_reg else (1, a), device=dev, dtype=torch.float32)
-    if num_blocks > 0:
-        _dist_contrast_fwd_kernel[(num_blocks,)](
-            feat, labels, mean, var if var is not None else mean,
-            grad if write_grad else feat, loss_part, cnt_part, zsum_part,
-            gscale if gscale is not None else loss_part, gvec if gvec is not None else loss_part,
-            n_rows, a, c, feat.stride(0), feat.stride(1), grad.stride(0) if write_grad else 0,
-            ignore_index, 1.0 / temperature,
-            (ratio / (2.0 * temperature**2)) if var is not None else 0.0, **cfg)
+    if num_blocks > 0:  # a CUDA grid of size 0 is a launch error
+        with device_guard(feat):
+            _dist_contrast_fwd_kernel[(num_blocks,)](
+                feat, labels, mean, var if var is not None else mean,
+                grad if write_grad else feat, loss_part, cnt_part, zsum_part,
+                gscale if gscale is not None else loss_part,
+                gvec if gvec is not None else loss_part,
+                n_rows, a, c, feat.stride(0), feat.stride(1),
+                grad.stride(0) if write_grad else 0, ignore_index, 1.0 / temperature,
+                (ratio / (2.0 * temperature**2)) if var is not None else 0.0, **cfg)
     return grad, loss_part.sum(), cnt_part.sum(), zsum_part.sum(0) if has_reg else None
 
 
@@ -247,13 +260,16 @@ class _DistContrastFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index,
-                grad_mode, block_n, block_a):
+                grad_mode, block_n, block_a, need_grad):
         dev = feat.device
         mean = mean.to(device=dev, dtype=torch.float32).contiguous()
         var = var.to(device=dev, dtype=torch.float32).contiguous() if var is not None else None
         labels = labels.contiguous()
         has_reg = reg_weight != 0.0
-        store = ctx.needs_input_grad[0] and grad_mode == "stored"
+        # needs_input_grad is True even under torch.no_grad(); need_grad (grad mode of the
+        # caller) avoids writing an N×A gradient nobody will read
+        need_grad = need_grad and ctx.needs_input_grad[0]
+        store = need_grad and grad_mode == "stored"
         grad, loss_sum, n, zsum = _run_kernel(
             feat, labels, mean, var, temperature, ratio, ignore_index, write_grad=store,
             has_reg=has_reg, block_n=block_n, block_a=block_a)
@@ -265,11 +281,12 @@ class _DistContrastFunction(torch.autograd.Function):
         ctx.vec = reg_weight * reg_grad * inv_n if has_reg else None
         ctx.args = (labels, mean, var, temperature, ratio, ignore_index, block_n, block_a)
         ctx.grad_mode = grad_mode
-        if grad_mode == "recompute" and ctx.needs_input_grad[0]:
+        if grad_mode == "recompute" and need_grad:
             ctx.save_for_backward(feat)
         return loss
 
     @staticmethod
+    @once_differentiable  # the gradient comes from a kernel: no graph for double backward
     def backward(ctx, grad_out):
         grad_out = grad_out.to(torch.float32)
         scale = (grad_out * ctx.inv_n).reshape(1)
@@ -288,7 +305,12 @@ class _DistContrastFunction(torch.autograd.Function):
                                    "retain_graph=False or grad_mode='recompute'")
             g, ctx.grad = ctx.grad, None
             scale_grad_(g, labels, scale, vec, ignore_index)
-        return g, None, None, None, None, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _needs_grad(feat: torch.Tensor) -> bool:
+    """Whether autograd will record this call (the forward kernels then write ∂ℓ/∂z)."""
+    return torch.is_grad_enabled() and feat.requires_grad
 
 
 GRAD_MODES = ("stored", "recompute")
@@ -318,9 +340,11 @@ def dist_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Ten
     ``block_n``/``block_a`` override the launcher's tile sizes (tests cover several blocks).
     """
     check_device(feat, labels, mean, var)
+    check_blocks(block_n, block_a)
     return _DistContrastFunction.apply(feat, labels, mean, var, float(temperature), float(ratio),
                                        float(reg_weight), int(ignore_index),
-                                       _check_grad_mode(grad_mode), block_n, block_a)
+                                       _check_grad_mode(grad_mode), block_n, block_a,
+                                       _needs_grad(feat))
 
 
 def proto_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
@@ -329,6 +353,8 @@ def proto_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Te
                         block_n: int | None = None, block_a: int | None = None) -> torch.Tensor:
     """ProtoCL of SPEC §5: the DistCL kernel compiled without the variance term (σ² = 0)."""
     check_device(feat, labels, mean)
+    check_blocks(block_n, block_a)
     return _DistContrastFunction.apply(feat, labels, mean, None, float(temperature), 1.0,
                                        float(reg_weight), int(ignore_index),
-                                       _check_grad_mode(grad_mode), block_n, block_a)
+                                       _check_grad_mode(grad_mode), block_n, block_a,
+                                       _needs_grad(feat))

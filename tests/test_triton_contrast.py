@@ -361,3 +361,79 @@ def test_bank_fp16_full_banks():
         zh.to(DEV))
     assert_close(lh, l64, 1e-4, 0.0, "loss")
     assert_close(gh, g64, 1.5e-2, 0.0, "grad")
+
+
+# ----------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("variant", ["dist", "bank"])
+def test_regulariser_is_fp32_inside_autocast(variant):
+    """The training step calls the losses inside autocast: the regulariser's two small
+    products must not run in bf16 (that rounded r to ~4e-3 and its gradient to ~1e-3)."""
+    n, a, c, m = 48, 64, 19, 4
+    z, y, mean, var = make_inputs(n, a, c, seed=31)
+    zf, yd, mf = z.float().to(DEV), y.to(DEV), mean.float().to(DEV)
+    vf = (var * 0.01).float().to(DEV)
+    bank, bank_len = make_bank(c, m, a, [m] * c, seed=2)
+    bd, bl = bank.float().to(DEV), bank_len.to(DEV)
+
+    def run(enabled):
+        with torch.autocast(zf.device.type, dtype=torch.bfloat16, enabled=enabled):
+            if variant == "dist":
+                return grad_of(lambda t: kernels.dist_contrast_loss(
+                    t, yd, mf, vf, 100.0, 1.0, 1.0, IGNORE, block_n=16), zf)
+            return grad_of(lambda t: kernels.bank_contrast_loss(
+                t, yd, bd, bl, 100.0, mf, 1.0, IGNORE, block_n=16), zf)
+
+    l_plain, g_plain = run(False)
+    l_amp, g_amp = run(True)
+    assert l_amp.dtype == torch.float32
+    assert_close(l_amp, l_plain, 1e-6, 0.0, "loss under autocast")
+    assert_close(g_amp, g_plain, 1e-6, 0.0, "grad under autocast")
+
+
+def test_no_gradient_buffer_without_autograd(monkeypatch):
+    """needs_input_grad is True under torch.no_grad(); the forward must still skip writing
+    the N×A gradient then (evaluation / logging calls)."""
+    from sepico_fast.kernels import bank_contrast, dist_contrast
+
+    seen = []
+    run_kernel, launch = dist_contrast._run_kernel, bank_contrast._launch
+
+    def spy_run(*args, write_grad, **kw):
+        seen.append(write_grad)
+        return run_kernel(*args, write_grad=write_grad, **kw)
+
+    def spy_launch(*args):
+        seen.append(args[8])  # write_grad
+        return launch(*args)
+
+    monkeypatch.setattr(dist_contrast, "_run_kernel", spy_run)
+    monkeypatch.setattr(bank_contrast, "_launch", spy_launch)
+    z, y, mean, _ = make_inputs(20, 16, 5, seed=7)
+    zf = z.float().to(DEV).requires_grad_(True)
+    bank, bank_len = make_bank(5, 4, 16, [4] * 5)
+    calls = [lambda: kernels.proto_contrast_loss(zf, y.to(DEV), mean.float().to(DEV)),
+             lambda: kernels.bank_contrast_loss(zf, y.to(DEV), bank.float().to(DEV),
+                                                bank_len.to(DEV))]
+    for call in calls:
+        seen.clear()
+        with torch.no_grad():
+            assert not call().requires_grad
+        assert seen == [False]
+        seen.clear()
+        call().backward()
+        assert seen == [True]
+
+
+def test_double_backward_is_refused_and_tiles_are_checked():
+    z, y, mean, _ = make_inputs(20, 16, 5, seed=8)
+    zf = z.float().to(DEV).requires_grad_(True)
+    w = torch.ones((), device=DEV, requires_grad=True)
+    loss = kernels.proto_contrast_loss(zf, y.to(DEV), mean.float().to(DEV)) * w
+    (g,) = torch.autograd.grad(loss, zf, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+    for bad in (8, 24):  # tl.dot on a GPU needs power-of-two tiles >= 16
+        with pytest.raises(ValueError, match="block_n"):
+            kernels.proto_contrast_loss(zf, y.to(DEV), mean.float().to(DEV), block_n=bad)
+        with pytest.raises(ValueError, match="block_a"):
+            kernels.class_moments(zf.detach(), y.to(DEV), 5, IGNORE, block_a=bad)
