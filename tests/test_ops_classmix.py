@@ -115,3 +115,22 @@ def test_classmix_bad_arguments_raise_value_errors():
         ops.classmix(src_img, tgt_img, src_lbl, tgt_lbl[:1], tgt_weight, mix)
     with pytest.raises(ValueError, match="src_lbl"):
         ops.classmix(src_img, tgt_img, src_lbl.float(), tgt_lbl, tgt_weight, mix)
+
+
+def test_float64_weight_never_goes_through_the_fp32_kernel(monkeypatch):
+    """The CUDA kernel takes an fp32 weight; a float64 weight (or image) must stay on the
+    torch path, whose values it keeps exactly. The dispatcher is forced to "cuda" here, so
+    reaching the kernel would fail on this CPU-only machine."""
+    import importlib
+
+    classmix_module = importlib.import_module("sepico_fast.ops.classmix")  # not the function
+    src_img, tgt_img, src_lbl, tgt_lbl, tgt_weight = make_inputs(4)
+    weight64 = tgt_weight.double() / 3.0  # not representable in fp32
+    mix = ops.choose_mix_classes(src_lbl, torch.Generator().manual_seed(2))
+    expected = ops.classmix(src_img, tgt_img, src_lbl, tgt_lbl, weight64, mix, impl="torch")
+    monkeypatch.setattr(classmix_module, "resolve_impl", lambda *args: "cuda")
+    got = ops.classmix(src_img, tgt_img, src_lbl, tgt_lbl, weight64, mix)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    got = ops.classmix(src_img.double(), tgt_img.double(), src_lbl, tgt_lbl, tgt_weight, mix)
+    assert got[0].dtype == torch.float64

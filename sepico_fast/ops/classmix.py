@@ -102,7 +102,9 @@ def classmix(src_img: torch.Tensor, tgt_img: torch.Tensor, src_lbl: torch.Tensor
 
     chosen = resolve_impl("classmix", impl, src_img, tgt_img, src_lbl, tgt_lbl, tgt_weight,
                           mix_classes)
-    if chosen == "cuda" and src_img.dtype != torch.float64:
+    # float64 images or weights stay on torch: the kernel takes fp32/16-bit images and an
+    # fp32 weight, and rounding a float64 weight through fp32 would change its values
+    if chosen == "cuda" and torch.float64 not in (src_img.dtype, tgt_weight.dtype):
         mixed_img, mixed_lbl, mixed_weight = torch.ops.sepico_fast.classmix(
             src_img.contiguous(), tgt_img.contiguous(), src_lbl.long().contiguous(),
             tgt_lbl.long().contiguous(), tgt_weight.float().contiguous(), mix_classes.contiguous())
