@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .data import io, stats
+from .data.cache import CACHE_FORMATS, cache_job, cache_jobs, cache_root
+from .data.datasets import TRAIN_SCALES
 from .data.labels import NUM_CLASSES, class_pixel_counts, cityscapes_ids_to_train_ids, synthia_ids_to_train_ids
 from .data.layouts import DATASETS, Entry, LayoutError, darkzurich_pairs, list_files
 
@@ -92,9 +94,12 @@ def _entries(dataset: str, root: Path) -> list[Entry]:
     return list_files(dataset, root, "train") + list_files(dataset, root, "val")
 
 
-def prepare(dataset: str, root: str | os.PathLike, workers: int | None = None, progress: bool = True) -> dict:
+def prepare(dataset: str, root: str | os.PathLike, workers: int | None = None, progress: bool = True,
+            cache: str | None = None, cache_scale: tuple[int, int] | None = None) -> dict:
     """Convert labels and write the class statistics; returns a summary dict.
 
+    ``cache`` ("png" | "jpeg") also writes images pre-resized to ``cache_scale`` (default: the
+    dataset's training scale, SPEC §1) and resized training labels (see ``data/cache.py``).
     Raises LayoutError for a wrong layout and io.DataFileError for the first unreadable file.
     """
     if dataset not in DATASETS:
@@ -121,32 +126,56 @@ def prepare(dataset: str, root: str | os.PathLike, workers: int | None = None, p
 
     files = {k: v for k, v in old.items()}
     converted = 0
-    bar = _Progress(dataset, len(jobs), progress)
     workers = os.cpu_count() or 1 if workers is None else max(0, int(workers))
+    for res in _run_jobs(_job, jobs, workers, _Progress(dataset, len(jobs), progress)):
+        _, out, counts, size, did_convert = res
+        if out is not None:
+            files[Path(out).relative_to(root).as_posix()] = {"counts": counts, "size": size}
+        converted += int(did_convert)
+    keys = {e.label.relative_to(root).as_posix() for e in entries if e.label is not None}
+    files = {k: v for k, v in files.items() if k in keys}  # drop entries of files that disappeared
+    stats_path = stats.write_stats(root, dataset, files, NUM_CLASSES)
+    summary = {"dataset": dataset, "root": str(root), "files": len(entries), "labels": len(keys),
+               "converted": converted, "skipped": len(keys) - converted, "stats": str(stats_path)}
+    if cache is not None:
+        scale = tuple(cache_scale) if cache_scale else TRAIN_SCALES[dataset]
+        train = _entries_for_cache(dataset, root)
+        jobs = cache_jobs(root, train["labelled"], cache, scale, True) + \
+            cache_jobs(root, train["unlabelled"], cache, scale, False)
+        for _ in _run_jobs(cache_job, jobs, workers, _Progress(f"{dataset} cache", len(jobs), progress)):
+            pass
+        summary["cache"] = str(cache_root(root, cache, scale))
+        summary["cached"] = len(jobs)
+    return summary
+
+
+def _entries_for_cache(dataset: str, root: Path) -> dict:
+    """Training files whose labels the source pipeline reads (resized too), and the rest."""
+    if dataset in ("gta", "synthia"):
+        return {"labelled": list_files(dataset, root), "unlabelled": []}
+    if dataset == "cityscapes":  # a source (CS -> Dark Zurich) or a target: cache train labels too
+        return {"labelled": list_files(dataset, root, "train"), "unlabelled": list_files(dataset, root, "val")}
+    return {"labelled": [], "unlabelled": list_files(dataset, root, "train") + list_files(dataset, root, "val")}
+
+
+def _run_jobs(fn, jobs: list, workers: int, bar: "_Progress"):
+    """Yield the successful results of ``fn`` over ``jobs``; the first failure raises DataFileError."""
     if workers > 1 and len(jobs) > 32:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         pool = ctx.Pool(workers)
-        results = pool.imap_unordered(_job, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 8))))
+        results = pool.imap_unordered(fn, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 8))))
     else:
-        pool, results = None, map(_job, jobs)
+        pool, results = None, map(fn, jobs)
     try:
         for res in results:
             if res[0] == "error":
                 raise io.DataFileError(*res[1:])
-            _, out, counts, size, did_convert = res
-            if out is not None:
-                files[Path(out).relative_to(root).as_posix()] = {"counts": counts, "size": size}
-            converted += int(did_convert)
             bar.step()
+            yield res
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    keys = {e.label.relative_to(root).as_posix() for e in entries if e.label is not None}
-    files = {k: v for k, v in files.items() if k in keys}  # drop entries of files that disappeared
-    stats_path = stats.write_stats(root, dataset, files, NUM_CLASSES)
-    return {"dataset": dataset, "root": str(root), "files": len(entries), "labels": len(keys),
-            "converted": converted, "skipped": len(keys) - converted, "stats": str(stats_path)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,9 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", help="dataset folder in its official layout")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--cache", choices=CACHE_FORMATS, default=None,
+                        help="also write images pre-resized to the training scale (png: lossless, identical "
+                             "batches; jpeg: smaller, GPU-decodable by DALI, lossy); use with --cache in training")
+    parser.add_argument("--cache-scale", type=int, nargs=2, metavar=("LONG", "SHORT"), default=None,
+                        help="scale of the cached copies (default: the dataset's training scale, e.g. 1280 720)")
     args = parser.parse_args(argv)
     try:
-        summary = prepare(args.dataset, args.root, args.workers, progress=not args.quiet)
+        summary = prepare(args.dataset, args.root, args.workers, progress=not args.quiet, cache=args.cache,
+                          cache_scale=args.cache_scale)
     except LayoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -168,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     print(f"{summary['dataset']}: {summary['labels']} labels ({summary['converted']} converted, "
-          f"{summary['skipped']} up to date), {summary['files']} images; stats in {summary['stats']}")
+          f"{summary['skipped']} up to date), {summary['files']} images; stats in {summary['stats']}"
+          + (f"; {summary['cached']} files cached in {summary['cache']}" if "cache" in summary else ""))
     return 0
 
 

@@ -250,3 +250,29 @@ def test_wrong_layouts(tmp_path, capsys):
     code, err = _run(capsys, "synthia", tmp_path / "nowhere")
     assert code == 2 and "nowhere" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cache_png_gives_identical_batches_and_jpeg_close(tmp_path, capsys):
+    make_gta(tmp_path / "gta")
+    make_cityscapes(tmp_path / "cityscapes")
+    kw = dict(data_root=tmp_path, source_scale=(30, 18), target_scale=(32, 16), crop_size=(12, 12),
+              eval_scale=(32, 16), rcs_min_pixels=10, rcs_min_crop_pixels=5)
+    for name, scale in (("gta", ("30", "18")), ("cityscapes", ("32", "16"))):
+        for fmt in ("png", "jpeg"):
+            code, err = _run(capsys, name, tmp_path / name, "--cache", fmt, "--cache-scale", *scale)
+            assert code == 0, err
+    assert (tmp_path / "gta" / ".sepico_cache" / "png_30x18" / "images" / "00001.png").is_file()
+    assert (tmp_path / "gta" / ".sepico_cache" / "jpeg_30x18" / "labels" / "00001_labelTrainIds.png").is_file()
+    plain = build_datasets("gta", "cityscapes", **kw)
+    png = build_datasets("gta", "cityscapes", cache="png", **kw)
+    jpeg = build_datasets("gta", "cityscapes", cache="jpeg", **kw)
+    a = TrainLoader(*plain[:2], 2, seed=5, pipeline="torch").batch(2)
+    b = TrainLoader(*png[:2], 2, seed=5, pipeline="torch").batch(2)
+    c = TrainLoader(*jpeg[:2], 2, seed=5, pipeline="torch").batch(2)
+    assert torch.equal(a[0]["img"], b[0]["img"]) and torch.equal(a[0]["gt"], b[0]["gt"])
+    assert torch.equal(a[1]["img"], b[1]["img"])
+    assert torch.equal(a[0]["gt"], c[0]["gt"]) and (a[0]["img"] - c[0]["img"]).abs().mean() < 0.5
+    va, vb = next(val_loader(plain[2])), next(val_loader(png[2]))
+    assert torch.equal(va["img"], vb["img"]) and torch.equal(va["gt"], vb["gt"]) and va["gt"].shape[-2:] == (32, 64)
+    with pytest.raises(FileNotFoundError, match="--cache"):
+        build_datasets("gta", "cityscapes", cache="png", **dict(kw, source_scale=(40, 24)))
