@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sepico_fast.data import TrainLoader, build_datasets, val_loader
+from sepico_fast.data import TrainLoader, build_datasets, build_val_set, val_loader
 from sepico_fast.data.io import encode_png, read_label
 from sepico_fast.data.labels import CITYSCAPES_TRAIN_TO_ID, cityscapes_id_palette
 from sepico_fast.prepare import main
@@ -182,6 +182,8 @@ def test_darkzurich_checks_and_pairs(tmp_path, capsys):
     assert s["img"].shape == (2, 3, 16, 16) and t["img"].shape == t["ref_img"].shape == (2, 3, 18, 32)
     v = next(val_loader(val))
     assert v["gt"].shape == (1, 1, 27, 48) and v["img"].shape == (1, 3, 18, 32)
+    only_val = build_val_set("darkzurich", target_root=tmp_path, eval_scale=(32, 18))
+    assert torch.equal(next(val_loader(only_val))["img"], v["img"])
     assert v["name"] == "GOPR0356_frame_000324"
 
 

@@ -311,5 +311,24 @@ def build_datasets(source: str, target: str, data_root=None, *, source_root=None
     return train_source, train_target, val_target
 
 
-__all__ = ["SourceSet", "TargetSet", "ValSet", "SourcePlan", "TargetPlan", "build_datasets", "dataset_defaults",
+def build_val_set(target: str, data_root=None, *, target_root=None, eval_scale=None, split: str = "val",
+                  in_memory: bool | None = None, synthetic_cache: str | os.PathLike | None = None,
+                  synthetic_options: dict | None = None) -> ValSet:
+    """Only the evaluation set of ``target`` (cityscapes | darkzurich | synthetic): no source needed."""
+    if target not in TARGETS:
+        raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+    if target == "synthetic":
+        from .synthetic import SYNTHETIC_DEFAULTS, ensure_synthetic
+
+        name, root = "cityscapes", ensure_synthetic(synthetic_cache, **(synthetic_options or {})).target
+        scale = SYNTHETIC_DEFAULTS["eval_scale"]
+    else:
+        name, root, scale = target, _root(target, data_root, target_root), EVAL_SCALE
+    entries = list_files(name, root, split)
+    _require_prepared(name, root, entries)
+    mem = (target == "synthetic") if in_memory is None else in_memory
+    return ValSet(entries, name=target, scale=tuple(eval_scale or scale), in_memory=mem, root=root)
+
+
+__all__ = ["build_val_set", "SourceSet", "TargetSet", "ValSet", "SourcePlan", "TargetPlan", "build_datasets", "dataset_defaults",
            "val_loader", "LayoutError"]
