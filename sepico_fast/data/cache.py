@@ -7,8 +7,8 @@ stores each image already resized (bilinear, exactly as the pipelines do) under
 training files the train-id label resized with nearest neighbour. Then the pipelines'
 resize is the identity:
 
-* ``png``: lossless — batches are bit-identical to the uncached ones; about 2.5× fewer
-  pixels to decode.
+* ``png``: lossless — batches are bit-identical to the uncached ones; about 2.2× fewer
+  pixels to decode (GTA).
 * ``jpeg`` (quality 95, 4:4:4): lossy (±1..3 levels), several times smaller and faster to
   decode, and with ``pipeline="dali"`` decoded on the GPU by nvJPEG instead of on CPU threads.
 
