@@ -179,7 +179,8 @@ def _run_jobs(fn, jobs: list, workers: int, bar: "_Progress"):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sepico_fast.prepare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sepico_fast.prepare", description=(
+        "Write *_labelTrainIds.png next to every label and ROOT/sample_class_stats.json (run once per dataset)."))
     parser.add_argument("dataset", choices=DATASETS)
     parser.add_argument("root", help="dataset folder in its official layout")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
