@@ -122,7 +122,12 @@ def run(cfg: TrainConfig) -> dict:
     dist_info = init_distributed(pre_device.type)
     device = resolve_device(cfg, dist_info)
     main = dist_info.is_main
-    work_dir = Path(cfg.work_dir or default_work_dir(cfg))
+    work_dir = cfg.work_dir or default_work_dir(cfg)
+    if dist_info.enabled:  # every rank uses rank 0's (timestamped) folder
+        box = [work_dir]
+        torch.distributed.broadcast_object_list(box, src=0)
+        work_dir = box[0]
+    work_dir = Path(work_dir)
     cfg.work_dir = str(work_dir)
     if main:
         work_dir.mkdir(parents=True, exist_ok=True)
