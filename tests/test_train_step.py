@@ -26,7 +26,7 @@ from sepico_fast.train.config import make_config
 from sepico_fast.train.runner import build_optimizer
 from sepico_fast.train.step import StepContext, iteration_rng, train_step
 from sepico_fast.train.uda import make_teacher
-from sepico_fast.train import ops_compat as ops
+from sepico_fast import ops
 
 C = 19
 A = 16

@@ -31,7 +31,7 @@ from .profiling import Profiler
 from .schedule import lr_factor, set_lr
 from .uda import (IGNORE, ema_update, fuse_day_night, probs_to_pseudo,
                   pseudo_weight_map, resize_logits)
-from . import ops_compat as ops
+from .. import ops
 
 
 @dataclass

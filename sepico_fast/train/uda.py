@@ -2,8 +2,7 @@
 
 Everything here runs on the device without host syncs: the teacher EMA is one fused
 ``torch._foreach_lerp_`` over all parameters, pseudo labels and their weight q stay
-tensors, and the ClassMix class choice is a sort over random keys instead of
-``torch.unique`` + NumPy.
+tensors.
 """
 from __future__ import annotations
 
@@ -121,26 +120,3 @@ def pseudo_weight_map(q: torch.Tensor, shape: tuple[int, int, int], ignore_top: 
     rows = torch.arange(h, device=q.device)
     keep = (rows >= ignore_top) & (rows < h - ignore_bottom)
     return (q * keep.to(q.dtype)).view(1, h, 1).expand(b, h, w).contiguous()
-
-
-# ----------------------------------------------------------------------------------------
-# ClassMix class choice
-# ----------------------------------------------------------------------------------------
-def choose_mix_classes(source_label: torch.Tensor, generator: torch.Generator | None = None,
-                       num_values: int = 256) -> torch.Tensor:
-    """[B,256] bool: per sample, a random half (rounded up) of the values present in the
-    whole source batch (upstream quirk: the set is batch-wide and may include 255).
-
-    No host sync: presence is a histogram, the random subset the ranks of random keys
-    among the present values.
-    """
-    b = source_label.shape[0]
-    dev = source_label.device
-    present = torch.zeros(num_values, dtype=torch.bool, device=dev)
-    present[source_label.reshape(-1)] = True
-    n_present = present.sum()
-    keys = torch.rand(b, num_values, generator=generator, device=dev)
-    keys = torch.where(present, keys, torch.full_like(keys, 2.0))  # absent values sort last
-    ranks = keys.argsort(dim=1).argsort(dim=1)
-    n_pick = (n_present + 1) // 2
-    return present.unsqueeze(0) & (ranks < n_pick)
