@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     if len(crop) == 1:
         crop = crop * 2
 
-    from .data import build_datasets, val_loader
+    from .data import build_val_set, val_loader
     if args.split == "test":
         if dataset != "darkzurich":
             raise SystemExit("--split test: only Dark Zurich has a separate unlabelled test split")
@@ -192,9 +192,8 @@ def main(argv=None) -> dict:
         root = Path(args.data_root or "data") / "dark_zurich"
         batches = _unlabelled_batches(root, "test", EVAL_SCALE, device)
     else:
-        source = "synthetic" if dataset == "synthetic" else ("cityscapes" if dataset == "darkzurich" else "gta")
-        try:
-            _, _, val_set = build_datasets(source, dataset, args.data_root)
+        try:  # only the evaluation set: no source dataset has to be present
+            val_set = build_val_set(dataset, args.data_root)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"--data-root: cannot load {dataset}: {err}") from None
         batches = val_loader(val_set, device)

@@ -75,3 +75,23 @@ def test_cli_on_synthetic_checkpoint(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["miou_unit"] == "percent"
     with pytest.raises(SystemExit, match="--checkpoint"):
         main(["--checkpoint", str(tmp_path / "missing.pt")])
+
+
+def test_cli_evaluates_cityscapes_without_any_source_dataset(tmp_path):
+    """Only the evaluation set is loaded: a data root holding nothing but a prepared
+    Cityscapes must be enough (no GTA/SYNTHIA folder)."""
+    from sepico_fast.models import build_segmentor
+    from sepico_fast.prepare import main as prepare_main
+    from sepico_fast.train.checkpointing import atomic_save, prefixed
+    from sepico_fast.train.config import make_config
+    from tests.test_prepare import make_cityscapes
+
+    root = tmp_path / "data"
+    make_cityscapes(root / "cityscapes")
+    assert prepare_main(["cityscapes", str(root / "cityscapes"), "--quiet"]) == 0
+    cfg = make_config({"proj_dim": 16})
+    model = build_segmentor(cfg.arch, 19, 16)
+    ckpt = atomic_save({"state_dict": prefixed("model.", model.state_dict()), "meta": {"iter": 0, "config": cfg.to_dict()}},
+                       tmp_path / "ckpt.pt")
+    result = main(["--checkpoint", str(ckpt), "--dataset", "cityscapes", "--data-root", str(root)])
+    assert result["dataset"] == "cityscapes" and 0 <= result["miou"] <= 100
