@@ -5,7 +5,7 @@ import operator
 
 import torch
 
-from .validation import check_ignore_index, check_value
+from .validation import check_label_values
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -19,11 +19,7 @@ def _check_label_map(label: torch.Tensor, num_classes: int, ignore_index: int) -
         raise ValueError(f"label must be an integer tensor, got dtype {label.dtype}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    check_ignore_index(ignore_index, num_classes)
-    if label.numel():
-        in_range = ((label >= 0) & (label < num_classes)) | (label == ignore_index)
-        check_value(in_range, f"label must hold values in 0..{num_classes - 1} or "
-                              f"ignore_index={ignore_index}")
+    check_label_values(label, num_classes, ignore_index, "label")
 
 
 def downscale_label_ratio(label: torch.Tensor, scale: int, min_ratio: float = 0.75,

@@ -55,6 +55,12 @@ def check_labels(labels: torch.Tensor, feat: torch.Tensor, num_classes: int, ign
         raise ValueError(f"{name} has {labels.shape[0]} entries but feat has {feat.shape[0]} rows")
     if labels.device != feat.device:
         raise ValueError(f"{name} is on {labels.device} but feat is on {feat.device}")
+    check_label_values(labels, num_classes, ignore_index, name)
+
+
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int,
+                       name: str = "labels") -> None:
+    """Every label is a class id 0..C-1 or ``ignore_index`` (no host sync on CUDA)."""
     check_ignore_index(ignore_index, num_classes)
     if labels.numel():
         in_range = ((labels >= 0) & (labels < num_classes)) | (labels == ignore_index)
