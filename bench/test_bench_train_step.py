@@ -14,7 +14,8 @@ from bench.record import median_time_ms, peak_memory_mb, record
 from sepico_fast.contrast import ClassStats
 from sepico_fast.models import build_segmentor
 from sepico_fast.train.config import make_config
-from sepico_fast.train.runner import build_optimizer, flops_per_iteration
+from sepico_fast.train.runner import build_optimizer
+from sepico_fast.train.throughput import flops_per_iteration
 from sepico_fast.train.step import StepContext, train_step
 from sepico_fast.train.uda import make_teacher
 

@@ -8,7 +8,8 @@
     profiling.py      NVTX ranges / torch.profiler per phase
     logging.py        progress bar, scalar logs, IoU tables
     ddp.py            torchrun / process-group helpers
-    runner.py         the loop: setup, logging, evaluation, checkpoints
+    runner.py         setup(), train_loop(), finish(): logging, evaluation, checkpoints
+    throughput.py     FLOP count of one iteration, device peaks (MFU)
 """
 import os
 
