@@ -77,10 +77,28 @@ def test_scale_one_is_identity():
     assert out.dtype == torch.int64 and torch.equal(out, label)
 
 
+@pytest.mark.parametrize("h, w, s", [(37, 50, 4), (48, 40, 8), (45, 43, 8), (9, 30, 2)])
+def test_sizes_not_multiple_of_scale_drop_trailing_rows(h, w, s):
+    """SPEC §3: the trailing rows/columns that do not fill an s x s window are dropped
+    (average pooling's floor), as the upstream one-hot + avg_pool2d recipe does."""
+    full = blocky_labels(2, -(-h // s) * s, -(-w // s) * s, s, 19, seed=h * w)
+    label = full[:, :, :h, :w].contiguous()
+    got = downscale_label_ratio(label, s, 0.75)
+    want = recipe(label, s, 0.75, 19)
+    assert got.shape == (2, 1, h // s, w // s) == want.shape
+    assert torch.equal(got, want)
+    # The dropped pixels do not matter: changing them leaves the result alone.
+    other = label.clone()
+    other[:, :, (h // s) * s:] = 3
+    other[:, :, :, (w // s) * s:] = 255
+    assert torch.equal(downscale_label_ratio(other, s, 0.75), got)
+
+
 def test_validation():
     label = torch.zeros(1, 1, 8, 8, dtype=torch.long)
-    with pytest.raises(ValueError, match="divisible"):
-        downscale_label_ratio(label, 3)
+    assert downscale_label_ratio(label, 3).shape == (1, 1, 2, 2)  # 8 // 3: floor, no error
+    with pytest.raises(ValueError, match="smaller than one scale=9 window"):
+        downscale_label_ratio(label, 9)
     with pytest.raises(ValueError, match="scale"):
         downscale_label_ratio(label, 0)
     with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
@@ -111,7 +129,20 @@ def test_prepare_contrast_order_and_labels():
     # Same resolution: s = 1.
     feat1, labels1 = prepare_contrast(proj, label[:, :, ::4, ::4], num_classes=6)
     assert torch.equal(labels1, label[:, :, ::4, ::4].reshape(-1))
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="does not downscale to the feature size 3x5"):
         prepare_contrast(proj, label[:, :, :11], num_classes=6)
     with pytest.raises(ValueError, match="batch"):
         prepare_contrast(proj[:1], label, num_classes=6)
+
+
+def test_prepare_contrast_label_not_multiple_of_features():
+    """s = label width // feature width (SPEC §3): a 15x22 label over 3x5 features has s = 4
+    and its downscaled 3x5 map (trailing rows/columns dropped) lines up with the features."""
+    g = torch.Generator().manual_seed(6)
+    proj = torch.randn(2, 4, 3, 5, generator=g)
+    label = blocky_labels(2, 16, 24, 4, 6, seed=6)[:, :, :15, :22].contiguous()
+    feat, labels = prepare_contrast(proj, label, num_classes=6)
+    assert torch.equal(labels, recipe(label, 4, 0.75, 6).reshape(-1))
+    assert torch.equal(feat, proj.permute(0, 2, 3, 1).reshape(-1, 4))
+    with pytest.raises(ValueError, match="does not downscale"):  # s = 22 // 6 = 3 gives 5x7, not 3x6
+        prepare_contrast(torch.randn(2, 4, 3, 6), label, num_classes=6)

@@ -31,7 +31,8 @@ def downscale_label_ratio(label: torch.Tensor, scale: int, min_ratio: float = 0.
     class (lowest id on ties, the ignore channel C counting as the highest id) unless
     that is the ignore channel or its fraction count/s^2 < ``min_ratio``, where it is
     ``ignore_index``. Instead of a (C+1) x H x W one-hot map it scatter-adds one count
-    per pixel into a [B*H/s*W/s, C+1] histogram. [B,1,H,W] -> [B,1,H/s,W/s] int64.
+    per pixel into a [B*H/s*W/s, C+1] histogram. [B,1,H,W] -> [B,1,H//s,W//s] int64:
+    as average pooling, trailing rows/columns that do not fill an s x s window are dropped.
     """
     _check_label_map(label, num_classes, ignore_index)
     original_scale = scale
@@ -42,8 +43,8 @@ def downscale_label_ratio(label: torch.Tensor, scale: int, min_ratio: float = 0.
     if scale is None or scale < 1:
         raise ValueError(f"scale must be a positive int, got {original_scale!r}")
     batch, _, height, width = label.shape
-    if height % scale or width % scale:
-        raise ValueError(f"label size {height}x{width} is not divisible by scale={scale}")
+    if height < scale or width < scale:
+        raise ValueError(f"label size {height}x{width} is smaller than one scale={scale} window")
     try:
         min_ratio = float(min_ratio)
     except (TypeError, ValueError):
@@ -53,6 +54,9 @@ def downscale_label_ratio(label: torch.Tensor, scale: int, min_ratio: float = 0.
         return label.clone()
 
     out_h, out_w = height // scale, width // scale
+    if (height, width) != (out_h * scale, out_w * scale):  # pooling floor: drop the partial windows
+        label = label[:, :, :out_h * scale, :out_w * scale]
+        height, width = out_h * scale, out_w * scale
     channels = num_classes + 1
     cls = torch.where(label[:, 0] == ignore_index, torch.full_like(label[:, 0], num_classes),
                       label[:, 0])
@@ -78,7 +82,9 @@ def prepare_contrast(proj: torch.Tensor, label: torch.Tensor, *, min_ratio: floa
                      num_classes: int = 19, ignore_index: int = 255):
     """Features and labels of every feature pixel, ready for the losses and ClassStats.
 
-    ``proj [B,A,h,w]`` and ``label [B,1,H,W]`` with H = s*h, W = s*w (s = W // w).
+    ``proj [B,A,h,w]`` and ``label [B,1,H,W]`` with s = W // w (SPEC §3) and
+    H // s = h, W // s = w, i.e. the downscaled label has the feature size (trailing label
+    rows/columns that do not fill an s x s window are dropped, as upstream's pooling).
     Returns ``feat [N,A]`` (N = B*h*w, pixel order b, h, w) and ``labels [N]`` int64.
     Ignore pixels are kept (label ``ignore_index``): dropping them would need a host
     sync, and every consumer skips them on the device.
@@ -98,9 +104,10 @@ def prepare_contrast(proj: torch.Tensor, label: torch.Tensor, *, min_ratio: floa
     if w == 0 or h == 0:
         raise ValueError(f"proj has an empty spatial size {h}x{w}")
     scale = width // w
-    if scale < 1 or height != h * scale or width != w * scale:
-        raise ValueError(f"label size {height}x{width} must be an integer multiple s of the "
-                         f"feature size {h}x{w} (same s for height and width)")
+    if scale < 1 or height // scale != h or width // scale != w:
+        raise ValueError(f"label size {height}x{width} does not downscale to the feature size {h}x{w}: "
+                         f"with s = label width // feature width = {scale} it gives "
+                         f"{height // max(scale, 1)}x{width // max(scale, 1)}")
     small = downscale_label_ratio(label, scale, min_ratio, num_classes, ignore_index)
     feat = proj.permute(0, 2, 3, 1).reshape(batch * h * w, dim)
     return feat, small.reshape(-1)
