@@ -114,6 +114,11 @@ class DLV2Head(nn.Module):
             ConvModule(in_channels, num_classes, 3, padding=d, dilation=d, norm=False, act=False)
             for d in dilations
         )
+        # Upstream init_cfg (SPEC §2): Normal(std 0.01) over aspp_modules overrides the
+        # ConvModule kaiming init; kaiming here would be ~10x larger logits at the start.
+        for m in self.aspp_modules:
+            nn.init.normal_(m.conv.weight, 0.0, 0.01)
+            nn.init.zeros_(m.conv.bias)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         x = feats[-1]
@@ -124,8 +129,13 @@ class DLV2Head(nn.Module):
 
 
 def l2_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
-    """x / max(||x||_2, eps) along ``dim``; the norm is accumulated in fp32 even under autocast."""
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    """x / max(||x||_2, eps) along ``dim``, returned in x's dtype.
+
+    16-bit inputs (autocast) accumulate the norm in fp32; fp32 and fp64 inputs in their own
+    precision (``vector_norm`` refuses a narrowing ``dtype=``, so fp64 must not ask for fp32).
+    """
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=acc)
     return (x / norm.clamp_min(eps)).to(x.dtype)
 
 
