@@ -26,9 +26,12 @@ from .transforms import (CropWindow, crop_array, fit_size, flip_draw, normalize,
 SOURCES = ("gta", "synthia", "cityscapes", "synthetic")
 TARGETS = ("cityscapes", "darkzurich", "synthetic")
 FOLDERS = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes", "darkzurich": "dark_zurich"}
-TRAIN_SCALES = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1280, 640), "darkzurich": (1280, 640)}
+# (long, short) edge each image is resized to fit. Dark Zurich (1920x1080) fits 1280x720 for
+# training and evaluation, its day references too (the authors' Dark Zurich configs).
+TRAIN_SCALES = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1280, 640), "darkzurich": (1280, 720)}
 CROP_SIZE = (640, 640)
-EVAL_SCALE = (1280, 640)
+EVAL_SCALES = {"cityscapes": (1280, 640), "darkzurich": (1280, 720)}
+EVAL_SCALE = EVAL_SCALES["cityscapes"]  # the ValSet default
 RCS_REDRAWS = 10
 
 
@@ -172,7 +175,8 @@ class TargetSet(_Files):
 
 
 class ValSet(_Files, torch.utils.data.Dataset):
-    """Evaluation set: ``{"img" [1,3,h,w] at the eval scale, "gt" [1,1,H0,W0] int64, "name"}``."""
+    """Evaluation set: ``{"img" [1,3,h,w] at the eval scale, "gt" [1,1,H0,W0] int64, "name",
+    "file"}`` (``file``: the image's file name, e.g. ``*_rgb_anon.png`` for Dark Zurich)."""
 
     def __init__(self, entries, *, name: str, scale=EVAL_SCALE, in_memory: bool = False, root: Path | None = None):
         super().__init__(entries, scale, in_memory)
@@ -185,7 +189,8 @@ class ValSet(_Files, torch.utils.data.Dataset):
             raise IndexError(i)
         img = normalize(resize_image(self.image(i), self.resized_size(i)))
         gt = torch.from_numpy(np.ascontiguousarray(self.label(i))).to(torch.int64)
-        return {"img": img[None], "gt": gt[None, None], "name": self.entries[i].name}
+        return {"img": img[None], "gt": gt[None, None], "name": self.entries[i].name,
+                "file": self.entries[i].image.name}
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -198,7 +203,7 @@ def val_loader(val_set: ValSet, device: str | torch.device = "cpu", num_workers:
                                          pin_memory=device.type == "cuda")
     for batch in loader:
         yield {"img": batch["img"].to(device, non_blocking=True), "gt": batch["gt"].to(device, non_blocking=True),
-               "name": batch["name"]}
+               "name": batch["name"], "file": batch["file"]}
 
 
 # ----------------------------------------------------------------------------- building
@@ -216,7 +221,7 @@ def dataset_defaults(source: str, target: str) -> dict:
         "source_scale": syn["source_scale"] if source == "synthetic" else TRAIN_SCALES[source],
         "target_scale": syn["target_scale"] if target == "synthetic" else TRAIN_SCALES[target],
         "crop_size": syn["crop_size"] if source == "synthetic" else CROP_SIZE,
-        "eval_scale": syn["eval_scale"] if target == "synthetic" else EVAL_SCALE,
+        "eval_scale": syn["eval_scale"] if target == "synthetic" else EVAL_SCALES[target],
     }
     if source == "synthetic":
         out["rcs_min_pixels"], out["rcs_min_crop_pixels"] = syn["rcs_min_pixels"], syn["rcs_min_crop_pixels"]
@@ -323,12 +328,12 @@ def build_val_set(target: str, data_root=None, *, target_root=None, eval_scale=N
         name, root = "cityscapes", ensure_synthetic(synthetic_cache, **(synthetic_options or {})).target
         scale = SYNTHETIC_DEFAULTS["eval_scale"]
     else:
-        name, root, scale = target, _root(target, data_root, target_root), EVAL_SCALE
+        name, root, scale = target, _root(target, data_root, target_root), EVAL_SCALES[target]
     entries = list_files(name, root, split)
     _require_prepared(name, root, entries)
     mem = (target == "synthetic") if in_memory is None else in_memory
     return ValSet(entries, name=target, scale=tuple(eval_scale or scale), in_memory=mem, root=root)
 
 
-__all__ = ["build_val_set", "SourceSet", "TargetSet", "ValSet", "SourcePlan", "TargetPlan", "build_datasets", "dataset_defaults",
+__all__ = ["EVAL_SCALES", "TRAIN_SCALES", "build_val_set", "SourceSet", "TargetSet", "ValSet", "SourcePlan", "TargetPlan", "build_datasets", "dataset_defaults",
            "val_loader", "LayoutError"]
