@@ -1,13 +1,18 @@
 """Evaluation (SPEC §7): ``python -m sepico_fast.evaluate --checkpoint CKPT``.
 
-Whole-image inference at the eval scale (the data layer resizes to fit 1280×640 for the
-real datasets), logits bilinearly upsampled to the original label size, arg-max,
-19×19 confusion matrix, per-class IoU table, mIoU over classes present in prediction or
-ground truth. ``--sliding`` runs overlapping crop windows instead (mmseg "slide" mode:
-window = training crop, stride 2/3 of it, logits averaged where windows overlap).
-``--out DIR`` writes ``DIR/labelTrainIds/<original stem>.png`` (8-bit train ids) and
-``DIR/labelTrainIds.zip`` with the same ``labelTrainIds/`` layout for the Dark Zurich
-benchmark server; ``--split test`` predicts the unlabelled Dark Zurich test images.
+Whole-image inference at the eval scale (the data layer resizes to fit 1280×640, Dark
+Zurich 1280×720), logits bilinearly upsampled to the network input size and then to the
+original label size (two resizes, as the authors' ``encode_decode`` + ``whole_inference``),
+arg-max, 19×19 confusion matrix, per-class IoU table, mIoU over classes present in
+prediction or ground truth. Dark Zurich images (``*_rgb_anon.png``) get the authors'
+test-time class re-weighting: soft-max at the network input size × log-frequency class
+weights (scale 0.16), then the resize and the arg-max (``--no-dz-test-reweight`` turns it
+off; the table and ``metrics.json`` say which was used). ``--sliding`` runs overlapping
+crop windows instead (mmseg "slide" mode: window = training crop, stride 2/3 of it,
+logits averaged where windows overlap, at the input size). ``--out DIR`` writes
+``DIR/labelTrainIds/<original stem>.png`` (8-bit train ids) and ``DIR/labelTrainIds.zip``
+with the same ``labelTrainIds/`` layout for the Dark Zurich benchmark server;
+``--split test`` predicts the unlabelled Dark Zurich test images.
 """
 from __future__ import annotations
 
@@ -29,18 +34,60 @@ def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
+# Dark Zurich test-time class re-weighting (SPEC §7): scale of the log-frequency weights.
+DZ_TEST_WEIGHT_SCALE = 0.16
+
+
+def dark_zurich_class_weights(scale: float = DZ_TEST_WEIGHT_SCALE) -> torch.Tensor:
+    """float32 [19] log-frequency class weights w_c = (mean(l) - l_c) / std(l) · scale + 1,
+    l = log of the Cityscapes class frequencies: scale 0.16 at test time (SPEC §7), 0.05 in
+    training (``train.uda.log_frequency_class_weights``, the same function)."""
+    from .data.labels import log_frequency_weights
+
+    return torch.from_numpy(log_frequency_weights(scale)).float()
+
+
+def is_dark_zurich_image(file) -> bool:
+    """Whether the test-time re-weighting applies: a Dark Zurich file ``*_rgb_anon.png``
+    (also its cached ``*_rgb_anon.jpg`` copy)."""
+    if isinstance(file, (list, tuple)):
+        file = file[0] if file else ""
+    return bool(file) and Path(str(file)).stem.endswith("_rgb_anon")
+
+
 @torch.no_grad()
-def predict_whole(model, img: torch.Tensor, out_hw: tuple[int, int], amp_dtype=None) -> torch.Tensor:
-    """Logits [B,C,H0,W0] fp32 of the whole (already resized) image, upsampled to ``out_hw``."""
+def input_size_logits(model, img: torch.Tensor, amp_dtype=None) -> torch.Tensor:
+    """Logits [B,C,h,w] fp32 of the whole (already resized) image, upsampled to its size h×w
+    (the authors' ``encode_decode``)."""
     with _autocast(img.device, amp_dtype):
         logits = model.predict(img)
-    return F.interpolate(logits.float(), size=out_hw, mode="bilinear", align_corners=False)
+    return F.interpolate(logits.float(), size=img.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def to_label_size(logits: torch.Tensor, out_hw: tuple[int, int], class_weight: torch.Tensor | None = None):
+    """Second resize of SPEC §7: input-size scores to the label size ``out_hw`` (bilinear).
+
+    With ``class_weight`` (Dark Zurich test-time re-weighting) the soft-max probabilities at
+    the input size are multiplied by the weights first; the arg-max of the result is the
+    prediction either way."""
+    if class_weight is not None:
+        logits = torch.softmax(logits, dim=1) * class_weight.to(logits).view(1, -1, 1, 1)
+    return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
-def predict_sliding(model, img: torch.Tensor, out_hw: tuple[int, int], crop: tuple[int, int],
-                    stride: tuple[int, int] | None = None, amp_dtype=None, num_classes: int = 19) -> torch.Tensor:
-    """Overlapping windows (last row/column aligned to the border), logits averaged."""
+def predict_whole(model, img: torch.Tensor, out_hw: tuple[int, int], amp_dtype=None,
+                  class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [B,C,H0,W0] fp32 of the whole image: logits → input size → ``out_hw``
+    (weighted probabilities with ``class_weight``)."""
+    return to_label_size(input_size_logits(model, img, amp_dtype), out_hw, class_weight)
+
+
+@torch.no_grad()
+def sliding_logits(model, img: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int] | None = None,
+                   amp_dtype=None, num_classes: int = 19) -> torch.Tensor:
+    """Overlapping windows (last row/column aligned to the border), each window's logits
+    upsampled to the window size and averaged: [B,C,h,w] at the input size."""
     b, _, h, w = img.shape
     ch, cw = min(crop[0], h), min(crop[1], w)
     sh, sw = stride or (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
@@ -52,20 +99,32 @@ def predict_sliding(model, img: torch.Tensor, out_hw: tuple[int, int], crop: tup
         for ix in range(nx):
             y1, x1 = min(iy * sh, h - ch), min(ix * sw, w - cw)
             win = img[:, :, y1:y1 + ch, x1:x1 + cw]
-            with _autocast(img.device, amp_dtype):
-                logits = model.predict(win)
-            acc[:, :, y1:y1 + ch, x1:x1 + cw] += F.interpolate(logits.float(), size=(ch, cw), mode="bilinear",
-                                                               align_corners=False)
+            acc[:, :, y1:y1 + ch, x1:x1 + cw] += input_size_logits(model, win, amp_dtype)
             cnt[:, :, y1:y1 + ch, x1:x1 + cw] += 1
-    return F.interpolate(acc / cnt, size=out_hw, mode="bilinear", align_corners=False)
+    return acc / cnt
+
+
+@torch.no_grad()
+def predict_sliding(model, img: torch.Tensor, out_hw: tuple[int, int], crop: tuple[int, int],
+                    stride: tuple[int, int] | None = None, amp_dtype=None, num_classes: int = 19,
+                    class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sliding-window scores [B,C,H0,W0]: averaged window logits at the input size → ``out_hw``."""
+    return to_label_size(sliding_logits(model, img, crop, stride, amp_dtype, num_classes), out_hw, class_weight)
 
 
 def evaluate_model(model, batches: Iterable[dict], num_classes: int = 19, *, device=None, amp_dtype=None,
                    sliding: bool = False, crop: tuple[int, int] = (640, 640), max_images: int = 0,
-                   out_dir: str | Path | None = None) -> ConfusionMatrix:
+                   out_dir: str | Path | None = None, test_class_weight: torch.Tensor | None = None,
+                   report: dict | None = None) -> ConfusionMatrix:
     """Confusion matrix of ``model`` (put in eval mode, restored afterwards) over ``batches``
-    (``{"img", "gt" [1,1,H0,W0] or absent, "name"}``). Writes train-id PNGs to ``out_dir``."""
+    (``{"img", "gt" [1,1,H0,W0] or absent, "name", "file"}``). Writes train-id PNGs to ``out_dir``.
+
+    ``test_class_weight`` (e.g. ``dark_zurich_class_weights()``) re-weights the soft-max of
+    every Dark Zurich image (``is_dark_zurich_image(file)``) before the final resize; other
+    images are predicted plainly. ``report``, when given, receives ``images`` and
+    ``reweighted_images`` counts."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    counts = {"images": 0, "reweighted_images": 0}
     cm = ConfusionMatrix(num_classes, device=device)
     was_training = model.training
     model.eval()
@@ -79,18 +138,43 @@ def evaluate_model(model, batches: Iterable[dict], num_classes: int = 19, *, dev
             img = batch["img"].to(device)
             gt = batch.get("gt")
             out_hw = tuple(gt.shape[-2:]) if gt is not None else tuple(batch.get("orig_hw", img.shape[-2:]))
+            weight = None
+            if test_class_weight is not None and is_dark_zurich_image(batch.get("file") or batch.get("name")):
+                weight = test_class_weight
             if sliding:
-                logits = predict_sliding(model, img, out_hw, crop, amp_dtype=amp_dtype, num_classes=num_classes)
+                logits = sliding_logits(model, img, crop, amp_dtype=amp_dtype, num_classes=num_classes)
             else:
-                logits = predict_whole(model, img, out_hw, amp_dtype)
-            pred = logits.argmax(dim=1)
+                logits = input_size_logits(model, img, amp_dtype)
+            pred = to_label_size(logits, out_hw, weight).argmax(dim=1)
+            counts["images"] += 1
+            counts["reweighted_images"] += int(weight is not None)
             if gt is not None:
                 cm.update(pred, gt.to(device).reshape(pred.shape))
             if label_dir is not None:
                 _write_prediction(label_dir, batch.get("name"), pred, n)
     finally:
         model.train(was_training)
+        if report is not None:
+            report.update(counts)
     return cm
+
+
+def reweighting_record(enabled: bool, report: dict, scale: float = DZ_TEST_WEIGHT_SCALE) -> dict:
+    """What metrics.json says about the Dark Zurich test-time class re-weighting."""
+    return {"dz_test_reweight": {"enabled": bool(enabled), "scale": float(scale) if enabled else None,
+                                 "reweighted_images": int(report.get("reweighted_images", 0)),
+                                 "images": int(report.get("images", 0))}}
+
+
+def reweighting_line(record: dict) -> str:
+    """One line for the printed table: which prediction rule produced it."""
+    r = record["dz_test_reweight"]
+    if not r["enabled"]:
+        return "Dark Zurich test-time class re-weighting: off"
+    if not r["reweighted_images"]:
+        return "Dark Zurich test-time class re-weighting: on, but no *_rgb_anon.png image (not applied)"
+    return (f"Dark Zurich test-time class re-weighting: on (softmax x log-frequency weights, scale {r['scale']}) "
+            f"for {r['reweighted_images']} of {r['images']} images")
 
 
 def _stem(name) -> str:
@@ -158,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--weights", default="model", choices=("model", "ema_model"),
                    help="student (upstream default) or teacher weights")
+    p.add_argument("--no-dz-test-reweight", dest="dz_test_reweight", action="store_false",
+                   help="turn off the authors' Dark Zurich test-time class re-weighting (softmax x log-frequency "
+                        f"weights, scale {DZ_TEST_WEIGHT_SCALE}, on *_rgb_anon.png images; on by default)")
     return p
 
 
@@ -188,18 +275,23 @@ def main(argv=None) -> dict:
     if args.split == "test":
         if dataset != "darkzurich":
             raise SystemExit("--split test: only Dark Zurich has a separate unlabelled test split")
-        from .data.datasets import EVAL_SCALE
+        from .data.datasets import EVAL_SCALES
         root = Path(args.data_root or "data") / "dark_zurich"
-        batches = _unlabelled_batches(root, "test", EVAL_SCALE, device)
+        batches = _unlabelled_batches(root, "test", EVAL_SCALES["darkzurich"], device)
     else:
         try:  # only the evaluation set: no source dataset has to be present
             val_set = build_val_set(dataset, args.data_root)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"--data-root: cannot load {dataset}: {err}") from None
         batches = val_loader(val_set, device)
+    report: dict = {}
     cm = evaluate_model(model, batches, config.get("num_classes", 19), device=device, amp_dtype=amp_dtype,
-                        sliding=args.sliding, crop=crop, max_images=args.max_images, out_dir=args.out)
+                        sliding=args.sliding, crop=crop, max_images=args.max_images, out_dir=args.out,
+                        test_class_weight=dark_zurich_class_weights() if args.dz_test_reweight else None,
+                        report=report)
     result = {"checkpoint": str(ckpt_path), "dataset": dataset, "split": args.split, "sliding": args.sliding}
+    result.update(reweighting_record(args.dz_test_reweight, report))
+    print(reweighting_line(result))
     if args.split != "test":
         result.update(iou_summary(cm))
         print(iou_table(cm.iou().cpu().tolist(), title=dataset))

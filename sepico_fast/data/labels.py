@@ -34,6 +34,26 @@ SYNTHIA_ID_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1
 SYNTHIA_MISSING_CLASSES = (9, 14, 16)
 
 
+# Cityscapes train-set class pixel frequencies (SPEC §7): the authors' Dark Zurich code turns
+# them into class weights, with scale 0.05 for training (SPEC §6) and 0.16 at test time.
+CITYSCAPES_CLASS_FREQ = (0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0.01227341,
+                         0.00207795, 0.0055127, 0.15928651, 0.01157818, 0.04018982, 0.01218957,
+                         0.00135122, 0.06994545, 0.00267456, 0.00235192, 0.00232904, 0.00098658,
+                         0.00413907)
+
+
+def log_frequency_weights(scale: float, freq=CITYSCAPES_CLASS_FREQ) -> np.ndarray:
+    """w_c = (mean(l) - l_c) / std(l) * scale + 1 with l = log f; std with the n - 1 divisor
+    (torch.std). Rarer classes weigh more. float64 [len(freq)]."""
+    f = np.asarray(freq, dtype=np.float64)
+    if f.ndim != 1 or f.size < 2 or not np.all(np.isfinite(f)) or not np.all(f > 0):
+        raise ValueError(f"freq: expected at least two positive class frequencies, got {freq!r}")
+    if not np.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    logf = np.log(f)
+    return (logf.mean() - logf) / logf.std(ddof=1) * float(scale) + 1.0
+
+
 def _lut(mapping: dict[int, int], size: int) -> np.ndarray:
     lut = np.full(size, IGNORE_INDEX, dtype=np.uint8)
     for src, dst in mapping.items():

@@ -18,6 +18,7 @@ DATASETS = ("gta", "synthia", "cityscapes", "darkzurich", "synthetic")
 METHODS = ("sepico", "source_only")
 VARIANTS = ("dist", "bank", "proto")
 PIPELINES = ("auto", "torch", "dali")
+DDP_SCHEDULES = ("steps", "samples")
 
 
 def _f(default: Any, help: str, choices: Sequence[str] | None = None, **kw):
@@ -62,6 +63,12 @@ class TrainConfig:
     warmup_iters: int = _f(1500, "linear warm-up iterations")
     warmup_ratio: float = _f(1e-6, "learning-rate factor at iteration 0 of the warm-up")
     poly_power: float = _f(1.0, "power of the polynomial decay to 0 at the last iteration")
+    # DDP schedule (issue 13)
+    ddp_schedule: str = _f("steps", "with N processes (torchrun): 'steps' runs --iters steps of N x the batch "
+                           "(N x the samples of one GPU, same lr); 'samples' divides --iters, --warmup-iters, "
+                           "--contrast-start, --eval-interval and --checkpoint-interval by N (the samples seen "
+                           "of the one-GPU run, same lr); recorded in config.json and metrics.json",
+                           DDP_SCHEDULES)
     # --- UDA ---------------------------------------------------------------------------
     ema_alpha: float = _f(0.999, "teacher EMA momentum (alpha_t = min(1 - 1/(t+1), alpha))")
     pseudo_threshold: float = _f(0.968, "confidence threshold defining the pseudo-label weight q")
@@ -104,6 +111,10 @@ class TrainConfig:
     profile_iters: int = _f(10, "iterations recorded by --profile")
     nvtx: bool = _f(False, "NVTX ranges around each phase (for Nsight Systems)")
     eval_max_images: int = _f(0, "evaluate on at most this many validation images (0: all)")
+    # evaluation rule (issue 13)
+    dz_test_reweight: bool = _f(True, "Dark Zurich evaluation: the authors' test-time class re-weighting "
+                                "(softmax at the input size x log-frequency weights, scale 0.16, on *_rgb_anon.png "
+                                "images, then resize and arg-max); --no-dz-test-reweight for the plain arg-max")
 
     # ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

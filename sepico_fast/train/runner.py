@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..contrast import ClassStats
-from ..evaluate import evaluate_model, iou_summary
+from ..evaluate import (dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line,
+                        reweighting_record)
 from ..models import build_segmentor, param_groups
 from . import checkpointing as ckpt_io
 from .config import TrainConfig
@@ -25,6 +26,7 @@ from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
 from .debug_images import save_debug_images
 from .logging import ProgressBar, ScalarWriter, iou_table
 from .profiling import Profiler
+from .schedule import ddp_schedule
 from .step import StepContext, train_step
 from .throughput import device_peak_tflops, flops_per_iteration
 from .uda import log_frequency_class_weights, make_teacher
@@ -96,6 +98,7 @@ class TrainRun:
     end_it: int
     last_eval: dict | None = None
     train_seconds: float = 0.0
+    schedule: dict | None = None   # schedule.ddp_schedule record (config.json, metrics.json)
 
     @property
     def main(self) -> bool:
@@ -161,6 +164,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
     from ..data import TrainLoader
 
     dist_info = init_distributed(resolve_device(cfg).type)
+    cfg, schedule = ddp_schedule(cfg, dist_info.world_size)  # --ddp-schedule samples: counts / N
     device = resolve_device(cfg, dist_info)
     work_dir = _work_dir(cfg, dist_info)
     torch.manual_seed(cfg.seed)
@@ -178,7 +182,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
     if cfg.compile:
         _compile_models(ctx)
     if dist_info.is_main:
-        (work_dir / "config.json").write_text(cfg.to_json() + "\n")
+        (work_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "schedule": schedule}, indent=2) + "\n")
     writer = ScalarWriter(work_dir, enabled=dist_info.is_main)
     loader = TrainLoader(train_source, train_target, cfg.batch_size, cfg.seed, start_iter=start_it,
                          pipeline=cfg.pipeline, device=device, rank=dist_info.rank,
@@ -187,10 +191,12 @@ def setup(cfg: TrainConfig) -> TrainRun:
     if dist_info.is_main:
         method = cfg.method + (f"/{cfg.variant}" if cfg.method == "sepico" else "")
         print(f"sepico_fast.train: {method} {cfg.arch} {cfg.source}->{cfg.target} "
-              f"iters={cfg.iters} batch={cfg.batch_size}x{dist_info.world_size} crop={cfg.crop_hw} "
+              f"iters={cfg.iters} batch={cfg.batch_size}x{dist_info.world_size} "
+              f"ddp_schedule={cfg.ddp_schedule} crop={cfg.crop_hw} "
               f"device={device} precision={amp_desc} work_dir={work_dir}")
     return TrainRun(cfg=cfg, dist_info=dist_info, device=device, work_dir=work_dir, ctx=ctx, amp_desc=amp_desc,
-                    val_target=val_target, writer=writer, loader=loader, start_it=start_it, end_it=end_it)
+                    val_target=val_target, writer=writer, loader=loader, start_it=start_it, end_it=end_it,
+                    schedule=schedule)
 
 
 # ----------------------------------------------------------------------------------------
@@ -283,10 +289,15 @@ def _evaluate(run: TrainRun, it: int) -> dict | None:
 
     cfg, ctx, result = run.cfg, run.ctx, None
     if run.main:
+        report: dict = {}
+        weights = dark_zurich_class_weights() if cfg.dz_test_reweight else None  # only *_rgb_anon.png images
         cm = evaluate_model(ctx.student, val_loader(run.val_target, run.device), cfg.num_classes,
-                            device=run.device, amp_dtype=ctx.amp_dtype, max_images=cfg.eval_max_images)
+                            device=run.device, amp_dtype=ctx.amp_dtype, max_images=cfg.eval_max_images,
+                            test_class_weight=weights, report=report)
         result = iou_summary(cm)
+        result.update(reweighting_record(cfg.dz_test_reweight, report))
         print()
+        print(reweighting_line(result))
         print(iou_table([v / 100.0 for v in result["per_class_iou"]], title=cfg.target))
         run.writer.write(it, {"val/miou": result["miou"]})
     barrier()
@@ -309,7 +320,7 @@ def finish(run: TrainRun) -> dict:
         metrics = dict(run.last_eval or {})
         metrics.update(iters=cfg.iters, train_seconds=round(run.train_seconds, 2), method=cfg.method,
                        variant=cfg.variant, arch=cfg.arch, seed=cfg.seed, source=cfg.source, target=cfg.target,
-                       precision=run.amp_desc, skipped_steps=int(run.ctx.skipped.item()))
+                       precision=run.amp_desc, skipped_steps=int(run.ctx.skipped.item()), schedule=run.schedule)
         if run.main:
             (run.work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             print(f"metrics: {run.work_dir / 'metrics.json'}")

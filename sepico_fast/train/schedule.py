@@ -29,3 +29,38 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Set every group's lr to its ``initial_lr`` times ``factor`` (a Python float: no sync)."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
+
+
+# Iteration counts that the 'samples' DDP schedule divides by the number of processes.
+SAMPLE_SCHEDULE_FIELDS = ("iters", "warmup_iters", "contrast_start", "eval_interval", "checkpoint_interval")
+
+
+def ddp_schedule(cfg, world_size: int):
+    """(config to run, record of the schedule) for ``world_size`` processes.
+
+    ``cfg.ddp_schedule == "steps"`` (default) or one process: ``cfg`` itself — N processes
+    then train ``iters`` steps of N × the batch, i.e. N × the samples of the one-GPU run,
+    at the same learning rate. ``"samples"``: a copy whose ``SAMPLE_SCHEDULE_FIELDS`` are
+    divided by N — ``iters`` rounded up (never fewer samples than one GPU sees), the others
+    rounded to the nearest step and kept ≥ 1 unless 0 — so the run sees the one-GPU number
+    of samples with the same learning rate. ``--stop-at`` and the log/debug intervals count
+    the run's own steps and are not divided.
+    """
+    import dataclasses
+
+    world_size = int(world_size)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    record = {"ddp_schedule": cfg.ddp_schedule, "world_size": world_size,
+              "images_per_step": cfg.batch_size * world_size, "divided": {}}
+    if cfg.ddp_schedule != "samples" or world_size == 1:
+        return cfg, record
+    changes = {}
+    for name in SAMPLE_SCHEDULE_FIELDS:
+        value = int(getattr(cfg, name))
+        if name == "iters":
+            changes[name] = -(-value // world_size)
+        else:
+            changes[name] = 0 if value == 0 else max(1, (2 * value + world_size) // (2 * world_size))
+        record["divided"][name] = {"requested": value, "run": changes[name]}
+    return dataclasses.replace(cfg, **changes), record

@@ -12,24 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.labels import CITYSCAPES_CLASS_FREQ, log_frequency_weights
+
 IGNORE = 255
 
 # Dark Zurich: classes whose appearance changes little between day and night
 # (road..fence, vegetation..sky), SPEC §6.
 SHIFT_INSENSITIVE = ((0, 5), (8, 11))
 
-# Cityscapes train-set class pixel frequencies (the table DANNet, and SePiCo's Dark Zurich
-# config after it, turn into class weights).
-CITYSCAPES_CLASS_FREQ = (0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0.01227341,
-                         0.00207795, 0.0055127, 0.15928651, 0.01157818, 0.04018982, 0.01218957,
-                         0.00135122, 0.06994545, 0.00267456, 0.00235192, 0.00232904, 0.00098658,
-                         0.00413907)
-
 
 def log_frequency_class_weights(freq=CITYSCAPES_CLASS_FREQ, std: float = 0.05) -> torch.Tensor:
-    """w_c = 1 + std * (mean(log f) - log f_c) / std(log f): rarer classes weigh slightly more."""
-    logf = torch.log(torch.tensor(freq, dtype=torch.float64))
-    return ((logf.mean() - logf) / logf.std() * std + 1.0).float()
+    """Training-time Dark Zurich class weights (SPEC §6): the log-frequency weights of
+    ``data.labels.log_frequency_weights`` with scale ``std`` (0.05), as float32. The same
+    function gives the test-time weights (``evaluate.dark_zurich_class_weights``, 0.16)."""
+    return torch.from_numpy(log_frequency_weights(std, freq)).float()
 
 
 # ----------------------------------------------------------------------------------------

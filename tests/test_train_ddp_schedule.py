@@ -1,0 +1,92 @@
+"""``--ddp-schedule``: with N processes, 'steps' (default) keeps the step counts (N x the
+samples), 'samples' divides the step counts by N (the one-GPU number of samples); the run
+records which (config.json, metrics.json). Expected values are worked out here."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sepico_fast.train import make_config
+from sepico_fast.train.schedule import ddp_schedule
+
+PAPER = dict(iters=40000, warmup_iters=1500, contrast_start=3000, eval_interval=4000, checkpoint_interval=4000)
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_samples_schedule_divides_step_counts(world):
+    cfg = make_config(dict(PAPER, ddp_schedule="samples"), preset="daformer_gta2cs")
+    run_cfg, record = ddp_schedule(cfg, world)
+    assert record["world_size"] == world and record["ddp_schedule"] == "samples"
+    assert record["images_per_step"] == 2 * world
+    if world == 1:
+        assert run_cfg is cfg and record["divided"] == {}
+        return
+    want = {"iters": math.ceil(40000 / world), "warmup_iters": _round_half_up(1500 / world),
+            "contrast_start": _round_half_up(3000 / world), "eval_interval": _round_half_up(4000 / world),
+            "checkpoint_interval": _round_half_up(4000 / world)}
+    for name, value in want.items():
+        assert getattr(run_cfg, name) == value, name
+        assert record["divided"][name] == {"requested": PAPER[name], "run": value}
+        assert getattr(cfg, name) == PAPER[name]  # the requested config is left alone
+    # the run sees at least the one-GPU number of samples, and less than one step more
+    samples = run_cfg.iters * run_cfg.batch_size * world
+    assert 40000 * 2 <= samples < 40000 * 2 + 2 * world
+    assert (run_cfg.lr, run_cfg.batch_size, run_cfg.stop_at, run_cfg.log_interval) == (cfg.lr, 2, 0, cfg.log_interval)
+    if world == 8:
+        assert (run_cfg.warmup_iters, run_cfg.contrast_start) == (188, 375)  # 187.5 rounds up
+
+
+def test_steps_schedule_and_zero_counts():
+    cfg = make_config(dict(PAPER), preset="daformer_gta2cs")
+    assert cfg.ddp_schedule == "steps"
+    run_cfg, record = ddp_schedule(cfg, 4)
+    assert run_cfg is cfg and record == {"ddp_schedule": "steps", "world_size": 4, "images_per_step": 8, "divided": {}}
+    cfg = make_config(dict(iters=7, warmup_iters=0, contrast_start=1, eval_interval=0, checkpoint_interval=3,
+                           ddp_schedule="samples"))
+    run_cfg, _ = ddp_schedule(cfg, 4)
+    assert (run_cfg.iters, run_cfg.warmup_iters, run_cfg.contrast_start, run_cfg.eval_interval,
+            run_cfg.checkpoint_interval) == (2, 0, 1, 0, 1)  # 0 stays 0 (off); a count > 0 stays >= 1
+    with pytest.raises(ValueError, match="--ddp-schedule"):
+        make_config({"ddp_schedule": "epochs"})
+
+
+def _worker(rank, world, store, work_dir):
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    from sepico_fast.train.runner import run
+
+    cfg = make_config(dict(iters=5, warmup_iters=3, contrast_start=3, eval_interval=0, checkpoint_interval=0,
+                           crop=[32, 32], batch_size=1, log_interval=1, debug_interval=0, eval_max_images=1,
+                           num_workers=0, proj_dim=16, work_dir=work_dir, ddp_schedule="samples"))
+    run(cfg)  # finish() destroys the process group
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_runner_applies_and_records_the_samples_schedule(tmp_path):
+    from sepico_fast.data.synthetic import ensure_synthetic
+
+    ensure_synthetic()  # generated once here, not by two processes at the same time
+    work_dir = tmp_path / "run"
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(work_dir)), nprocs=2, join=True)
+    config = json.loads((work_dir / "config.json").read_text())
+    assert (config["iters"], config["warmup_iters"], config["contrast_start"]) == (3, 2, 2)  # 5/2 up, 1.5, 1.5
+    assert config["schedule"]["divided"]["iters"] == {"requested": 5, "run": 3}
+    metrics = json.loads((work_dir / "metrics.json").read_text())
+    assert metrics["iters"] == 3 and metrics["schedule"]["ddp_schedule"] == "samples"
+    assert metrics["schedule"]["world_size"] == 2
+    steps = [json.loads(line)["iter"] for line in (work_dir / "scalars.jsonl").read_text().splitlines()
+             if "src_ce" in line]
+    assert steps == [1, 2, 3]
+    assert metrics["dz_test_reweight"]["enabled"] and metrics["dz_test_reweight"]["reweighted_images"] == 0
