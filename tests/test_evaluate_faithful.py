@@ -182,8 +182,10 @@ def test_cli_dark_zurich_val_and_test_zip(tmp_path, capsys, monkeypatch):
 def test_validation_during_training_reweights_dark_zurich(tmp_path, capsys):
     """runner._evaluate passes the weights (switch: TrainConfig.dz_test_reweight) and records it."""
     from sepico_fast.data import build_val_set
-    from sepico_fast.train.config import make_config
+    from sepico_fast.train.config import make_config, parse_args
     from sepico_fast.train.runner import _evaluate
+
+    assert make_config({}).dz_test_reweight and not parse_args(["--no-dz-test-reweight"]).dz_test_reweight
 
     root = _dz_root(tmp_path)
     _, model = _checkpoint(tmp_path)
