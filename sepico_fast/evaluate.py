@@ -141,6 +141,8 @@ def evaluate_model(model, batches: Iterable[dict], num_classes: int = 19, *, dev
             weight = None
             if test_class_weight is not None and is_dark_zurich_image(batch.get("file") or batch.get("name")):
                 weight = test_class_weight
+                if weight.numel() != num_classes:
+                    raise ValueError(f"test_class_weight: expected {num_classes} class weights, got {weight.numel()}")
             if sliding:
                 logits = sliding_logits(model, img, crop, amp_dtype=amp_dtype, num_classes=num_classes)
             else:

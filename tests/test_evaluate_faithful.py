@@ -114,6 +114,8 @@ def test_dark_zurich_reweighting_only_on_rgb_anon_images():
     state, report = run("frankfurt_000000_000294_leftImg8bit.png", dark_zurich_class_weights())  # not Dark Zurich
     assert torch.equal(state, confusion(want_plain[0], gt[0, 0], 19)) and report["reweighted_images"] == 0
     assert is_dark_zurich_image("x/GOPR0356_frame_000324_rgb_anon.jpg")  # cached copy
+    with pytest.raises(ValueError, match="test_class_weight: expected 19 class weights, got 5"):
+        run(dz, torch.ones(5))
     assert not is_dark_zurich_image("GOPR0356_frame_000324") and not is_dark_zurich_image(None)
 
 
@@ -186,6 +188,8 @@ def test_validation_during_training_reweights_dark_zurich(tmp_path, capsys):
     from sepico_fast.train.runner import _evaluate
 
     assert make_config({}).dz_test_reweight and not parse_args(["--no-dz-test-reweight"]).dz_test_reweight
+    with pytest.raises(ValueError, match="--num-classes"):
+        make_config({"source": "cityscapes", "target": "darkzurich", "num_classes": 12})
 
     root = _dz_root(tmp_path)
     _, model = _checkpoint(tmp_path)

@@ -316,6 +316,9 @@ def validate(cfg: TrainConfig) -> None:
         bad("source", "darkzurich has no training labels; use it as --target")
     if (cfg.source == "synthetic") != (cfg.target == "synthetic"):
         bad("target", "the synthetic pair is used as a whole: give --source synthetic --target synthetic")
+    if cfg.target == "darkzurich" and cfg.num_classes != 19 and (cfg.dz_class_weight or cfg.dz_test_reweight):
+        bad("num_classes", "the Dark Zurich class weights are defined for the 19 Cityscapes classes; "
+            "use 19, or --no-dz-class-weight --no-dz-test-reweight")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         bad("device", "expected auto, cpu, cuda or cuda:N")
     if not cfg.pretrained == "" and cfg.pretrained.startswith("-"):
