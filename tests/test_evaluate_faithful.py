@@ -139,8 +139,8 @@ def _checkpoint(tmp_path):
     cfg = make_config({"proj_dim": 16, "source": "cityscapes", "target": "darkzurich", "arch": "dlv2_tiny"})
     torch.manual_seed(0)
     model = build_segmentor(cfg.arch, 19, 16)
-    path = atomic_save({"state_dict": prefixed("model.", model.state_dict()), "meta": {"iter": 0, "config": cfg.to_dict()}},
-                       tmp_path / "ckpt.pt")
+    state = {"state_dict": prefixed("model.", model.state_dict()), "meta": {"iter": 0, "config": cfg.to_dict()}}
+    path = atomic_save(state, tmp_path / "ckpt.pt")
     return path, model.eval()
 
 

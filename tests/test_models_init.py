@@ -63,7 +63,8 @@ def test_daformer_head_init():
     for i, embed in enumerate(head.embed_layers):  # Linear: PyTorch default, U(±1/sqrt(fan_in))
         fan_in = embed.proj.weight.shape[1]
         bound = 1 / math.sqrt(fan_in)
-        assert float(embed.proj.weight.detach().abs().max()) <= bound and float(embed.proj.bias.detach().abs().max()) <= bound
+        assert float(embed.proj.weight.detach().abs().max()) <= bound
+        assert float(embed.proj.bias.detach().abs().max()) <= bound
         _assert_normal(embed.proj.weight, bound / math.sqrt(3), 0.05, f"embed_layers.{i}")
 
 

@@ -335,5 +335,5 @@ def build_val_set(target: str, data_root=None, *, target_root=None, eval_scale=N
     return ValSet(entries, name=target, scale=tuple(eval_scale or scale), in_memory=mem, root=root)
 
 
-__all__ = ["EVAL_SCALES", "TRAIN_SCALES", "build_val_set", "SourceSet", "TargetSet", "ValSet", "SourcePlan", "TargetPlan", "build_datasets", "dataset_defaults",
-           "val_loader", "LayoutError"]
+__all__ = ["EVAL_SCALES", "TRAIN_SCALES", "build_val_set", "SourceSet", "TargetSet", "ValSet", "SourcePlan",
+           "TargetPlan", "build_datasets", "dataset_defaults", "val_loader", "LayoutError"]
