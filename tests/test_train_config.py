@@ -63,13 +63,6 @@ def test_missing_dataset_gives_clear_error(tmp_path):
     assert "--data-root" in msg and "nowhere" in msg
 
 
-def test_resume_missing_checkpoint(tmp_path):
-    from sepico_fast.train.checkpointing import find_resume
-    assert find_resume("", tmp_path) is None and find_resume("auto", tmp_path) is None
-    with pytest.raises(ValueError, match="--resume"):
-        find_resume(str(tmp_path / "missing.pt"), tmp_path)
-
-
 def test_schedule_warmup_and_poly():
     assert lr_factor(0, 100, 10, 1e-6) == pytest.approx(1e-6)
     # mmcv: warm-up scales the poly rate linearly from ratio to 1

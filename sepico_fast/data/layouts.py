@@ -24,6 +24,10 @@ LAYOUTS = {
 }
 
 
+# Training resize scales (long side, short side) of each dataset (SPEC §1).
+TRAIN_SCALES = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1280, 640), "darkzurich": (1280, 640)}
+
+
 class LayoutError(ValueError):
     """A dataset folder that does not have the expected layout."""
 
