@@ -197,8 +197,12 @@ def main(argv=None) -> dict:
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"--data-root: cannot load {dataset}: {err}") from None
         batches = val_loader(val_set, device)
-    cm = evaluate_model(model, batches, config.get("num_classes", 19), device=device, amp_dtype=amp_dtype,
-                        sliding=args.sliding, crop=crop, max_images=args.max_images, out_dir=args.out)
+    from .data.io import DataFileError
+    try:
+        cm = evaluate_model(model, batches, config.get("num_classes", 19), device=device, amp_dtype=amp_dtype,
+                            sliding=args.sliding, crop=crop, max_images=args.max_images, out_dir=args.out)
+    except DataFileError as exc:  # one line naming the bad evaluation file
+        raise SystemExit(f"error: {exc}") from None
     result = {"checkpoint": str(ckpt_path), "dataset": dataset, "split": args.split, "sliding": args.sliding}
     if args.split != "test":
         result.update(iou_summary(cm))
