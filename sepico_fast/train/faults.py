@@ -108,6 +108,13 @@ def _save(run, reason: str) -> tuple[str, bool]:
 
 def emergency_stop(run, exc: BaseException) -> BaseException:
     """The exception to raise after ``exc`` stopped the loop, an emergency checkpoint written."""
+    out = _emergency_stop(run, exc)
+    if isinstance(out, RunStopped) and run.dist_info.world_size > 1:
+        out = RunStopped(f"rank {run.dist_info.rank}: {out}", out.exit_code)
+    return out
+
+
+def _emergency_stop(run, exc: BaseException) -> BaseException:
     stop = getattr(run, "stop", None)
     if isinstance(exc, KeyboardInterrupt) and stop is not None and stop.forced:
         return RunStopped(f"stopped by a second signal inside iteration {run.done + 1}; no checkpoint written "
