@@ -25,6 +25,7 @@ import datetime
 import errno
 import hashlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -296,7 +297,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             raise CheckpointError(path, f"checksum differs from {side.name} (the file is damaged)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # zip, pickle and weights-only errors come in several types
+    except pickle.UnpicklingError:
+        raise CheckpointError(path, "holds objects torch.load(weights_only=True) refuses (a sepico_fast/1 file "
+                                    "pickled numpy's RNG state; load it with weights_only=False only if you "
+                                    "trust it, then save it without 'rng')") from None
+    except Exception as exc:  # zip and other read errors come in several types
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(path, f"not a loadable checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "iter" not in (ckpt.get("meta") or {}):

@@ -96,7 +96,7 @@ def _save(run, reason: str) -> tuple[str, bool]:
     if run.saved_at == run.done:
         return f"checkpoint of iteration {run.done}: {run.work_dir / f'iter_{run.done:06d}.pt'}", False
     if not run.main:
-        return f"rank 0 writes the checkpoint of iteration {run.done}", False
+        return "checkpoints are written by rank 0", False
     extra = {"emergency": {"reason": reason, "partial_step": bool(run.in_step)}}
     path = ckpt_io.save_checkpoint(run.work_dir, ckpt_io.snapshot(run.ctx, run.done, **extra), run.done,
                                    run.cfg.keep_checkpoints)
