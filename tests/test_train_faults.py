@@ -99,3 +99,15 @@ def test_finish_names_a_bad_final_evaluation_file(tmp_path):
     state.val_target.entries[0] = Entry(bad, good.raw_label, good.label, good.name, good.ref)
     with pytest.raises(RunStopped, match=f"{bad}.*checkpoint .*iter_000001.pt"):
         finish(state)
+
+
+def test_full_disk_during_training_is_one_line(tmp_path, monkeypatch):
+    from sepico_fast.train import checkpointing as ckpt_io
+
+    monkeypatch.setattr(ckpt_io, "_open_for_writing", lambda path: open("/dev/full", "wb"))
+    with pytest.raises(RunStopped) as exc:
+        run(_cfg(tmp_path, iters=2, checkpoint_interval=1))
+    msg = str(exc.value)
+    assert exc.value.exit_code == 1 and "\n" not in msg and "no space left" in msg
+    assert str(tmp_path / "iter_000001.pt") in msg and "bytes" in msg
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
