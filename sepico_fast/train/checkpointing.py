@@ -297,10 +297,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             raise CheckpointError(path, f"checksum differs from {side.name} (the file is damaged)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(path, "holds objects torch.load(weights_only=True) refuses (a sepico_fast/1 file "
-                                    "pickled numpy's RNG state; load it with weights_only=False only if you "
-                                    "trust it, then save it without 'rng')") from None
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if found is None:  # not a torch file at all, or damaged
+            raise CheckpointError(path, "not a loadable checkpoint (UnpicklingError)") from None
+        raise CheckpointError(path, f"holds a {found.group(1)} object, which torch.load(weights_only=True) refuses "
+                                    "(sepico_fast/1 files pickled numpy's RNG state: load it with "
+                                    "weights_only=False only if you trust it, then save it without 'rng')") from None
     except Exception as exc:  # zip and other read errors come in several types
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(path, f"not a loadable checkpoint ({type(exc).__name__}: {first})") from None
