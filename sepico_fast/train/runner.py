@@ -270,8 +270,11 @@ def train_loop(run: TrainRun) -> None:
     with run.stop:
         try:
             _iterations(run)
-        except BaseException as exc:  # noqa: BLE001 - re-raised (or replaced by RunStopped) below
-            raise faults.emergency_stop(run, exc) from exc
+        except BaseException as exc:  # noqa: BLE001 - re-raised, or replaced by RunStopped
+            stop = faults.emergency_stop(run, exc)
+            if stop is exc:
+                raise
+            raise stop from exc
 
 
 def _iterations(run: TrainRun) -> None:
