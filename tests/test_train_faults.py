@@ -111,3 +111,22 @@ def test_full_disk_during_training_is_one_line(tmp_path, monkeypatch):
     assert exc.value.exit_code == 1 and "\n" not in msg and "no space left" in msg
     assert str(tmp_path / "iter_000001.pt") in msg and "bytes" in msg
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_unknown_exception_keeps_its_traceback_after_the_emergency_checkpoint(tmp_path, monkeypatch, capsys):
+    from sepico_fast.train import runner
+
+    real_step = runner.train_step
+
+    def step(ctx, src, tgt, it, debug=False):
+        if it == 1:
+            raise ZeroDivisionError("a bug inside the step")
+        return real_step(ctx, src, tgt, it, debug=debug)
+
+    monkeypatch.setattr(runner, "train_step", step)
+    with pytest.raises(ZeroDivisionError, match="a bug inside the step"):
+        run(_cfg(tmp_path, iters=3, checkpoint_interval=0))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ZeroDivisionError after iteration 1" in err and str(tmp_path / "iter_000001.pt") in err
+    meta = torch.load(tmp_path / "iter_000001.pt", weights_only=True)["meta"]
+    assert meta["iter"] == 1 and meta["emergency"]["partial_step"] is True
