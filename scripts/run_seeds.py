@@ -3,14 +3,17 @@
     python scripts/run_seeds.py                                  # synthetic: source_only vs sepico, seeds 0 1 2
     python scripts/run_seeds.py --preset daformer_gta2cs --methods sepico --seeds 76 77 78 -- --data-root data
 
-Runs are sequential (each one uses every core), each in ``<out>/<method>_s<seed>``; a run
-whose ``metrics.json`` already exists is reused, so an interrupted sweep can be restarted.
-Everything after ``--`` is passed to ``python -m sepico_fast.train`` unchanged. Writes
-``<out>/results.json`` and ``<out>/results.md`` (mean ± sample std over seeds, percent).
+Runs are sequential (each one uses every core), each in ``<out>/<method>_s<seed>``. A run
+is reused only when its ``metrics.json`` records exactly the training command this sweep
+would run now (every flag, also those after ``--``), so an interrupted sweep can be
+restarted; a run of another command is moved aside to ``<dir>.replaced-<UTC time>`` and
+run again. Everything after ``--`` is passed to ``python -m sepico_fast.train`` unchanged.
+Writes ``<out>/results.json`` and ``<out>/results.md`` (mean ± sample std over seeds, percent).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import subprocess
@@ -19,12 +22,34 @@ import time
 from pathlib import Path
 
 
+def cached(work_dir: Path, command: list[str]) -> dict | None:
+    """The metrics of a finished run of exactly ``command`` in ``work_dir``, else None; a
+    finished run of another command (or of an unrecorded one) is moved aside."""
+    metrics = work_dir / "metrics.json"
+    if not metrics.exists():
+        return None
+    old = json.loads(metrics.read_text())
+    if old.get("command") == command:
+        return old
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
+    aside = work_dir.with_name(f"{work_dir.name}.replaced-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = work_dir.with_name(f"{work_dir.name}.replaced-{stamp}-{n}"), n + 1
+    print(f"  {work_dir}: finished with another command ({' '.join(old.get('command') or ['not recorded'])}); "
+          f"moved to {aside}, running again", flush=True)
+    work_dir.rename(aside)
+    return None
+
+
 def run_one(preset: str, method: str, seed: int, work_dir: Path, extra: list[str]) -> dict:
     metrics = work_dir / "metrics.json"
-    if metrics.exists():
-        return json.loads(metrics.read_text())
-    cmd = [sys.executable, "-m", "sepico_fast.train", "--preset", preset, "--method", method,
-           "--seed", str(seed), "--work-dir", str(work_dir), *extra]
+    args = ["-m", "sepico_fast.train", "--preset", preset, "--method", method, "--seed", str(seed),
+            "--work-dir", str(work_dir), *extra]
+    hit = cached(work_dir, args)  # the key: the whole command but the interpreter's path
+    if hit is not None:
+        return hit
+    cmd = [sys.executable, *args]
     print("$", " ".join(cmd), flush=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -34,6 +59,7 @@ def run_one(preset: str, method: str, seed: int, work_dir: Path, extra: list[str
         raise SystemExit(f"run failed ({proc.returncode}): see {work_dir / 'stdout.log'}")
     out = json.loads(metrics.read_text())
     out["wall_seconds"] = round(time.time() - t0, 1)
+    out["command"] = args
     metrics.write_text(json.dumps(out, indent=2) + "\n")
     print(f"  {method} seed {seed}: mIoU {out['miou']:.2f} % ({out['wall_seconds']:.0f} s)", flush=True)
     return out

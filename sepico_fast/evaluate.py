@@ -287,10 +287,14 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--data-root: cannot load {dataset}: {err}") from None
         batches = val_loader(val_set, device)
     report: dict = {}
-    cm = evaluate_model(model, batches, config.get("num_classes", 19), device=device, amp_dtype=amp_dtype,
-                        sliding=args.sliding, crop=crop, max_images=args.max_images, out_dir=args.out,
-                        test_class_weight=dark_zurich_class_weights() if args.dz_test_reweight else None,
-                        report=report)
+    from .data.io import DataFileError
+    try:
+        cm = evaluate_model(model, batches, config.get("num_classes", 19), device=device, amp_dtype=amp_dtype,
+                            sliding=args.sliding, crop=crop, max_images=args.max_images, out_dir=args.out,
+                            test_class_weight=dark_zurich_class_weights() if args.dz_test_reweight else None,
+                            report=report)
+    except DataFileError as exc:  # one line naming the bad evaluation file
+        raise SystemExit(f"error: {exc}") from None
     result = {"checkpoint": str(ckpt_path), "dataset": dataset, "split": args.split, "sliding": args.sliding}
     result.update(reweighting_record(args.dz_test_reweight, report))
     print(reweighting_line(result))

@@ -278,3 +278,69 @@ def test_cache_png_gives_identical_batches_and_jpeg_close(tmp_path, capsys):
     assert torch.equal(va["img"], vb["img"]) and torch.equal(va["gt"], vb["gt"]) and va["gt"].shape[-2:] == (32, 64)
     with pytest.raises(FileNotFoundError, match="--cache"):
         build_datasets("gta", "cityscapes", cache="png", **dict(kw, source_scale=(40, 24)))
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+def _truncate(path: Path, keep: int = 120) -> None:
+    path.write_bytes(path.read_bytes()[:keep])  # the PNG header survives: only a full decode notices
+
+
+def test_truncated_image_is_found_and_every_bad_file_listed(tmp_path, capsys):
+    make_gta(tmp_path, n=3)
+    bad_img = tmp_path / "images" / "00001.png"
+    bad_lbl = tmp_path / "labels" / "00003.png"
+    _truncate(bad_img)
+    _truncate(bad_lbl, 60)
+    code, err = _run(capsys, "gta", tmp_path, "--workers", "0")
+    assert code == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0] == "error: 2 bad files:" and len(lines) == 3
+    assert str(bad_img) in lines[1] and str(bad_lbl) in lines[2]
+    assert not (tmp_path / "sample_class_stats.json").exists()  # nothing marked as done
+
+
+def test_check_mode_verifies_a_prepared_dataset(tmp_path, capsys):
+    make_cityscapes(tmp_path)
+    assert _run(capsys, "cityscapes", tmp_path)[0] == 0
+    assert main(["cityscapes", str(tmp_path), "--check", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "3 images and 3 labels" in out and "intact" in out
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    img = tmp_path / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    lbl = tmp_path / "gtFine" / "val" / "frankfurt" / "frankfurt_000000_000019_gtFine_labelTrainIds.png"
+    moved = tmp_path / "gtFine" / "train" / "bremen" / "bremen_000001_000019_gtFine_labelTrainIds.png"
+    _truncate(img)
+    Image.fromarray(np.full((32, 64), 40, np.uint8)).save(lbl)  # not a train id
+    arr = read_label(moved)
+    arr[:4] = 0
+    Image.fromarray(arr).save(moved)  # valid values, other counts than the stats file
+    code, err = _run(capsys, "cityscapes", tmp_path, "--check", "--workers", "2")
+    lines = err.strip().splitlines()
+    assert code == 1 and lines[0] == "error: 3 bad files:"
+    assert any(str(img) in x for x in lines) and any(str(lbl) in x and "not a train id" in x for x in lines)
+    assert any(str(moved) in x and "class counts differ" in x for x in lines)
+    changed = {img, lbl, moved}
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p not in changed)  # --check writes nothing
+
+
+def test_training_time_bad_label_names_the_file(tmp_path, capsys):
+    """A train-id map edited after prepare: one DataFileError naming it, in this process
+    and from a DataLoader worker (torch turns the worker's exception into a RuntimeError)."""
+    from sepico_fast.data.io import DataFileError
+
+    make_gta(tmp_path / "gta")
+    make_cityscapes(tmp_path / "cityscapes")
+    for name in ("gta", "cityscapes"):
+        assert _run(capsys, name, tmp_path / name)[0] == 0
+    bad = tmp_path / "gta" / "labels" / "00002_labelTrainIds.png"
+    Image.fromarray(np.full((H, W), 77, np.uint8)).save(bad)
+    src, tgt, _ = build_datasets("gta", "cityscapes", data_root=tmp_path, source_scale=(40, 24),
+                                 target_scale=(32, 16), crop_size=(16, 16), eval_scale=(32, 16), rcs=False)
+    src.entries = [src.entries[1]]  # only the bad file
+    with pytest.raises(DataFileError, match="00002_labelTrainIds.png: value 77 is not a train id"):
+        TrainLoader(src, tgt, 1, seed=0, pipeline="torch").batch(0)
+    loader = TrainLoader(src, tgt, 1, seed=0, pipeline="torch", num_workers=1, num_iters=2)
+    with pytest.raises(DataFileError) as exc:
+        next(iter(loader))
+    assert exc.value.path == str(bad) and "value 77" in exc.value.reason and "\n" not in str(exc.value)

@@ -31,12 +31,64 @@ def test_defaults_presets_and_overrides():
     (["--ema-alpha", "1.5"], "--ema-alpha"), (["--source", "darkzurich", "--target", "cityscapes"], "--source"),
     (["--source", "gta", "--target", "synthetic"], "--target"), (["--preset", "nope"], "--preset"),
     (["--device", "tpu"], "--device"), (["--betas", "0.9"], "--betas"),
+    (["--crop", "129"], "--crop"), (["--arch", "daformer_tiny", "--crop", "130"], "--crop"),
+    (["--arch", "resnet9000"], "--arch"), (["--seed", "-3"], "--seed"), (["--keep-checkpoints", "-1"], "--keep-checkpoints"),
+    (["--ddp-timeout", "0"], "--ddp-timeout"), (["--resume", "/no/such/ckpt.pt"], "--resume"),
+    (["--resume", "auto"], "--resume"),
 ])
 def test_bad_flags_exit_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
     assert exc.value.code == 2
-    assert flag in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert flag in err and len(err.strip().splitlines()) == 1  # one line, no usage dump
+
+
+def test_crop_message_gives_the_allowed_values(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--crop", "129"])
+    err = capsys.readouterr().err
+    assert "multiple of 8" in err and "dlv2_tiny" in err and "128 or 136" in err
+    assert parse_args(["--arch", "daformer_tiny", "--crop", "36"]).crop == [36, 36]  # stride 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cuda"])
+    err = capsys.readouterr().err
+    assert "--device" in err and "CUDA is not available" in err and "auto or cpu" in err
+
+
+def test_help_shows_the_bare_run_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--preset synthetic" in out and "(default: dlv2_tiny)" in out and "(default: 128 128)" in out
+    assert "(default: 2000)" in out and "--list-presets" in out
+
+
+def test_dataclass_defaults_are_the_bare_run():
+    import dataclasses
+
+    bare, plain = parse_args([]), TrainConfig()
+    assert dataclasses.asdict(bare) == dataclasses.asdict(plain) and PRESETS["synthetic"] == {}
+    assert bare.explicit == frozenset() and parse_args(["--seed", "4"]).explicit == {"seed"}
+    for name in (k for k in PRESETS if k != "synthetic"):  # paper values do not leak from the CPU default
+        cfg = make_config(preset=name)
+        assert (cfg.ema_alpha, cfg.pseudo_threshold, cfg.proj_dim, cfg.pipeline) == (0.999, 0.968, 512, "auto")
+        assert (cfg.lr, cfg.warmup_iters, cfg.contrast_start, cfg.crop) == (6e-5, 1500, 3000, [640, 640])
+
+
+def test_resume_file_that_is_not_a_checkpoint(tmp_path):
+    from sepico_fast.train.runner import run
+
+    notes = tmp_path / "notes.pt"
+    notes.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="--resume: .*notes.pt: not a loadable checkpoint") as exc:
+        run(make_config({"resume": str(notes), "work_dir": str(tmp_path / "wd")}))
+    assert "\n" not in str(exc.value) and not (tmp_path / "wd").exists()  # before any work
 
 
 @pytest.mark.parametrize("argv", [["--variant", "foo"], ["--method", "x"], ["--pipeline", "x"], ["--amp", "maybe"]])
@@ -61,13 +113,6 @@ def test_missing_dataset_gives_clear_error(tmp_path):
         run(cfg)
     msg = str(exc.value)
     assert "--data-root" in msg and "nowhere" in msg
-
-
-def test_resume_missing_checkpoint(tmp_path):
-    from sepico_fast.train.checkpointing import find_resume
-    assert find_resume("", tmp_path) is None and find_resume("auto", tmp_path) is None
-    with pytest.raises(ValueError, match="--resume"):
-        find_resume(str(tmp_path / "missing.pt"), tmp_path)
 
 
 def test_schedule_warmup_and_poly():

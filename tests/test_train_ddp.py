@@ -84,3 +84,47 @@ def test_ddp_gloo_two_processes(tmp_path):
         for k in r0[part]:
             assert torch.equal(r0[part][k], r1[part][k]), f"{part}.{k}"
     assert float(r0["train_stats"]["count"].sum()) > 0
+
+
+def _stall_worker(rank, world, port, out_dir):
+    """Rank 1 got a SIGTERM (both ranks must agree to stop), then stalls; rank 0's next
+    collective must fail after --ddp-timeout seconds instead of waiting forever."""
+    import time
+
+    from sepico_fast.train.ddp import init_distributed
+    from sepico_fast.train.faults import StopOnSignal
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    info = init_distributed("cpu", timeout_s=1)
+    try:
+        stop = StopOnSignal(info.control_group, info.world_size)
+        if rank == 1:
+            stop.signum = 15
+        agreed = (stop.requested(), stop.signum)
+        if rank == 1:
+            time.sleep(4)
+            return
+        t0 = time.perf_counter()
+        try:
+            dist.barrier()
+            outcome = "returned"
+        except RuntimeError:
+            outcome = "timed out"
+        torch.save({"agreed": agreed, "outcome": outcome, "seconds": time.perf_counter() - t0},
+                   os.path.join(out_dir, "rank0.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_stalled_rank_times_out_and_stop_requests_are_agreed(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stall_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert r0["agreed"] == (True, 15)  # rank 0 got no signal itself
+    assert r0["outcome"] == "timed out" and r0["seconds"] < 3.5

@@ -81,8 +81,14 @@ def test_runner_applies_and_records_the_samples_schedule(tmp_path):
     work_dir = tmp_path / "run"
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(work_dir)), nprocs=2, join=True)
     config = json.loads((work_dir / "config.json").read_text())
-    assert (config["iters"], config["warmup_iters"], config["contrast_start"]) == (3, 2, 2)  # 5/2 up, 1.5, 1.5
+    # config.json and the checkpoints keep the requested counts (a resume divides them again,
+    # once); the schedule record holds what ran: 5/2 rounded up, 1.5 and 1.5 rounded.
+    assert (config["iters"], config["warmup_iters"], config["contrast_start"]) == (5, 3, 3)
     assert config["schedule"]["divided"]["iters"] == {"requested": 5, "run": 3}
+    assert config["schedule"]["divided"]["warmup_iters"] == {"requested": 3, "run": 2}
+    assert config["schedule"]["divided"]["contrast_start"] == {"requested": 3, "run": 2}
+    from sepico_fast.train.checkpointing import load_checkpoint
+    assert load_checkpoint(work_dir / "latest.pt")["meta"]["config"]["iters"] == 5
     metrics = json.loads((work_dir / "metrics.json").read_text())
     assert metrics["iters"] == 3 and metrics["schedule"]["ddp_schedule"] == "samples"
     assert metrics["schedule"]["world_size"] == 2

@@ -2,16 +2,23 @@
 
 Runs the real training loop (runner, data loader, checkpoints) on the synthetic pair with
 a tiny crop. Everything is compared bitwise: per-iteration losses, student and teacher
-parameters and buffers, the optimizer state and the class statistics.
+parameters and buffers, the optimizer state and the class statistics. The run is stopped
+by --stop-at, by a SIGTERM (emergency checkpoint) and by a bad data file (emergency
+checkpoint, one line naming the file); each resume must equal the uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 
 import pytest
 import torch
 
-from sepico_fast.train import make_config
+from sepico_fast.data.io import DataFileError
+from sepico_fast.data.loader import TrainLoader
+from sepico_fast.train import make_config, runner
+from sepico_fast.train.faults import RunStopped
 from sepico_fast.train.runner import run
 
 K, M = 3, 3
@@ -46,32 +53,42 @@ def _assert_same(a, b, path="ckpt"):
         assert a == b, path
 
 
+@contextlib.contextmanager
+def _threads(n_new: int):
+    n = torch.get_num_threads()
+    torch.set_num_threads(n_new)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture
 def one_thread():
     """With 2 intra-op threads some CPU kernels are not bitwise reproducible from one process
     to the next (two identical fresh runs differ by ~1e-7 relative after 3 iterations, resume
     or not); with one thread two runs are bitwise identical, which is what resume must match."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with _threads(1):
+        yield
 
 
-def test_resume_is_exact(tmp_path, one_thread):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(_cfg(straight))
-    out = run(_cfg(resumed, stop_at=K))
-    assert out == {"stopped_at": K}
-    assert (resumed / f"iter_{K:06d}.pt").exists() and not (resumed / "metrics.json").exists()
-    run(_cfg(resumed, resume="auto"))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted K + M iterations every resumed run is compared with."""
+    work_dir = tmp_path_factory.mktemp("straight")
+    with _threads(1):
+        run(_cfg(work_dir))
+    return work_dir
 
+
+def _assert_same_run(straight, resumed):
     la, lb = _losses(straight), _losses(resumed)
     assert sorted(la) == list(range(1, K + M + 1)) and sorted(lb) == sorted(la)
     assert la == lb  # bitwise: floats compared exactly
     assert "src_contrast" in la[K + M] and "tgt_contrast" in la[K + M]
 
-    a = torch.load(straight / "latest.pt", weights_only=False)
-    b = torch.load(resumed / "latest.pt", weights_only=False)
+    a = torch.load(straight / "latest.pt", weights_only=True)
+    b = torch.load(resumed / "latest.pt", weights_only=True)
     assert a["meta"]["iter"] == b["meta"]["iter"] == K + M
     for key in ("state_dict", "optimizer", "class_stats", "counters"):
         _assert_same(a[key], b[key], key)
@@ -79,3 +96,60 @@ def test_resume_is_exact(tmp_path, one_thread):
     ma = json.loads((straight / "metrics.json").read_text())
     mb = json.loads((resumed / "metrics.json").read_text())
     assert ma["miou"] == mb["miou"] and ma["miou_unit"] == "percent"
+
+
+def test_resume_is_exact(straight, tmp_path, one_thread):
+    resumed = tmp_path / "resumed"
+    out = run(_cfg(resumed, stop_at=K))
+    assert out == {"stopped_at": K}
+    assert (resumed / f"iter_{K:06d}.pt").exists() and not (resumed / "metrics.json").exists()
+    run(_cfg(resumed, resume="auto"))
+    _assert_same_run(straight, resumed)
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_is_exact(straight, tmp_path, one_thread, monkeypatch):
+    """SIGTERM during iteration 2 (of 6; checkpoints every 3): iteration 2 finishes, an
+    emergency checkpoint of it is written, exit status 143; resuming continues exactly."""
+    resumed = tmp_path / "resumed"
+    real_step = runner.train_step
+
+    def step_then_signal(ctx, src, tgt, it, debug=False):
+        out = real_step(ctx, src, tgt, it, debug=debug)
+        if it == 1:
+            signal.raise_signal(signal.SIGTERM)  # the handler only sets a flag
+        return out
+
+    monkeypatch.setattr(runner, "train_step", step_then_signal)
+    with pytest.raises(RunStopped) as exc:
+        run(_cfg(resumed))
+    assert exc.value.exit_code == 143 and "\n" not in str(exc.value)
+    assert "SIGTERM" in str(exc.value) and str(resumed / "iter_000002.pt") in str(exc.value)
+    ckpt = torch.load(resumed / "iter_000002.pt", weights_only=True)
+    assert ckpt["meta"]["iter"] == 2 and ckpt["meta"]["emergency"]["partial_step"] is False
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(runner, "train_step", real_step)
+    run(_cfg(resumed, resume="auto"))
+    _assert_same_run(straight, resumed)
+
+
+def test_bad_training_file_writes_a_checkpoint_and_names_the_file(straight, tmp_path, one_thread, monkeypatch):
+    """A file that fails to decode when the batch of iteration 4 is loaded: one line naming
+    it, an emergency checkpoint of the 4 completed iterations, and an exact resume."""
+    resumed = tmp_path / "resumed"
+    real_iter = TrainLoader._iterate_torch
+
+    def failing(self):
+        for t, batch in enumerate(real_iter(self), start=self.start_iter):
+            if t == 4:
+                raise DataFileError("/data/gta/images/01234.png", "OSError: image file is truncated")
+            yield batch
+
+    monkeypatch.setattr(TrainLoader, "_iterate_torch", failing)
+    with pytest.raises(RunStopped) as exc:
+        run(_cfg(resumed))
+    msg = str(exc.value)
+    assert exc.value.exit_code == 1 and "\n" not in msg
+    assert "/data/gta/images/01234.png" in msg and str(resumed / "iter_000004.pt") in msg
+    monkeypatch.setattr(TrainLoader, "_iterate_torch", real_iter)
+    run(_cfg(resumed, resume="auto"))
+    _assert_same_run(straight, resumed)

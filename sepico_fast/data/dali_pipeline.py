@@ -1,6 +1,6 @@
 """NVIDIA DALI rendering of the training plans (``TrainLoader(pipeline="dali")``).
 
-The host draws the same plans as the PyTorch pipeline (``loader.plan_sample``: rare class,
+The host draws the same plans as the PyTorch pipeline (``plans.plan_sample``: rare class,
 file, crop window with its re-draws, flip) and feeds them, with the encoded file bytes,
 through ``fn.external_source``; DALI then decodes and renders them:
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .labels import IGNORE_INDEX, MEAN, STD
+from .plans import plan_sample
 from .transforms import fit_size
 
 # Half an output pixel of slack, in units of the output grid: the exact source coordinate
@@ -94,8 +95,6 @@ class _PlanFeed:
         self.read = _BytesCache(loader.source.in_memory and loader.target.in_memory)
 
     def __call__(self, info):
-        from .loader import plan_sample
-
         t = self.start + info.iteration
         if self.stop is not None and t >= self.stop:
             raise StopIteration

@@ -4,7 +4,7 @@ Sources (``SourceSet``) yield cropped, flipped, normalised image/label pairs, op
 drawn by rare class sampling; targets (``TargetSet``) yield whole resized, flipped images
 (plus the Dark Zurich day reference); ``ValSet`` yields evaluation batches. Every random
 choice is drawn from a ``numpy.random.Generator`` the caller passes in (see
-``loader.sample_rng``), so a sample is a pure function of its generator's seed.
+``plans.sample_rng``), so a sample is a pure function of its generator's seed.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from . import io, stats
 from .cache import use_cache
 from .labels import NUM_CLASSES
-from .layouts import Entry, LayoutError, list_files
+from .layouts import TRAIN_SCALES, Entry, LayoutError, list_files
 from .rcs import MIN_CROP_PIXELS, MIN_PIXELS, RareClassSampler, scaled_thresholds
 from .transforms import (CropWindow, crop_array, fit_size, flip_draw, normalize, plan_crop, render_source,
                          render_target, resize_image, resize_label)
@@ -26,9 +26,6 @@ from .transforms import (CropWindow, crop_array, fit_size, flip_draw, normalize,
 SOURCES = ("gta", "synthia", "cityscapes", "synthetic")
 TARGETS = ("cityscapes", "darkzurich", "synthetic")
 FOLDERS = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes", "darkzurich": "dark_zurich"}
-# (long, short) edge each image is resized to fit. Dark Zurich (1920x1080) fits 1280x720 for
-# training and evaluation, its day references too (the authors' Dark Zurich configs).
-TRAIN_SCALES = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1280, 640), "darkzurich": (1280, 720)}
 CROP_SIZE = (640, 640)
 EVAL_SCALES = {"cityscapes": (1280, 640), "darkzurich": (1280, 720)}
 EVAL_SCALE = EVAL_SCALES["cityscapes"]  # the ValSet default
@@ -70,7 +67,7 @@ class _Files:
         return self._cached("ref", i, lambda: io.read_image(self.entries[i].ref))
 
     def label(self, i: int) -> np.ndarray:
-        return self._cached("lbl", i, lambda: io.read_label(self.entries[i].label))
+        return self._cached("lbl", i, lambda: io.read_train_ids(self.entries[i].label, NUM_CLASSES))
 
     def size(self, i: int) -> tuple[int, int]:
         """Original (h, w) of image i (file header; no decode)."""

@@ -79,6 +79,26 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
+def check_train_ids(label: np.ndarray, path: str | os.PathLike, num_classes: int = 19,
+                    ignore_index: int = 255) -> np.ndarray:
+    """``label`` if every pixel is a train id (0..num_classes-1) or ``ignore_index``, else a
+    DataFileError naming ``path`` (a wrong value would otherwise surface as an index error
+    deep inside a loss, naming no file)."""
+    if label.size and int(label.max()) >= num_classes:
+        bad = (label >= num_classes) & (label != ignore_index)
+        if bad.any():
+            values = np.unique(label[bad]).tolist()
+            shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+            raise DataFileError(path, f"value {shown} is not a train id (0..{num_classes - 1} or {ignore_index}; "
+                                      f"{int(bad.sum())} pixels)", "use")
+    return label
+
+
+def read_train_ids(path: str | os.PathLike, num_classes: int = 19, ignore_index: int = 255) -> np.ndarray:
+    """``read_label`` + ``check_train_ids``: an 8-bit train-id map whose values are valid."""
+    return check_train_ids(read_label(path), path, num_classes, ignore_index)
+
+
 def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
     """Write a uint8 ``[H, W]`` map as an 8-bit gray PNG, atomically (temp file + rename)."""
     if label.dtype != np.uint8 or label.ndim != 2:

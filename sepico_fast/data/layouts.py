@@ -24,6 +24,12 @@ LAYOUTS = {
 }
 
 
+# Training resize scales (long side, short side) of each dataset (SPEC §1). Dark Zurich
+# (1920x1080) fits 1280x720 for training and evaluation, its day references too (the
+# authors' Dark Zurich configs).
+TRAIN_SCALES = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1280, 640), "darkzurich": (1280, 720)}
+
+
 class LayoutError(ValueError):
     """A dataset folder that does not have the expected layout."""
 

@@ -12,26 +12,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 import numpy as np
 import torch
 
 from .datasets import SourceSet, TargetSet
+from .io import DataFileError
+from .plans import SOURCE_STREAM, TARGET_STREAM, plan_sample, sample_rng  # noqa: F401 (re-exported)
 
-SOURCE_STREAM, TARGET_STREAM = 0, 1
 PIPELINES = ("auto", "torch", "dali")
-
-
-def sample_rng(seed: int, t: int, slot: int, rank: int, stream: int) -> np.random.Generator:
-    """The generator of one sample: a pure function of (seed, iteration, slot, rank, stream)."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(rank), int(t), int(slot),
-                                                                        int(stream)])))
-
-
-def plan_sample(train_source: SourceSet, train_target: TargetSet, seed: int, t: int, slot: int, rank: int):
-    """(source plan, target plan) of one training sample."""
-    return (train_source.plan(sample_rng(seed, t, slot, rank, SOURCE_STREAM)),
-            train_target.plan(sample_rng(seed, t, slot, rank, TARGET_STREAM)))
 
 
 class _SampleSet(torch.utils.data.Dataset):
@@ -152,5 +142,30 @@ class TrainLoader:
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size,
                                              sampler=_CountFrom(self.start_iter * self.batch_size, stop),
                                              drop_last=True, collate_fn=collate, **kwargs)
-        for batch in loader:
-            yield _split(batch, self.device, cuda)
+        try:
+            for batch in loader:
+                yield _split(batch, self.device, cuda)
+        except RuntimeError as exc:
+            err = worker_data_error(exc)
+            if err is None:
+                raise
+            raise err from None
+
+
+_WORKER_DATA_ERROR = re.compile(r"DataFileError: cannot (\w+) (.+?): (.*)$")
+
+
+def worker_data_error(exc: BaseException) -> DataFileError | None:
+    """The DataFileError behind a DataLoader worker failure, or None.
+
+    torch re-raises a worker's exception in the main process by calling its type with one
+    formatted-traceback message; DataFileError takes (path, reason), so torch falls back to
+    a RuntimeError carrying that text. Its last line still names the file: rebuild it."""
+    text = str(exc)
+    if "DataFileError" not in text:
+        return None
+    for line in reversed(text.strip().splitlines()):
+        m = _WORKER_DATA_ERROR.search(line.strip())
+        if m:
+            return DataFileError(m.group(2), m.group(3), m.group(1))
+    return None

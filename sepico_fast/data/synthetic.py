@@ -450,7 +450,7 @@ def ensure_synthetic(cache_dir: str | os.PathLike | None = None, *, num_source: 
     ``~/.cache/sepico_fast/synthetic``; each parameter set gets its own sub-folder, made
     complete (generated and prepared) before it appears under its final name.
     """
-    from ..prepare import prepare
+    from .preparation import prepare
 
     for name, value in (("num_source", num_source), ("num_target_train", num_target_train),
                         ("num_target_val", num_target_val)):

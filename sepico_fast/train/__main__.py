@@ -5,9 +5,15 @@ from .config import parse_args
 
 
 def main(argv=None) -> None:
+    from .faults import RunStopped
     from .runner import run
 
-    run(parse_args(sys.argv[1:] if argv is None else argv))
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(cfg)
+    except RunStopped as stop:  # a signal or a known fault: one line, no traceback
+        print(f"sepico_fast.train: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
 
 
 if __name__ == "__main__":

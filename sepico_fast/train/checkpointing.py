@@ -1,31 +1,68 @@
-"""Checkpoints: one dict of state_dicts, written atomically, read back for exact resume.
+"""Checkpoints: one dict of state_dicts, written atomically, verified when read back.
 
 Layout (a superset of an mmcv/upstream SePiCo checkpoint, so upstream tools and
 ``sepico_fast.checkpoint.load_official`` read it):
 
     {"state_dict": {"model.<key>": ..., "ema_model.<key>": ...},   # student + teacher
-     "optimizer": ..., "meta": {"iter": t, "config": {...}, ...},
+     "optimizer": ..., "meta": {"iter": t, "config": {...}, "format": "sepico_fast/2", ...},
      "scaler": ..., "class_stats": ..., "rng": {...}, "counters": {...}}
 
-``iter`` is the number of completed iterations: resuming runs iteration ``iter`` next.
-The data pipeline and the per-iteration random generators are pure functions of
-(seed, iteration), so the saved RNG states are only a belt-and-braces extra.
+Everything in it is a tensor or a plain Python value, so ``torch.load(weights_only=True)``
+reads it (format 2; format 1 pickled numpy's RNG state). ``iter`` is the number of completed
+iterations: resuming runs iteration ``iter`` next. The data pipeline and the per-iteration
+random generators are pure functions of (seed, iteration), so the saved RNG states are only
+a belt-and-braces extra.
+
+On disk, per checkpoint: ``iter_<t>.pt`` and ``iter_<t>.pt.sha256`` (``sha256sum -c``
+format); ``latest.pt`` (+ ``.sha256``) is an independent copy of the newest one, not a link,
+so damage to one file leaves the other. A file is written to ``.<name>.tmp<pid>``, fsynced
+and renamed, so a crash leaves either the old or the new file, plus at most a temp file that
+``remove_stale_temp_files`` deletes at the next start.
 """
 from __future__ import annotations
 
+import datetime
+import errno
+import hashlib
 import os
+import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+FORMAT = "sepico_fast/2"
 CKPT_RE = re.compile(r"^iter_(\d+)\.pt$")
+TEMP_RE = re.compile(r"^\.(?:iter_\d+|latest)\.pt(?:\.sha256)?\.tmp(\d+)$")
+_CHUNK = 1 << 22
 
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; ``str()`` is one line naming it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint that could not be written (full disk, ...); ``str()`` is one line."""
+
+
+# ----------------------------------------------------------------------------- state
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Global RNG states as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -33,8 +70,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -47,55 +87,241 @@ def unprefixed(prefix: str, flat: dict) -> dict:
     return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (atomic on POSIX)."""
-    path = Path(path)
+def snapshot(ctx, it_done: int, config=None, **meta) -> dict:
+    """The checkpoint dict of a ``StepContext`` after ``it_done`` completed iterations.
+
+    ``config`` is the run's requested config (before ``--ddp-schedule samples`` divides
+    its counts; default ``ctx.cfg``): resuming re-applies the schedule to it."""
+    state_dict = prefixed("model.", ctx.student.state_dict())
+    if ctx.teacher is not None:
+        state_dict.update(prefixed("ema_model.", ctx.teacher.state_dict()))
+    return {
+        "state_dict": state_dict,
+        "optimizer": ctx.optimizer.state_dict(),
+        "meta": {"iter": it_done, "config": (config or ctx.cfg).to_dict(),
+                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "format": FORMAT, **meta},
+        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+        "class_stats": prefixed("", ctx.stats.state_dict()) if ctx.stats is not None else None,
+        "rng": rng_state(),
+        "counters": {"skipped": ctx.skipped.detach().cpu()},
+    }
+
+
+def restore(ctx, ckpt: dict, device: torch.device) -> int:
+    """Load a ``snapshot`` into ``ctx``; returns the next iteration."""
+    ctx.student.load_state_dict(unprefixed("model.", ckpt["state_dict"]))
+    if ctx.teacher is not None:
+        ema = unprefixed("ema_model.", ckpt["state_dict"])
+        if ema:
+            ctx.teacher.load_state_dict(ema)
+    if ckpt.get("optimizer") is not None:
+        ctx.optimizer.load_state_dict(ckpt["optimizer"])
+    if ctx.scaler is not None and ckpt.get("scaler") is not None:
+        ctx.scaler.load_state_dict(ckpt["scaler"])
+    if ctx.stats is not None and ckpt.get("class_stats") is not None:
+        ctx.stats.load_state_dict(ckpt["class_stats"])
+        ctx.stats.to(device)
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    counters = ckpt.get("counters") or {}
+    if "skipped" in counters:
+        ctx.skipped.copy_(torch.as_tensor(counters["skipped"]).to(ctx.skipped))
+    return int(ckpt["meta"]["iter"])
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _open_for_writing(path: Path):
+    """Opened here so that tests can swap in a file on a full device (/dev/full)."""
+    return open(path, "wb")
+
+
+class _HashingWriter:
+    """File wrapper hashing what torch.save writes, so the checksum costs no re-read."""
+
+    def __init__(self, fh):
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _nbytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 16
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:  # torch turns the OSError into "unexpected pos ..." (its context)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _write_error(path: Path, exc: BaseException, needed: int) -> CheckpointWriteError:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    if _is_disk_full(exc) or 0 <= free < needed:
+        return CheckpointWriteError(f"cannot write checkpoint {path}: no space left on its file system (needs about "
+                                    f"{needed} bytes = {needed / 2**20:.1f} MiB; {max(free, 0)} bytes free)")
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return CheckpointWriteError(f"cannot write checkpoint {path}: {type(exc).__name__}: {first}")
+
+
+def _temp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _replace_atomically(path: Path, write, needed: int) -> str:
+    """Write ``path`` through ``write(fh) -> sha256 hex`` into a temp file, fsync, rename;
+    then the ``.sha256`` file the same way. Returns the digest."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = _temp(path)
+    try:
+        with _open_for_writing(tmp) as fh:
+            digest = write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        side = path.with_name(path.name + ".sha256")
+        side_tmp = _temp(side)
+        with open(side_tmp, "w") as fh:
+            fh.write(f"{digest}  {path.name}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(side_tmp, side)
+    except (OSError, RuntimeError) as exc:
+        for t in (tmp, _temp(path.with_name(path.name + ".sha256"))):
+            t.unlink(missing_ok=True)
+        raise _write_error(path, exc, needed) from None
+    return digest
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save to a temp file in the same folder, fsync, rename (atomic on POSIX), plus
+    ``<path>.sha256``. A failure removes the temp file and raises CheckpointWriteError."""
+    path = Path(path)
+
+    def write(fh) -> str:
+        hashing = _HashingWriter(fh)
+        torch.save(obj, hashing)
+        return hashing.sha.hexdigest()
+
+    _replace_atomically(path, write, _nbytes(obj))
     return path
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    def write(fh) -> str:
+        sha = hashlib.sha256()
+        with open(src, "rb") as inp:
+            while chunk := inp.read(_CHUNK):
+                sha.update(chunk)
+                fh.write(chunk)
+        return sha.hexdigest()
+
+    _replace_atomically(dst, write, src.stat().st_size)
 
 
 def save_checkpoint(work_dir: str | os.PathLike, state: dict, it: int, keep: int = 2) -> Path:
-    """Write ``iter_<it>.pt`` and ``latest.pt`` atomically; keep the newest ``keep`` iter files."""
+    """Write ``iter_<it>.pt`` and its copy ``latest.pt``; keep the newest ``keep`` iter files."""
     work_dir = Path(work_dir)
     path = atomic_save(state, work_dir / f"iter_{it:06d}.pt")
-    latest = work_dir / "latest.pt"
-    tmp = work_dir / f".latest.pt.tmp{os.getpid()}"
-    if tmp.exists():
-        tmp.unlink()
-    try:  # a hard link costs nothing; fall back to a second copy
-        os.link(path, tmp)
-        os.replace(tmp, latest)
-    except OSError:
-        atomic_save(state, latest)
+    _copy_file(path, work_dir / "latest.pt")
     if keep > 0:
-        found = sorted((int(m.group(1)), p) for p in work_dir.iterdir() if (m := CKPT_RE.match(p.name)))
-        for _, old in found[:-keep]:
+        for old in iteration_files(work_dir)[keep:]:
             old.unlink(missing_ok=True)
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path
 
 
-def find_resume(resume: str, work_dir: str | os.PathLike) -> Path | None:
-    """'' -> None; 'auto' -> <work_dir>/latest.pt if present; else the given path (must exist)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        latest = Path(work_dir) / "latest.pt"
-        return latest if latest.exists() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise ValueError(f"--resume: checkpoint {str(path)!r} does not exist")
-    return path
+def remove_stale_temp_files(work_dir: str | os.PathLike) -> list[Path]:
+    """Delete temp files a crashed or killed writer left in ``work_dir``; returns them."""
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return []
+    stale = [p for p in work_dir.iterdir() if (m := TEMP_RE.match(p.name)) and int(m.group(1)) != os.getpid()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+# ----------------------------------------------------------------------------- reading
+
+def iteration_files(work_dir: str | os.PathLike) -> list[Path]:
+    """``iter_<t>.pt`` files of ``work_dir``, newest first."""
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in work_dir.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def resume_candidates(work_dir: str | os.PathLike) -> list[Path]:
+    """What ``--resume auto`` tries, in order: the newest iter file, latest.pt (a copy of
+    it), then the older iter files."""
+    iters = iteration_files(work_dir)
+    latest = Path(work_dir) / "latest.pt"
+    return iters[:1] + ([latest] if latest.is_file() else []) + iters[1:]
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if "state_dict" not in ckpt or "meta" not in ckpt:
-        raise ValueError(f"--resume: {path} is not a sepico_fast training checkpoint "
-                         "(expected keys 'state_dict' and 'meta')")
+    """Read and verify a training checkpoint: checksum (when its ``.sha256`` exists), a
+    ``weights_only=True`` load and the expected keys. Raises CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "does not exist")
+    side = path.with_name(path.name + ".sha256")
+    if side.is_file():
+        expected = (side.read_text().split() or [""])[0]
+        if _sha256(path) != expected:
+            raise CheckpointError(path, f"checksum differs from {side.name} (the file is damaged)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if found is None:  # not a torch file at all, or damaged
+            raise CheckpointError(path, "not a loadable checkpoint (UnpicklingError)") from None
+        raise CheckpointError(path, f"holds a {found.group(1)} object, which torch.load(weights_only=True) refuses "
+                                    "(sepico_fast/1 files pickled numpy's RNG state: load it with "
+                                    "weights_only=False only if you trust it, then save it without 'rng')") from None
+    except Exception as exc:  # zip and other read errors come in several types
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(path, f"not a loadable checkpoint ({type(exc).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "iter" not in (ckpt.get("meta") or {}):
+        raise CheckpointError(path, "not a sepico_fast training checkpoint (no 'state_dict' and 'meta.iter')")
     return ckpt
+
+
+def load_newest_intact(work_dir: str | os.PathLike) -> tuple[Path | None, dict | None, list[CheckpointError]]:
+    """(path, checkpoint, damaged ones skipped) for ``--resume auto``; (None, None, [...])
+    when there is no intact checkpoint (or none at all)."""
+    skipped = []
+    for path in resume_candidates(work_dir):
+        try:
+            return path, load_checkpoint(path), skipped
+        except CheckpointError as exc:
+            skipped.append(exc)
+    return None, None, skipped

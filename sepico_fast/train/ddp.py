@@ -14,9 +14,15 @@ three passes (``step.allreduce_grads``) is equivalent, communicates exactly once
 step, and keeps the model's ``extract/decode/project`` API. Parameters start identical
 (broadcast from rank 0), so the student and the EMA teacher stay identical on every
 rank; class statistics are merged across ranks inside ``ClassStats.update``.
+
+Every collective (NCCL or gloo) fails after ``--ddp-timeout`` seconds instead of waiting
+forever for a stalled rank: the failing rank exits non-zero, torchrun stops the others
+(and, with ``--max-restarts``, restarts the job, which ``--resume auto`` continues).
+A small gloo group (``control_group``) carries host-side flags such as "a rank got SIGTERM".
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -30,6 +36,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     group: object = None
+    control_group: object = None  # gloo: host-side flags (stop requests), no device sync
 
     @property
     def is_main(self) -> bool:
@@ -40,19 +47,22 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op without it)."""
+def init_distributed(device_type: str, timeout_s: float = 900) -> DistInfo:
+    """Join the process group torchrun describes in the environment (no-op without it);
+    collectives fail after ``timeout_s`` seconds."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    timeout = datetime.timedelta(seconds=float(timeout_s))
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return DistInfo(rank, world, local_rank, dist.group.WORLD)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
+    control = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    return DistInfo(rank, world, local_rank, dist.group.WORLD, control)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

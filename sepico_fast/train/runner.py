@@ -4,7 +4,9 @@
 
 Host syncs happen only in ``train_loop``'s logging block (every ``log_interval``
 iterations: the accumulated losses and the skipped-step counter), at evaluations and at
-checkpoints.
+checkpoints. A checkpoint is written before the evaluation of the same iteration; signals,
+exceptions and bad files end the loop through ``faults`` (emergency checkpoint, one line);
+``resume.resolve_resume`` restores a checkpoint's config before anything is built.
 """
 from __future__ import annotations
 
@@ -20,13 +22,16 @@ from ..contrast import ClassStats
 from ..evaluate import (dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line,
                         reweighting_record)
 from ..models import build_segmentor, param_groups
+from ..data.io import DataFileError
 from . import checkpointing as ckpt_io
+from . import faults
 from .config import TrainConfig
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
 from .debug_images import save_debug_images
 from .logging import ProgressBar, ScalarWriter, iou_table
 from .profiling import Profiler
 from .schedule import ddp_schedule
+from .resume import resolve_resume, restore_checkpoint
 from .step import StepContext, train_step
 from .throughput import device_peak_tflops, flops_per_iteration
 from .uda import log_frequency_class_weights, make_teacher
@@ -99,6 +104,11 @@ class TrainRun:
     last_eval: dict | None = None
     train_seconds: float = 0.0
     schedule: dict | None = None   # schedule.ddp_schedule record (config.json, metrics.json)
+    done: int = 0                      # completed iterations the live state holds
+    in_step: bool = False              # inside train_step: the live state is partial
+    saved_at: int | None = None        # iteration of the newest checkpoint of this run
+    stop: faults.StopOnSignal | None = None
+    requested_cfg: TrainConfig | None = None  # before --ddp-schedule: what checkpoints store
 
     @property
     def main(self) -> bool:
@@ -114,6 +124,9 @@ def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
     cfg.work_dir = str(work_dir)
     if dist_info.is_main:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
+        stale = ckpt_io.remove_stale_temp_files(work_dir)
+        if stale:
+            print(f"removed {len(stale)} stale temp file(s) of an interrupted checkpoint write in {work_dir}")
     return Path(work_dir)
 
 
@@ -129,14 +142,20 @@ def _datasets(cfg: TrainConfig):
                          f"from {cfg.data_root or '$SEPICO_FAST_DATA or ./data'}: {err}") from None
     if crop is None:  # dataset default crop (synthetic pair)
         cfg.crop = list(dataset_defaults(cfg.source, cfg.target)["crop_size"])
+    th, tw = datasets[1].resized_size(0)
+    if cfg.crop_hw[0] > th or cfg.crop_hw[1] > tw:  # the target crop is cut from these images
+        raise SystemExit(f"--crop: {cfg.crop_hw[0]} {cfg.crop_hw[1]} is larger than the {cfg.target} training "
+                         f"images ({th}x{tw} after resizing); use at most {th} {tw}")
     return datasets
 
 
-def _step_context(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, work_dir: Path):
+def _step_context(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, work_dir: Path,
+                  load_pretrained: bool = True):
     """(StepContext with models, optimizer and statistics, precision description)."""
     amp_dtype, scaler, amp_desc = amp_setup(cfg, device)
+    pretrained = (cfg.pretrained or None) if load_pretrained else None  # resuming: the checkpoint has them
     student = build_segmentor(cfg.arch, cfg.num_classes, cfg.proj_dim, drop_path_rate=cfg.drop_path_rate,
-                              pretrained=cfg.pretrained or None).to(device)
+                              pretrained=pretrained).to(device)
     broadcast_module(student)
     teacher = make_teacher(student) if cfg.method == "sepico" else None
     optimizer = build_optimizer(cfg, student, device)
@@ -160,10 +179,12 @@ def _compile_models(ctx: StepContext) -> None:
 
 
 def setup(cfg: TrainConfig) -> TrainRun:
-    """Process group, work dir, data, models, optimizer, statistics, resume, loader."""
+    """Resume config, process group, work dir, data, models, optimizer, statistics, loader."""
     from ..data import TrainLoader
 
-    dist_info = init_distributed(resolve_device(cfg).type)
+    cfg, ckpt, ckpt_path = resolve_resume(cfg)  # before any work: the checkpoint's config
+    requested_cfg = cfg
+    dist_info = init_distributed(resolve_device(cfg).type, cfg.ddp_timeout)
     cfg, schedule = ddp_schedule(cfg, dist_info.world_size)  # --ddp-schedule samples: counts / N
     device = resolve_device(cfg, dist_info)
     work_dir = _work_dir(cfg, dist_info)
@@ -171,18 +192,19 @@ def setup(cfg: TrainConfig) -> TrainRun:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     train_source, train_target, val_target = _datasets(cfg)
-    ctx, amp_desc = _step_context(cfg, device, dist_info, work_dir)
+    ctx, amp_desc = _step_context(cfg, device, dist_info, work_dir, load_pretrained=ckpt is None)
 
     start_it = 0
-    resume_path = ckpt_io.find_resume(cfg.resume, work_dir)
-    if resume_path is not None:
-        start_it = restore(ctx, ckpt_io.load_checkpoint(resume_path), device)
+    if ckpt is not None:
+        start_it = restore_checkpoint(ctx, ckpt, ckpt_path, device)
+        del ckpt
         if dist_info.is_main:
-            print(f"resumed from {resume_path} at iteration {start_it}")
+            print(f"resumed from {ckpt_path} at iteration {start_it}")
     if cfg.compile:
         _compile_models(ctx)
     if dist_info.is_main:
-        (work_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "schedule": schedule}, indent=2) + "\n")
+        (work_dir / "config.json").write_text(
+            json.dumps({**requested_cfg.to_dict(), "schedule": schedule}, indent=2) + "\n")
     writer = ScalarWriter(work_dir, enabled=dist_info.is_main)
     loader = TrainLoader(train_source, train_target, cfg.batch_size, cfg.seed, start_iter=start_it,
                          pipeline=cfg.pipeline, device=device, rank=dist_info.rank,
@@ -196,7 +218,8 @@ def setup(cfg: TrainConfig) -> TrainRun:
               f"device={device} precision={amp_desc} work_dir={work_dir}")
     return TrainRun(cfg=cfg, dist_info=dist_info, device=device, work_dir=work_dir, ctx=ctx, amp_desc=amp_desc,
                     val_target=val_target, writer=writer, loader=loader, start_it=start_it, end_it=end_it,
-                    schedule=schedule)
+                    schedule=schedule, requested_cfg=requested_cfg, done=start_it,
+                    saved_at=start_it if ckpt_path is not None else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,7 +265,7 @@ def _log(run: TrainRun, window: _LogWindow, done: int, bar: ProgressBar | None, 
                          f"{loss_txt} | skipped {skipped}")
         run.writer.write(done, scalars)
     if skipped > cfg.max_skipped_steps:
-        raise RuntimeError(
+        raise faults.NonFiniteLimit(
             f"{skipped} optimizer steps were skipped because losses/gradients were NaN or Inf "
             f"(limit --max-skipped-steps {cfg.max_skipped_steps}); lower --lr, check the data, or try "
             "without --amp")
@@ -250,7 +273,20 @@ def _log(run: TrainRun, window: _LogWindow, done: int, bar: ProgressBar | None, 
 
 
 def train_loop(run: TrainRun) -> None:
-    """Iterations ``start_it .. end_it - 1`` with logging, evaluations and checkpoints."""
+    """Iterations ``start_it .. end_it - 1`` with logging, checkpoints and evaluations; a
+    signal or an exception ends it through ``faults.emergency_stop``."""
+    run.stop = faults.StopOnSignal(run.dist_info.control_group, run.dist_info.world_size)
+    with run.stop:
+        try:
+            _iterations(run)
+        except BaseException as exc:  # noqa: BLE001 - re-raised, or replaced by RunStopped
+            stop = faults.emergency_stop(run, exc)
+            if stop is exc:
+                raise
+            raise stop from exc
+
+
+def _iterations(run: TrainRun) -> None:
     cfg, ctx = run.cfg, run.ctx
     profiler = ctx.profiler
     batches = iter(run.loader)
@@ -264,7 +300,9 @@ def train_loop(run: TrainRun) -> None:
         if flops_iter is None:
             flops_iter = flops_per_iteration(cfg, tuple(tgt["img"].shape[-2:]))
         debug = run.main and cfg.debug_interval > 0 and it % cfg.debug_interval == 0 and cfg.method == "sepico"
+        run.in_step = True
         out = train_step(ctx, src, tgt, it, debug=debug)
+        run.in_step, run.done = False, it + 1
         profiler.step()
         window.add(out["losses"])
         if debug:
@@ -272,15 +310,23 @@ def train_loop(run: TrainRun) -> None:
         done = it + 1
         if done % cfg.log_interval == 0 or done == run.end_it:
             _log(run, window, done, bar, flops_iter, peak)
+        if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == run.end_it:
+            _checkpoint(run, done)  # before the evaluation: a bad validation file loses nothing
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.iters:
             run.last_eval = _evaluate(run, done)
             window.t0 = time.perf_counter()
-        if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == run.end_it:
-            if run.main:
-                ckpt_io.save_checkpoint(run.work_dir, snapshot(ctx, done), done, cfg.keep_checkpoints)
-            barrier()
+        if run.stop.requested() and done < run.end_it:
+            raise faults.Interrupted(run.stop.signum)
     profiler.finish()
     run.train_seconds = time.perf_counter() - t_train0
+
+
+def _checkpoint(run: TrainRun, done: int) -> None:
+    if run.main:
+        ckpt_io.save_checkpoint(run.work_dir, ckpt_io.snapshot(run.ctx, done, config=run.requested_cfg), done,
+                                run.cfg.keep_checkpoints)
+    run.saved_at = done
+    barrier()
 
 
 def _evaluate(run: TrainRun, it: int) -> dict | None:
@@ -316,7 +362,12 @@ def finish(run: TrainRun) -> dict:
                 print(f"stopped after iteration {run.end_it} (--stop-at); resume with --resume auto "
                       f"--work-dir {run.work_dir}")
             return {"stopped_at": run.end_it}
-        run.last_eval = _evaluate(run, cfg.iters)
+        try:
+            run.last_eval = _evaluate(run, cfg.iters)
+        except DataFileError as exc:  # the final checkpoint is already written
+            ckpt = run.work_dir / f"iter_{cfg.iters:06d}.pt"
+            raise faults.RunStopped(f"error: {exc} (training finished, checkpoint {ckpt}; fix the file, then "
+                                    f"python -m sepico_fast.evaluate --checkpoint {ckpt})", 1) from None
         metrics = dict(run.last_eval or {})
         metrics.update(iters=cfg.iters, train_seconds=round(run.train_seconds, 2), method=cfg.method,
                        variant=cfg.variant, arch=cfg.arch, seed=cfg.seed, source=cfg.source, target=cfg.target,
@@ -332,50 +383,13 @@ def finish(run: TrainRun) -> dict:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train with ``cfg``; returns the final metrics dict (also written to metrics.json)."""
+    """Train with ``cfg``; returns the final metrics dict (also written to metrics.json).
+    Raises ``faults.RunStopped`` (one-line message, exit status) when stopped early."""
     state = setup(cfg)
-    train_loop(state)
+    try:
+        train_loop(state)
+    except BaseException:
+        state.writer.close()
+        shutdown()
+        raise
     return finish(state)
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoint state
-# ----------------------------------------------------------------------------------------
-def snapshot(ctx: StepContext, it_done: int) -> dict:
-    cfg = ctx.cfg
-    state_dict = ckpt_io.prefixed("model.", ctx.student.state_dict())
-    if ctx.teacher is not None:
-        state_dict.update(ckpt_io.prefixed("ema_model.", ctx.teacher.state_dict()))
-    return {
-        "state_dict": state_dict,
-        "optimizer": ctx.optimizer.state_dict(),
-        "meta": {"iter": it_done, "config": cfg.to_dict(),
-                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "format": "sepico_fast/1"},
-        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
-        "class_stats": ctx.stats.state_dict() if ctx.stats is not None else None,
-        "rng": ckpt_io.rng_state(),
-        "counters": {"skipped": ctx.skipped.detach().cpu()},
-    }
-
-
-def restore(ctx: StepContext, ckpt: dict, device: torch.device) -> int:
-    """Load a ``snapshot`` into ``ctx``; returns the next iteration."""
-    ctx.student.load_state_dict(ckpt_io.unprefixed("model.", ckpt["state_dict"]))
-    if ctx.teacher is not None:
-        ema = ckpt_io.unprefixed("ema_model.", ckpt["state_dict"])
-        if ema:
-            ctx.teacher.load_state_dict(ema)
-    if ckpt.get("optimizer") is not None:
-        ctx.optimizer.load_state_dict(ckpt["optimizer"])
-    if ctx.scaler is not None and ckpt.get("scaler") is not None:
-        ctx.scaler.load_state_dict(ckpt["scaler"])
-    if ctx.stats is not None and ckpt.get("class_stats") is not None:
-        ctx.stats.load_state_dict(ckpt["class_stats"])
-        ctx.stats.to(device)
-    if ckpt.get("rng"):
-        ckpt_io.set_rng_state(ckpt["rng"])
-    counters = ckpt.get("counters") or {}
-    if "skipped" in counters:
-        ctx.skipped.copy_(torch.as_tensor(counters["skipped"]).to(ctx.skipped))
-    return int(ckpt["meta"]["iter"])

@@ -1,0 +1,77 @@
+"""``--resume``: find and verify the checkpoint, continue with ITS config, load its state.
+
+``resolve_resume`` runs first in ``runner.setup``, before anything is built:
+
+* ``--resume auto`` takes the newest intact checkpoint of ``--work-dir`` (a damaged one is
+  skipped with a warning naming it); with none yet it says so and starts at iteration 0,
+  so the same command serves the first start and every restart of a preemptible job;
+* ``--resume PATH`` takes that file (and, without ``--work-dir``, its folder);
+* the run continues with the checkpoint's config: flags given now are checked against it
+  by ``config.resumed_config`` (method/data changes refused unless ``--resume-override``).
+
+Messages are printed by rank 0 only (``RANK`` is read from the environment: the process
+group does not exist yet).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpointing as ckpt_io
+from .config import TrainConfig, resumed_config
+
+
+def _main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(text: str, err: bool = False) -> None:
+    if _main_rank():
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | None]:
+    """(config to train with, loaded checkpoint or None, its path or None)."""
+    if not cfg.resume:
+        return cfg, None, None
+    if cfg.resume == "auto":
+        work_dir = Path(cfg.work_dir)
+        path, ckpt, skipped = ckpt_io.load_newest_intact(work_dir)
+        if path is None and skipped:
+            raise SystemExit(f"--resume auto: no intact checkpoint in {work_dir}: "
+                             + "; ".join(f"{Path(e.path).name}: {e.reason}" for e in skipped))
+        if path is None:
+            _say(f"--resume auto: no checkpoint in {work_dir} yet; starting at iteration 0")
+            return cfg, None, None
+        for err in skipped:
+            _say(f"warning: --resume auto: skipped {err.path} ({err.reason}); resuming from {path} "
+                 f"(iteration {ckpt['meta']['iter']})", err=True)
+    else:
+        path = Path(cfg.resume)
+        try:
+            ckpt = ckpt_io.load_checkpoint(path)
+        except ckpt_io.CheckpointError as exc:
+            raise SystemExit(f"--resume: {exc}") from None
+    try:
+        new_cfg, applied = resumed_config(ckpt["meta"].get("config") or {}, cfg, path)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    for change in applied:
+        _say(f"--resume: applied {change}")
+    return new_cfg, ckpt, path
+
+
+def restore_checkpoint(ctx, ckpt: dict, path: Path, device: torch.device) -> int:
+    """``checkpointing.restore`` with one line instead of a state_dict traceback when the
+    weights do not fit the model (possible only with --resume-override)."""
+    try:
+        return ckpt_io.restore(ctx, ckpt, device)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        saved = ckpt["meta"].get("config") or {}
+        was = ", ".join(f"{k} {saved.get(k)!r}" for k in ("arch", "proj_dim", "variant", "method", "memory_length"))
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise SystemExit(f"--resume: the state in {path} does not fit this run's model (it was trained with {was}): "
+                         f"{type(exc).__name__}: {first}") from None

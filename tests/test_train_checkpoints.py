@@ -1,0 +1,195 @@
+"""Checkpoint files (issue 14): weights_only loading, independent latest.pt, checksums and
+the --resume auto fallback, stale temp files, a full disk; resume config rules."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sepico_fast.train import checkpointing as ckpt_io
+from sepico_fast.train.config import HARMLESS_FIELDS, INVOCATION_FIELDS, TrainConfig, make_config, resumed_config
+from sepico_fast.train.resume import resolve_resume
+
+
+def _state(it: int, cfg: TrainConfig | None = None) -> dict:
+    cfg = cfg or make_config({"proj_dim": 16})
+    g = torch.Generator().manual_seed(it)
+    return {"state_dict": {"model.w": torch.randn(64, generator=g)},
+            "meta": {"iter": it, "config": cfg.to_dict(), "format": ckpt_io.FORMAT},
+            "rng": ckpt_io.rng_state()}
+
+
+def _damage(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_rng_state_survives_weights_only_round_trip(tmp_path):
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    np.random.standard_normal()  # a cached Gaussian is part of numpy's state
+    ckpt_io.atomic_save({"rng": ckpt_io.rng_state()}, tmp_path / "r.pt")
+    want = (random.random(), np.random.standard_normal(), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    ckpt_io.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    got = (random.random(), np.random.standard_normal(), torch.rand(3))
+    assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
+
+
+def test_our_checkpoint_is_a_pretrained_file(tmp_path):
+    """--pretrained (load_official, weights_only=True) reads this project's own checkpoints."""
+    from sepico_fast.models import build_segmentor
+
+    cfg = make_config({"proj_dim": 16})
+    trained = build_segmentor(cfg.arch, 19, 16)
+    state = _state(3, cfg)
+    state["state_dict"] = ckpt_io.prefixed("model.", trained.state_dict())
+    path = ckpt_io.save_checkpoint(tmp_path, state, 3)
+    loaded = build_segmentor(cfg.arch, 19, 16, pretrained=str(tmp_path / "latest.pt"))
+    for (k, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert path.name == "iter_000003.pt"
+
+
+def test_latest_is_an_independent_copy_with_checksums(tmp_path):
+    path = ckpt_io.save_checkpoint(tmp_path, _state(4), 4)
+    latest = tmp_path / "latest.pt"
+    assert os.stat(path).st_ino != os.stat(latest).st_ino and os.stat(path).st_nlink == 1
+    for p in (path, latest):
+        digest, name = (p.parent / (p.name + ".sha256")).read_text().split()
+        assert name == p.name and digest == hashlib.sha256(p.read_bytes()).hexdigest()
+    _damage(latest)
+    assert ckpt_io.load_checkpoint(path)["meta"]["iter"] == 4  # the other file is untouched
+    with pytest.raises(ckpt_io.CheckpointError, match="latest.pt: checksum differs"):
+        ckpt_io.load_checkpoint(latest)
+    (tmp_path / "latest.pt.sha256").unlink()  # no checksum (a flipped byte in tensor data would load):
+    latest.write_bytes(latest.read_bytes()[:-300])  # a truncated file still fails the load test
+    with pytest.raises(ckpt_io.CheckpointError, match="not a loadable checkpoint"):
+        ckpt_io.load_checkpoint(latest)
+    old = tmp_path / "format1.pt"
+    torch.save({"state_dict": {}, "meta": {"iter": 1}, "rng": {"numpy": np.random.get_state()}}, old)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"format1.pt: holds a numpy\S+ object, which torch.load\(weights_only=True\) refuses"):
+        ckpt_io.load_checkpoint(old)
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(ckpt_io.CheckpointError, match="notes.pt"):
+        ckpt_io.load_checkpoint(tmp_path / "notes.pt")
+
+
+def test_resume_auto_falls_back_to_newest_intact(tmp_path, capsys):
+    cfg0 = make_config({"proj_dim": 16, "work_dir": str(tmp_path)})
+    for it in (2, 4, 6):
+        ckpt_io.save_checkpoint(tmp_path, _state(it, cfg0), it, keep=3)
+    _damage(tmp_path / "iter_000006.pt")
+    _damage(tmp_path / "latest.pt")
+    cfg = make_config({"resume": "auto", "work_dir": str(tmp_path)})
+    _, ckpt, path = resolve_resume(cfg)
+    assert path.name == "iter_000004.pt" and ckpt["meta"]["iter"] == 4
+    err = capsys.readouterr().err
+    assert "warning" in err and "iter_000006.pt" in err and "latest.pt" in err and "iteration 4" in err
+    _damage(tmp_path / "iter_000004.pt")
+    _damage(tmp_path / "iter_000002.pt")
+    with pytest.raises(SystemExit, match="no intact checkpoint"):
+        resolve_resume(cfg)
+    with pytest.raises(SystemExit, match="--resume: .*iter_000002.pt: checksum"):
+        resolve_resume(make_config({"resume": str(tmp_path / "iter_000002.pt")}))
+
+
+def test_resume_auto_without_checkpoint_says_so(tmp_path, capsys):
+    cfg = make_config({"resume": "auto", "work_dir": str(tmp_path / "new")})
+    out_cfg, ckpt, path = resolve_resume(cfg)
+    assert ckpt is None and path is None and out_cfg is cfg
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    stale = [tmp_path / ".iter_000002.pt.tmp99999", tmp_path / ".latest.pt.tmp12", tmp_path / ".latest.pt.sha256.tmp7"]
+    for p in stale:
+        p.write_bytes(b"x" * 100)
+    keep = [tmp_path / "notes.tmp1", tmp_path / ".iter_000002.pt.tmp" f"{os.getpid()}"]
+    for p in keep:
+        p.write_bytes(b"y")
+    assert sorted(ckpt_io.remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert all(not p.exists() for p in stale) and all(p.exists() for p in keep)
+
+
+def test_full_disk_is_one_line_with_path_and_bytes(tmp_path, monkeypatch):
+    """The write goes to /dev/full (every write fails with ENOSPC, as on a full disk)."""
+    monkeypatch.setattr(ckpt_io, "_open_for_writing", lambda path: open("/dev/full", "wb"))
+    state = {"state_dict": {"w": torch.zeros(1 << 16)}, "meta": {"iter": 1}}
+    with pytest.raises(ckpt_io.CheckpointWriteError) as exc:
+        ckpt_io.save_checkpoint(tmp_path, state, 1)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(tmp_path / "iter_000001.pt") in msg and "no space left" in msg
+    assert int(msg.split("needs about ")[1].split()[0]) >= (1 << 16) * 4
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind
+
+
+# ----------------------------------------------------------------------------- resume config
+
+def _saved(**kw) -> dict:
+    return make_config(dict({"proj_dim": 16}, **kw)).to_dict()
+
+
+def test_resume_restores_the_checkpoints_config(tmp_path):
+    saved = make_config({"iters": 60, "work_dir": str(tmp_path)}, preset="daformer_gta2cs").to_dict()
+    ckpt = tmp_path / "iter_000020.pt"
+    ckpt.write_bytes(b"")
+    cfg = make_config({"resume": str(ckpt)})  # a bare command line + --resume
+    out, applied = resumed_config(saved, cfg, ckpt)
+    assert out.iters == 60 and out.preset == "daformer_gta2cs" and out.arch == "daformer_mitb5"
+    assert out.source == "gta" and out.proj_dim == 512 and applied == []
+    assert out.work_dir == str(tmp_path)  # --resume PATH without --work-dir: the checkpoint's folder
+
+
+def test_resume_refuses_method_changes_and_applies_harmless_ones(tmp_path):
+    saved = _saved(variant="dist", seed=1, log_interval=50)
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"")
+    cfg = make_config({"resume": str(ckpt), "arch": "daformer_tiny", "variant": "bank", "proj_dim": 32,
+                       "seed": 3, "log_interval": 5})
+    with pytest.raises(ValueError) as exc:
+        resumed_config(saved, cfg, ckpt)
+    msg = str(exc.value)
+    for part in ("--arch dlv2_tiny -> daformer_tiny", "--variant dist -> bank", "--proj-dim 16 -> 32",
+                 "--seed 1 -> 3", "--resume-override"):
+        assert part in msg
+    assert "--log-interval" not in msg and "\n" not in msg
+    out, applied = resumed_config(saved, make_config({"resume": str(ckpt), "log_interval": 5}), ckpt)
+    assert out.log_interval == 5 and applied == ["--log-interval 50 -> 5"] and out.seed == 1
+    forced, applied = resumed_config(saved, make_config({"resume": str(ckpt), "seed": 3,
+                                                         "resume_override": True}), ckpt)
+    assert forced.seed == 3 and applied == ["--seed 1 -> 3"]
+
+
+def test_every_field_not_listed_harmless_is_refused(tmp_path):
+    """New fields (other helpers add some) default to method-changing: refused on resume."""
+    import dataclasses
+
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"")
+    saved = _saved()
+    probes = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 0.5 if v else 0.5,
+              str: None, list: None}
+    checked = 0
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in HARMLESS_FIELDS | INVOCATION_FIELDS or f.name == "preset":
+            continue
+        value = saved[f.name]
+        change = probes.get(type(value))
+        if change is None:
+            continue  # strings / lists are covered by the choice flags above and the test before
+        with pytest.raises(ValueError, match=f"--{f.name.replace('_', '-')} "):
+            resumed_config(saved, _explicit(saved, f.name, change(value), ckpt), ckpt)
+        checked += 1
+    assert checked > 25
+
+
+def _explicit(saved: dict, name: str, value, ckpt) -> TrainConfig:
+    cfg = make_config(dict({k: v for k, v in saved.items() if k in ("proj_dim",)}, resume=str(ckpt)))
+    setattr(cfg, name, value)
+    cfg.explicit = cfg.explicit | {name}
+    return cfg

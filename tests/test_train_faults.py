@@ -1,0 +1,132 @@
+"""Faults during training (issue 14): the run's own config on resume, a bad validation file
+after the checkpoint of the same iteration, a real SIGTERM, weights that do not fit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sepico_fast.data.layouts import Entry
+from sepico_fast.train import make_config
+from sepico_fast.train.faults import RunStopped
+from sepico_fast.train.runner import finish, run, setup, train_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(crop=[32, 32], batch_size=1, proj_dim=16, contrast_start=1, warmup_iters=1, log_interval=1,
+            debug_interval=0, eval_max_images=1, num_workers=0)
+
+
+def _cfg(work_dir, **kw):
+    return make_config(dict(TINY, work_dir=str(work_dir), **kw))
+
+
+def test_resume_auto_continues_the_runs_own_config(tmp_path):
+    """The hint printed after --stop-at (--resume auto --work-dir D) continues the 4-iteration
+    run, not a default 2000-iteration one; other weights are refused in one line even with
+    --resume-override, naming what the checkpoint was trained with."""
+    assert run(_cfg(tmp_path, iters=4, stop_at=2, checkpoint_interval=0)) == {"stopped_at": 2}
+    bare = make_config({"resume": "auto", "work_dir": str(tmp_path)})
+    assert bare.iters == 2000  # what the flags alone would give
+    metrics = run(bare)
+    assert metrics["iters"] == 4 and json.loads((tmp_path / "config.json").read_text())["iters"] == 4
+    rows = [json.loads(x) for x in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if "src_ce" in r] == [1, 2, 3, 4]
+    other = make_config({"resume": str(tmp_path / "iter_000004.pt"), "work_dir": str(tmp_path / "b"),
+                         "arch": "daformer_tiny", "resume_override": True})
+    with pytest.raises(SystemExit, match="does not fit this run's model .*arch 'dlv2_tiny'") as exc:
+        run(other)
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_validation_file_keeps_the_checkpoint(tmp_path):
+    """Evaluation and checkpoint at iteration 2: the checkpoint is written first, the bad
+    file is named in one line."""
+    state = setup(_cfg(tmp_path, iters=4, eval_interval=2, checkpoint_interval=2))
+    bad = tmp_path / "broken_leftImg8bit.png"
+    good = state.val_target.entries[0]
+    bad.write_bytes(Path(good.image).read_bytes()[:200])  # a truncated PNG: valid header, no pixels
+    state.val_target.entries[0] = Entry(bad, good.raw_label, good.label, good.name, good.ref)
+    with pytest.raises(RunStopped) as exc:
+        try:
+            train_loop(state)
+        finally:
+            state.writer.close()
+    msg = str(exc.value)
+    assert exc.value.exit_code == 1 and "\n" not in msg and str(bad) in msg
+    assert "checkpoint of iteration 2" in msg
+    assert torch.load(tmp_path / "iter_000002.pt", weights_only=True)["meta"]["iter"] == 2
+
+
+def test_sigterm_subprocess_exit_status_and_one_line(tmp_path):
+    """A real SIGTERM to ``python -m sepico_fast.train``: exit 143, the last stderr line says
+    where the checkpoint is, and the checkpoint loads with weights_only=True."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "sepico_fast.train", "--crop", "32", "--proj-dim", "16", "--batch-size", "1",
+           "--iters", "500", "--log-interval", "1", "--debug-interval", "0", "--work-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 240
+        scalars = tmp_path / "scalars.jsonl"
+        while not (scalars.is_file() and scalars.read_text().strip()) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in last and "--resume auto --work-dir" in last and "Traceback" not in err
+    path = Path(last.split("checkpoint of iteration ")[1].split(": ", 1)[1].split(";")[0])
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["meta"]["iter"] >= 1 and path.parent == tmp_path
+
+
+def test_finish_names_a_bad_final_evaluation_file(tmp_path):
+    state = setup(_cfg(tmp_path, iters=1))
+    train_loop(state)
+    good = state.val_target.entries[0]
+    bad = tmp_path / "final_leftImg8bit.png"
+    bad.write_bytes(b"not an image")
+    state.val_target.entries[0] = Entry(bad, good.raw_label, good.label, good.name, good.ref)
+    with pytest.raises(RunStopped, match=f"{bad}.*checkpoint .*iter_000001.pt"):
+        finish(state)
+
+
+def test_full_disk_during_training_is_one_line(tmp_path, monkeypatch):
+    from sepico_fast.train import checkpointing as ckpt_io
+
+    monkeypatch.setattr(ckpt_io, "_open_for_writing", lambda path: open("/dev/full", "wb"))
+    with pytest.raises(RunStopped) as exc:
+        run(_cfg(tmp_path, iters=2, checkpoint_interval=1))
+    msg = str(exc.value)
+    assert exc.value.exit_code == 1 and "\n" not in msg and "no space left" in msg
+    assert str(tmp_path / "iter_000001.pt") in msg and "bytes" in msg
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_unknown_exception_keeps_its_traceback_after_the_emergency_checkpoint(tmp_path, monkeypatch, capsys):
+    from sepico_fast.train import runner
+
+    real_step = runner.train_step
+
+    def step(ctx, src, tgt, it, debug=False):
+        if it == 1:
+            raise ZeroDivisionError("a bug inside the step")
+        return real_step(ctx, src, tgt, it, debug=debug)
+
+    monkeypatch.setattr(runner, "train_step", step)
+    with pytest.raises(ZeroDivisionError, match="a bug inside the step"):
+        run(_cfg(tmp_path, iters=3, checkpoint_interval=0))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ZeroDivisionError after iteration 1" in err and str(tmp_path / "iter_000001.pt") in err
+    meta = torch.load(tmp_path / "iter_000001.pt", weights_only=True)["meta"]
+    assert meta["iter"] == 1 and meta["emergency"]["partial_step"] is True
