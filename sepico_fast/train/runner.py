@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_pretrained
 from ..contrast import ClassStats
 from ..evaluate import evaluate_model, iou_summary
 from ..models import build_segmentor, param_groups
@@ -132,8 +133,10 @@ def _datasets(cfg: TrainConfig):
 def _step_context(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, work_dir: Path):
     """(StepContext with models, optimizer and statistics, precision description)."""
     amp_dtype, scaler, amp_desc = amp_setup(cfg, device)
-    student = build_segmentor(cfg.arch, cfg.num_classes, cfg.proj_dim, drop_path_rate=cfg.drop_path_rate,
-                              pretrained=cfg.pretrained or None).to(device)
+    student = build_segmentor(cfg.arch, cfg.num_classes, cfg.proj_dim, drop_path_rate=cfg.drop_path_rate)
+    if cfg.pretrained:
+        load_pretrained(student, cfg.pretrained, verbose=dist_info.is_main)
+    student = student.to(device)
     broadcast_module(student)
     teacher = make_teacher(student) if cfg.method == "sepico" else None
     optimizer = build_optimizer(cfg, student, device)
