@@ -104,6 +104,10 @@ class TrainConfig:
     profile_iters: int = _f(10, "iterations recorded by --profile")
     nvtx: bool = _f(False, "NVTX ranges around each phase (for Nsight Systems)")
     eval_max_images: int = _f(0, "evaluate on at most this many validation images (0: all)")
+    # --- diagnostics ------------------------------------------------------------------------
+    pseudo_diagnostics: bool = _f(False, "per-class precision and coverage of the teacher's pseudo labels against "
+                                  "the target training labels (synthetic, cityscapes), counted on the device, "
+                                  "logged on logging steps, a table at each evaluation; never used by the training")
 
     # ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -309,6 +313,9 @@ def validate(cfg: TrainConfig) -> None:
         bad("device", "expected auto, cpu, cuda or cuda:N")
     if not cfg.pretrained == "" and cfg.pretrained.startswith("-"):
         bad("pretrained", "expected a path")
+    if cfg.pseudo_diagnostics and (cfg.method != "sepico" or cfg.target == "darkzurich"):
+        bad("pseudo_diagnostics", "needs --method sepico (pseudo labels) and a labelled target training set "
+            "(synthetic or cityscapes; Dark Zurich train has no labels)")
 
 
 def config_from_dict(values: dict) -> TrainConfig:
