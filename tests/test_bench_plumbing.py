@@ -77,3 +77,31 @@ def test_summary_table_speedup_matches_rows_by_bench_device_and_shape():
     lines = summary_table(rows).splitlines()
     assert lines[4].split() == ["op", "torch", "cpu", "N=2", "5.000", "1.5", "12.0", "10.00x"]
     assert lines[5].split()[-1] == "n/a" and len(lines) == 7
+
+
+def test_plot_charts_latest_rows_per_device(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.plot import chart_data, main
+
+    results = tmp_path / "results"
+    results.mkdir()
+    row = dict(bench="dist", device="cpu (x86_64, 2 cores)", shape={"N": 8, "dtype": "float32"})
+    rows = [dict(row, impl="upstream", median_ms=40.0), dict(row, impl="torch", median_ms=30.0),
+            dict(row, impl="torch", median_ms=10.0),  # a newer record of the same row replaces the older
+            dict(row, impl="torch_compile", median_ms=20.0),
+            dict(row, impl="triton", device="NVIDIA H100 80GB HBM3", median_ms=0.1)]
+    (results / "dist.json").write_text(json.dumps(rows))
+    (results / "ref.json").write_text(json.dumps([dict(bench="ref", impl="reference", device="cpu (x)",
+                                                       shape={"op": "stats", "N": 8}, median_ms=2.0)]))
+    data = chart_data(json.loads((results / "dist.json").read_text()) + json.loads((results / "ref.json").read_text()))
+    assert sorted(data) == ["cpu", "nvidia_h100_80gb_hbm3"] and sorted(data["cpu"]) == ["dist", "ref / stats"]
+    bars = {b["impl"]: b for b in data["cpu"]["dist"]}
+    assert bars["torch"]["ms"] == 10.0 and bars["torch"]["speedup"] == 4.0 and bars["torch_compile"]["speedup"] == 2.0
+    assert [bars[k]["family"] for k in ("torch", "torch_compile", "upstream")] == ["sepico_fast", "torch.compile",
+                                                                                  "upstream"]
+    assert bars["torch"]["label"] == "torch  N=8"
+    written = main(["--results", str(results), "--out", str(tmp_path / "img")])
+    assert [p.name for p in written] == ["bench_cpu.png", "bench_nvidia_h100_80gb_hbm3.png"]
+    from PIL import Image
+
+    assert all(Image.open(p).size[0] > 500 for p in written)
