@@ -425,6 +425,29 @@ def load_pretrained(model: nn.Module, path, *, verbose: bool = True) -> LoadRepo
     return report
 
 
+def segmentor_from_checkpoint(checkpoint, arch: str | None = None, prefix: str = "model.", *,
+                              weights_only: bool = True):
+    """(segmentor with the checkpoint's weights, the training config dict or {}).
+
+    The architecture, class count and projection width come from the checkpoint's
+    ``meta.config`` (our training checkpoints); otherwise ``arch`` must be given and the
+    widths are read from the weights themselves (upstream / safetensors files).
+    """
+    ckpt = read_checkpoint(checkpoint, weights_only)
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), Mapping) else {}
+    config = dict(meta.get("config") or {})
+    arch = arch or config.get("arch")
+    if arch is None:
+        raise ValueError("the checkpoint carries no training config: name the architecture (--arch)")
+    flat = flat_state_dict(ckpt)
+    branch = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)} or flat
+    num_classes = config.get("num_classes") or _num_classes(branch) or 19
+    proj_dim = config.get("proj_dim") or _proj_dim(branch) or 512
+    model = build_segmentor(arch, int(num_classes), int(proj_dim))
+    load_official(model, ckpt, prefix=prefix)
+    return model, config
+
+
 def _arch(model: nn.Module) -> str:
     return str(getattr(model, "arch", type(model).__name__))
 
