@@ -44,7 +44,7 @@ PANELS = (
     ("learning rate", lambda k: k == "lr", "lr (backbone)"),
     ("throughput", lambda k: k == "images_per_s", "images / s"),
     ("validation mIoU", lambda k: k == "val/miou", "mIoU %"),
-    ("pseudo labels vs target labels (class mean)",
+    ("pseudo labels vs target (class mean)",
      lambda k: k.startswith("pseudo/") and k.endswith("_mean"), "%"),
 )
 
