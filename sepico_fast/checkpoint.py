@@ -34,6 +34,7 @@ numeric numpy arrays only); ``.safetensors`` files (recognised by content) need 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -110,6 +111,14 @@ def _numpy_safe_globals() -> list:
     return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
 
 
+def _allow(safe: list):
+    """Context allowing ``safe`` globals in weights-only unpickling (process-wide on torch 2.4)."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(safe)
+    torch.serialization.add_safe_globals(safe)
+    return contextlib.nullcontext()
+
+
 def is_safetensors_file(path: str | os.PathLike) -> bool:
     """True when the file has the safetensors layout (8-byte little-endian header size, JSON header)."""
     with open(path, "rb") as fh:
@@ -157,21 +166,25 @@ def read_checkpoint(checkpoint, weights_only: bool = True) -> Mapping:
             return _read_safetensors(path)
         try:
             if weights_only:
-                with torch.serialization.safe_globals(_numpy_safe_globals()):
+                with _allow(_numpy_safe_globals()):
                     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             else:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # pickle errors come in several types
-            if weights_only:
-                first = str(err).strip().splitlines()
-                reason = next((ln.strip() for ln in first if "Unsupported global" in ln), first[0] if first else "")
+            # torch's message opens with generic advice; the reason follows "WeightsUnpickler error:".
+            found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+            lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+            detail = found.group(1).strip() if found else (lines[0] if lines else repr(err))
+            refused = detail if "Unsupported global" in detail else None
+            if weights_only and refused:
                 raise ValueError(
-                    f"could not read {path} as weights only ({reason}): it holds pickled Python objects "
+                    f"could not read {path} as weights only ({refused}): it holds pickled Python objects "
                     "other than tensors, which are not unpickled because that can run code; if you trust "
                     "the file, re-save its weights once with torch.save(torch.load(PATH, weights_only=False)"
                     "['state_dict'], NEW_PATH), or call load_official(..., weights_only=False) from Python"
                 ) from err
-            raise
+            raise ValueError(f"could not read {path}: not a torch.save or safetensors file, or damaged "
+                             f"({type(err).__name__}: {detail})") from err
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
     return checkpoint

@@ -40,7 +40,9 @@ class TrainConfig:
     variant: str = _f("dist", "contrast variant: dist (DistCL), bank (BankCL), proto (ProtoCL)", VARIANTS)
     # --- model -----------------------------------------------------------------------
     arch: str = _f("daformer_tiny", "segmentor: daformer_mitb0..b5, dlv2_r50, dlv2_r101, daformer_tiny, dlv2_tiny")
-    pretrained: str = _f("", "ImageNet backbone or upstream checkpoint loaded into the student (and teacher)")
+    pretrained: str = _f("", "weights loaded into the student (and teacher): ImageNet backbone file (NVlabs mit_b*.pth, "
+                         "mmcv ResNet-V1c), Hugging Face SegFormer encoder (nvidia/mit-b*: pytorch_model.bin, "
+                         "model.safetensors or its folder), or a segmentor / UDA checkpoint")
     num_classes: int = _f(19, "number of classes")
     proj_dim: int = _f(512, "projection (contrast feature) dimension A")
     drop_path_rate: float = _f(0.1, "student drop-path rate (the teacher always runs without)")
