@@ -19,6 +19,16 @@ safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors
 HF_EPS = 1e-5  # every LayerNorm of transformers' SegFormer uses the nn.LayerNorm default
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models run hundreds of tiny float64 ops: on a busy 2-core machine two intra-op
+    threads make them about 4x slower than one (measured: MiT-B5 test 45 s vs 11 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def hf_config(variant: str, num_labels: int = 7):
     c = MIT_CONFIGS[variant]
     return transformers.SegformerConfig(
