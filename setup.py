@@ -96,10 +96,17 @@ setup(
         "numpy",
         "pillow",
         'triton>=3.0; platform_system == "Linux"',
+        "safetensors",  # Hugging Face weight files (--pretrained, evaluate --checkpoint)
     ],
     extras_require={
-        "dev": ["pytest"],
+        # Everything the tests use: the SegFormer reference (transformers 5.x renamed the
+        # modules the nvidia/mit-b* hub files are written in, so 4.x), the ONNX export check,
+        # curves and TensorBoard scalars.
+        "dev": ["pytest", "transformers>=4.40,<5", "onnx", "onnxruntime", "onnxscript", "matplotlib",
+                "tensorboard"],
         "dali": ["nvidia-dali-cuda130"],
         "tb": ["tensorboard"],
+        "plots": ["matplotlib"],  # curves.png, bench charts
+        "export": ["onnx", "onnxruntime", "onnxscript"],
     },
 )

@@ -1,8 +1,11 @@
 """Timing and result records shared by every benchmark in ``bench/``.
 
-Each measurement becomes one JSON object appended to ``bench/results/<bench>.json``
-(a JSON list), carrying the device name, git commit and date so that numbers from
-different machines are never mixed up.
+Each measurement becomes one JSON object carrying the device name, git commit and date so
+that numbers from different machines are never mixed up. It is printed, collected for the
+summary table ``pytest bench/`` prints at the end (``bench/conftest.py``), and appended to
+``bench/results/<bench>.json`` (a JSON list, committed) only when recording is asked for:
+``pytest bench/ --record`` or ``SEPICO_FAST_BENCH_RECORD=1``. A plain run changes no
+tracked file.
 """
 from __future__ import annotations
 
@@ -19,6 +22,16 @@ from typing import Callable, Sequence
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RECORD_ENV = "SEPICO_FAST_BENCH_RECORD"
+# Set by ``pytest --record`` (bench/conftest.py); the environment variable works without pytest.
+RECORD = False
+# Every row measured in this process, in order (the conftest prints them as one table).
+SESSION_ROWS: list[dict] = []
+
+
+def recording() -> bool:
+    """Whether rows are appended to ``bench/results/`` (``--record`` or ``SEPICO_FAST_BENCH_RECORD=1``)."""
+    return RECORD or os.environ.get(RECORD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def device_name(device: torch.device | str) -> str:
@@ -102,7 +115,8 @@ def copy_bandwidth_gbps(device: torch.device | str) -> float:
 def record(bench: str, impl: str, device: torch.device | str, shape: dict, median_ms: float, *,
            bytes_moved: float | None = None, flops: float | None = None,
            peak_mem_mb: float | None = None, extra: dict | None = None) -> dict:
-    """Append one result to ``bench/results/<bench>.json`` and print it on one line."""
+    """Print one result on one line, keep it for the summary table and, when
+    :func:`recording`, append it to ``bench/results/<bench>.json``."""
     device = torch.device(device)
     gbps = bytes_moved / (median_ms * 1e-3) / 1e9 if bytes_moved else None
     roofline = 100.0 * gbps / copy_bandwidth_gbps(device) if gbps else None
@@ -121,17 +135,75 @@ def record(bench: str, impl: str, device: torch.device | str, shape: dict, media
     }
     if extra:
         row.update(extra)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{bench}.json"
+    SESSION_ROWS.append(row)
+    if recording():
+        append_row(row)
+    print(f"[bench] {bench:<24} {impl:<14} {json.dumps(shape):<40} {median_ms:9.3f} ms"
+          + (f"  {gbps:8.1f} GB/s ({roofline:.0f}% of copy)" if gbps else "")
+          + (f"  peak {peak_mem_mb:.1f} MB" if peak_mem_mb is not None else ""))
+    return row
+
+
+def append_row(row: dict, results_dir: Path | None = None) -> Path:
+    """Append ``row`` to ``<results_dir>/<bench>.json`` atomically."""
+    results_dir = Path(results_dir or RESULTS_DIR)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{row['bench']}.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     rows.append(row)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
     os.replace(tmp, path)
-    print(f"[bench] {bench:<24} {impl:<14} {json.dumps(shape):<40} {median_ms:9.3f} ms"
-          + (f"  {gbps:8.1f} GB/s ({roofline:.0f}% of copy)" if gbps else "")
-          + (f"  peak {peak_mem_mb:.1f} MB" if peak_mem_mb is not None else ""))
-    return row
+    return path
+
+
+def _shape_key(row: dict) -> str:
+    return json.dumps(row.get("shape"), sort_keys=True)
+
+
+def speedup_vs_upstream(row: dict, rows: Sequence[dict]) -> float | None:
+    """upstream ms / this row's ms for the upstream row of the same bench, device and shape
+    (the latest one when several); None for upstream rows themselves or without one."""
+    if row["impl"] == "upstream":
+        return None
+    match = [r for r in rows if r["impl"] == "upstream" and r["bench"] == row["bench"]
+             and r["device"] == row["device"] and _shape_key(r) == _shape_key(row)]
+    if not match or not row.get("median_ms"):
+        return None
+    return match[-1]["median_ms"] / row["median_ms"]
+
+
+def _short_shape(shape) -> str:
+    if not isinstance(shape, dict):
+        return str(shape)
+    return " ".join(f"{k}={v}" for k, v in shape.items() if k not in ("dtype",))
+
+
+def summary_table(rows: Sequence[dict]) -> str:
+    """One aligned text table of ``rows``: op, impl, device, shape, ms, GB/s, % roofline,
+    speed-up vs the upstream formulation (× faster than upstream; n/a without an upstream row)."""
+    if not rows:
+        return "no benchmark rows measured"
+    head = ("op", "impl", "device", "shape", "ms", "GB/s", "% roofline", "vs upstream")
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    body = []
+    for r in rows:
+        speed = speedup_vs_upstream(r, rows)
+        body.append((r["bench"], r["impl"], r["device"].split(" (")[0], _short_shape(r.get("shape")),
+                     fmt(r.get("median_ms"), ".3f"), fmt(r.get("gbps"), ".1f"), fmt(r.get("roofline_pct"), ".1f"),
+                     "upstream" if r["impl"] == "upstream" else ("n/a" if speed is None else f"{speed:.2f}x")))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    right = {4, 5, 6, 7}
+    lines = []
+    for i, line in enumerate([head, *body]):
+        cells = [str(c).rjust(w) if j in right else str(c).ljust(w) for j, (c, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def cpu_peak_memory_mb(fn: Callable[[], object]) -> float:
@@ -153,4 +225,5 @@ def cpu_peak_memory_mb(fn: Callable[[], object]) -> float:
 
 
 __all__: Sequence[str] = ["median_time_ms", "peak_memory_mb", "copy_bandwidth_gbps", "record",
-                          "device_name", "git_commit", "cpu_peak_memory_mb"]
+                          "device_name", "git_commit", "cpu_peak_memory_mb", "recording", "append_row",
+                          "summary_table", "speedup_vs_upstream", "SESSION_ROWS"]

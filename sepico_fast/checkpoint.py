@@ -21,9 +21,20 @@ fall inside one of the target's own modules but are not part of it (e.g. ResNet-
 ``backbone.layer3.6`` blocks offered to a ResNet-50) raise too. Keys outside the target's
 modules (the other UDA branch, classifier heads, ``imnet_model.*``...) are ignored and
 listed in the report; unknown ones are logged as a warning.
+
+Hugging Face SegFormer encoders (``nvidia/mit-b0`` ... ``nvidia/mit-b5``: ``pytorch_model.bin`` or
+``model.safetensors``, or the folder holding one of them) are recognised by their
+``segformer.encoder.*`` / ``encoder.*`` keys (the layout transformers 4.x writes), renamed to
+the MiT names (query + key/value -> ``q`` + ``kv``) and then loaded like an ImageNet backbone
+file, with the same strictness; their classifier / decode head is ignored.
+
+Files: ``torch.save`` pickles are read with ``weights_only=True`` (tensors, plain containers and
+numeric numpy arrays only); ``.safetensors`` files (recognised by content) need the
+``safetensors`` package.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -33,6 +44,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .models import ARCHS, build_segmentor
+from .models.mit import MixVisionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,8 @@ class LoadReport:
     unexpected: checkpoint keys nobody asked for and not known to be ignorable (warned).
     ignored: checkpoint keys skipped by design (other UDA branch, classifier head...).
     random_init: module prefixes left at their random initialisation.
+    layout: "upstream" (mmseg / NVlabs / mmcv key names) or "huggingface" (a transformers
+    SegFormer encoder, renamed to the MiT names).
     """
 
     kind: str
@@ -67,6 +83,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     random_init: list[str] = field(default_factory=list)
+    layout: str = "upstream"
 
     def __repr__(self) -> str:
         def few(xs: list[str]) -> str:
@@ -74,22 +91,100 @@ class LoadReport:
 
         return (f"LoadReport(kind={self.kind!r}, prefix={self.prefix!r}, loaded={self.loaded}, "
                 f"missing={few(self.missing)}, unexpected={few(self.unexpected)}, "
-                f"ignored={few(self.ignored)}, random_init={self.random_init})")
+                f"ignored={few(self.ignored)}, random_init={self.random_init}, layout={self.layout!r})")
 
 
-def _read(checkpoint, weights_only: bool) -> Mapping:
+# Files a Hugging Face model folder may hold, in the order they are tried.
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _numpy_safe_globals() -> list:
+    """What unpickling numeric numpy arrays and scalars needs (e.g. an RNG state in a
+    training checkpoint); object arrays still fail because their items are other globals."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    multiarray = core.multiarray
+    dtypes = {type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                          np.uint16, np.uint32, np.uint64, np.float16, np.float32,
+                                          np.float64, np.complex64, np.complex128)}
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
+def _allow(safe: list):
+    """Context allowing ``safe`` globals in weights-only unpickling (process-wide on torch 2.4)."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(safe)
+    torch.serialization.add_safe_globals(safe)
+    return contextlib.nullcontext()
+
+
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """True when the file has the safetensors layout (8-byte little-endian header size, JSON header)."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + size <= os.path.getsize(path)
+
+
+def _weights_file(path: str) -> str:
+    """A checkpoint path, or the weights file inside a Hugging Face model folder."""
+    if os.path.isdir(path):
+        for name in _HF_WEIGHT_FILES:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        if any(n.endswith(".index.json") for n in os.listdir(path)):
+            raise ValueError(f"{path} holds a sharded checkpoint (*.index.json); merge the shards into one file")
+        raise FileNotFoundError(f"checkpoint folder {path} holds none of {list(_HF_WEIGHT_FILES)}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return path
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ValueError(f"{path} is a safetensors file; reading it needs the safetensors package "
+                         "(pip install safetensors)") from None
+    return load_file(path, device="cpu")
+
+
+def read_checkpoint(checkpoint, weights_only: bool = True) -> Mapping:
+    """The object stored in a checkpoint file (``torch.save`` pickle or safetensors), or
+    ``checkpoint`` itself when it is already a dict.
+
+    A directory is taken as a Hugging Face model folder (``model.safetensors`` or
+    ``pytorch_model.bin`` inside). With ``weights_only`` (the default) a pickle may hold
+    tensors, plain Python containers and numeric numpy arrays, nothing that runs code.
+    """
     if isinstance(checkpoint, (str, os.PathLike)):
-        path = os.fspath(checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        path = _weights_file(os.fspath(checkpoint))
+        if is_safetensors_file(path):
+            return _read_safetensors(path)
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-        except Exception as err:  # pickle errors come in several types
             if weights_only:
+                with _allow(_numpy_safe_globals()):
+                    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # pickle errors come in several types
+            # torch's message opens with generic advice; the reason follows "WeightsUnpickler error:".
+            found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+            lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+            detail = found.group(1).strip() if found else (lines[0] if lines else repr(err))
+            refused = detail if "Unsupported global" in detail else None
+            if weights_only and refused:
                 raise ValueError(
-                    f"could not read {path} with torch.load(weights_only=True) ({err}); if the "
-                    "file is trusted, pass weights_only=False") from err
-            raise
+                    f"could not read {path} as weights only ({refused}): it holds pickled Python objects "
+                    "other than tensors, which are not unpickled because that can run code; if you trust "
+                    "the file, re-save its weights once with torch.save(torch.load(PATH, weights_only=False)"
+                    "['state_dict'], NEW_PATH), or call load_official(..., weights_only=False) from Python"
+                ) from err
+            raise ValueError(f"could not read {path}: not a torch.save or safetensors file, or damaged "
+                             f"({type(err).__name__}: {detail})") from err
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
     return checkpoint
@@ -115,6 +210,73 @@ def flat_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     for k, v in flat.items():
         out[_WRAPPER.sub(r"\1", _WRAPPER.sub(r"\1", k))] = v  # twice: "module._orig_mod."
     return out
+
+
+# ----------------------------------------------------------------------------- Hugging Face SegFormer
+# transformers 4.x SegFormer encoder names (the layout of the nvidia/mit-b* hub files).
+_HF_ENCODER = re.compile(r"^(?:segformer\.)?encoder\.")
+_HF_PATCH = re.compile(r"^patch_embeddings\.(\d+)\.(proj|layer_norm)\.(weight|bias)$")
+_HF_BLOCK = re.compile(r"^block\.(\d+)\.(\d+)\.(.+)\.(weight|bias)$")
+_HF_STAGE_NORM = re.compile(r"^layer_norm\.(\d+)\.(weight|bias)$")
+# Module inside one HF SegformerLayer -> ours; query/key/value are special-cased (q, kv).
+_HF_LAYER_MODULES = {
+    "layer_norm_1": "norm1",
+    "layer_norm_2": "norm2",
+    "attention.self.query": "attn.q",
+    "attention.self.sr": "attn.sr",
+    "attention.self.layer_norm": "attn.norm",
+    "attention.output.dense": "attn.proj",
+    "mlp.dense1": "mlp.fc1",
+    "mlp.dwconv.dwconv": "mlp.dwconv.dwconv",
+    "mlp.dense2": "mlp.fc2",
+}
+
+
+def is_hf_segformer(flat: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a flat state dict holds a Hugging Face SegFormer encoder (``segformer.encoder.*`` or
+    ``encoder.*`` with ``patch_embeddings`` / ``block`` / ``layer_norm`` below it)."""
+    return any(_HF_ENCODER.match(k) and _HF_ENCODER.sub("", k).split(".", 1)[0]
+               in ("patch_embeddings", "block", "layer_norm") for k in flat)
+
+
+def hf_segformer_to_mit(flat: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(MiT backbone state dict with our names, ignored non-encoder keys) of a HF SegFormer file.
+
+    Every encoder key must be one the transformers 4.x layout defines; query and the separate
+    key / value projections become ``attn.q`` and one ``attn.kv`` (K rows first, then V, as
+    the MiT code splits them). Raises ValueError naming the keys it cannot place.
+    """
+    out: dict[str, torch.Tensor] = {}
+    kv: dict[str, dict[str, torch.Tensor]] = {}
+    unknown, ignored = [], []
+    for key, value in flat.items():
+        if not _HF_ENCODER.match(key):
+            ignored.append(key)  # classifier.*, the HF decode head, ...
+            continue
+        rest = _HF_ENCODER.sub("", key)
+        if m := _HF_PATCH.match(rest):
+            stage, module, param = int(m[1]), m[2], m[3]
+            out[f"patch_embed{stage + 1}.{'proj' if module == 'proj' else 'norm'}.{param}"] = value
+        elif m := _HF_STAGE_NORM.match(rest):
+            out[f"norm{int(m[1]) + 1}.{m[2]}"] = value
+        elif (m := _HF_BLOCK.match(rest)) and (m[3] in _HF_LAYER_MODULES or m[3] in (
+                "attention.self.key", "attention.self.value")):
+            ours = f"block{int(m[1]) + 1}.{m[2]}"
+            if m[3] in _HF_LAYER_MODULES:
+                out[f"{ours}.{_HF_LAYER_MODULES[m[3]]}.{m[4]}"] = value
+            else:
+                kv.setdefault(f"{ours}.attn.kv.{m[4]}", {})[m[3].rsplit(".", 1)[1]] = value
+        else:
+            unknown.append(key)
+    for name, parts in kv.items():
+        if set(parts) != {"key", "value"}:
+            unknown.append(f"{name}: only attention.self.{next(iter(parts))} present (needs key and value)")
+            continue
+        out[name] = torch.cat([parts["key"], parts["value"]], dim=0)
+    if unknown:
+        raise ValueError(f"Hugging Face SegFormer checkpoint has {len(unknown)} encoder keys that are not "
+                         f"part of the transformers 4.x layout, e.g. {sorted(unknown)[:_MAX_LISTED]}")
+    return out, ignored
 
 
 def _own_children(module: nn.Module) -> set[str]:
@@ -155,8 +317,6 @@ def _check(target: nn.Module, sd: Mapping[str, torch.Tensor], *, what: str, stri
 @functools.lru_cache(maxsize=8)
 def _known_layouts(num_classes: int, proj_dim: int) -> list[tuple[str, dict, dict]]:
     """(arch, segmentor {key: shape}, backbone {key: shape}) of every known architecture."""
-    from .models import ARCHS, build_segmentor
-
     out = []
     for arch in ARCHS:
         with torch.device("meta"):
@@ -203,9 +363,16 @@ def load_official(model: nn.Module, checkpoint, prefix: str = "model.", *,
     for name in ("backbone", "decode_head", "auxiliary_head"):
         if not isinstance(getattr(model, name, None), nn.Module):
             raise ValueError(f"model must be a segmentor with a .{name} module")
-    flat = flat_state_dict(_read(checkpoint, weights_only))
+    flat = flat_state_dict(read_checkpoint(checkpoint, weights_only))
     if not flat:
         raise ValueError("checkpoint holds no tensors")
+    layout, hf_ignored = "upstream", []
+    if is_hf_segformer(flat):
+        if not isinstance(model.backbone, MixVisionTransformer):
+            raise ValueError(f"checkpoint is a Hugging Face SegFormer (MiT) encoder but {_arch(model)} has a "
+                             f"{type(model.backbone).__name__} backbone; use a daformer_mit* architecture")
+        flat, hf_ignored = hf_segformer_to_mit(flat)
+        layout = "huggingface"
 
     branches = {p for p in _UDA_PREFIXES if any(k.startswith(p) for k in flat)}
     ignored_branch: list[str] = []
@@ -242,12 +409,12 @@ def load_official(model: nn.Module, checkpoint, prefix: str = "model.", *,
         model.backbone.load_state_dict(tensors, strict=False)
         missing = [f"backbone.{k}" for k in missing]
         random_init = ["decode_head", "auxiliary_head"]
-        log.info("loaded an ImageNet backbone file into %s; decode_head and auxiliary_head stay "
-                 "randomly initialised", _arch(model))
+        log.info("loaded an ImageNet backbone file (%s layout) into %s; decode_head and auxiliary_head "
+                 "stay randomly initialised", layout, _arch(model))
 
     report = LoadReport(kind=kind, prefix=prefix if kind != "backbone" else "", loaded=len(tensors),
                         missing=missing, unexpected=unexpected,
-                        ignored=ignored_branch + ignored, random_init=random_init)
+                        ignored=ignored_branch + hf_ignored + ignored, random_init=random_init, layout=layout)
     if unexpected:
         log.warning("checkpoint has %d unexpected keys (not loaded), e.g. %s",
                     len(unexpected), unexpected[:_MAX_LISTED])
@@ -255,6 +422,43 @@ def load_official(model: nn.Module, checkpoint, prefix: str = "model.", *,
         log.warning("checkpoint lacks %d keys (left as initialised), e.g. %s",
                     len(missing), missing[:_MAX_LISTED])
     return report
+
+
+def load_pretrained(model: nn.Module, path, *, verbose: bool = True) -> LoadReport:
+    """``--pretrained PATH``: :func:`load_official` into ``model`` (student weights of a UDA
+    checkpoint); a bad file exits with one line naming the flag, success prints one line."""
+    try:
+        report = load_official(model, path)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--pretrained: {err}") from None
+    if verbose:
+        what = {"backbone": "backbone", "segmentor": "segmentor", "uda": "student of a UDA checkpoint"}[report.kind]
+        print(f"pretrained: {report.loaded} tensors ({what}, {report.layout} layout) from {path}"
+              + (f"; randomly initialised: {', '.join(report.random_init)}" if report.random_init else ""))
+    return report
+
+
+def segmentor_from_checkpoint(checkpoint, arch: str | None = None, prefix: str = "model.", *,
+                              weights_only: bool = True):
+    """(segmentor with the checkpoint's weights, the training config dict or {}).
+
+    The architecture, class count and projection width come from the checkpoint's
+    ``meta.config`` (our training checkpoints); otherwise ``arch`` must be given and the
+    widths are read from the weights themselves (upstream / safetensors files).
+    """
+    ckpt = read_checkpoint(checkpoint, weights_only)
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), Mapping) else {}
+    config = dict(meta.get("config") or {})
+    arch = arch or config.get("arch")
+    if arch is None:
+        raise ValueError("the checkpoint carries no training config: name the architecture (--arch)")
+    flat = flat_state_dict(ckpt)
+    branch = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)} or flat
+    num_classes = config.get("num_classes") or _num_classes(branch) or 19
+    proj_dim = config.get("proj_dim") or _proj_dim(branch) or 512
+    model = build_segmentor(arch, int(num_classes), int(proj_dim))
+    load_official(model, ckpt, prefix=prefix)
+    return model, config
 
 
 def _arch(model: nn.Module) -> str:

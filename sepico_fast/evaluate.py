@@ -230,7 +230,8 @@ def _unlabelled_batches(root: Path, split: str, scale, device):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sepico_fast.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="sepico_fast checkpoint (or upstream .pth with --arch)")
+    p.add_argument("--checkpoint", required=True,
+                   help="sepico_fast checkpoint, or an upstream .pth / .safetensors file with --arch")
     p.add_argument("--dataset", default=None, choices=("cityscapes", "darkzurich", "synthetic"),
                    help="evaluation set (default: the checkpoint's training target)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset folders")
@@ -251,15 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    from .checkpoint import load_official
+    from .checkpoint import load_official, read_checkpoint
     from .models import build_segmentor
     from .train.logging import iou_table
 
     args = build_parser().parse_args(argv)
     ckpt_path = Path(args.checkpoint)
-    if not ckpt_path.is_file():
+    if not ckpt_path.exists():
         raise SystemExit(f"--checkpoint: file {str(ckpt_path)!r} does not exist")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:  # torch.save pickle (weights only) or safetensors; a folder: Hugging Face model folder
+        ckpt = read_checkpoint(ckpt_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--checkpoint: {err}") from None
     config = (ckpt.get("meta") or {}).get("config") or {} if isinstance(ckpt, dict) else {}
     arch = args.arch or config.get("arch")
     if arch is None:
@@ -267,7 +271,10 @@ def main(argv=None) -> dict:
     dataset = args.dataset or config.get("target") or "cityscapes"
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = build_segmentor(arch, config.get("num_classes", 19), config.get("proj_dim", 512)).to(device)
-    load_official(model, ckpt, prefix=args.weights + ".")
+    try:
+        load_official(model, ckpt, prefix=args.weights + ".")
+    except ValueError as err:
+        raise SystemExit(f"--checkpoint: {err}") from None
     amp_dtype = torch.bfloat16 if (args.amp and device.type == "cuda") else None
     crop = tuple(args.crop) if args.crop else tuple(config.get("crop", (640, 640)))
     if len(crop) == 1:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sepico_fast.checkpoint import LoadReport, load_official, uda_state_dict
+from sepico_fast.checkpoint import LoadReport, load_official, load_pretrained, uda_state_dict
 from sepico_fast.models import build_segmentor
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -118,11 +118,37 @@ def test_published_and_bare_and_wrapped_checkpoints(tiny_pair):
                       prefix="ema_model.")
 
 
-def test_build_segmentor_pretrained_path(tiny_pair, tmp_path):
+def test_load_pretrained_path_and_its_errors(tiny_pair, tmp_path, capsys):
+    """``--pretrained``: loads a file and says what it loaded; a bad file is one line naming the flag."""
     student, _ = tiny_pair
     path = tmp_path / "seg.pth"
     torch.save({"state_dict": student.state_dict()}, path)
-    assert_state_equal(build_segmentor("daformer_tiny", pretrained=path), student.state_dict())
+    target = build_segmentor("daformer_tiny")
+    report = load_pretrained(target, path)
+    assert_state_equal(target, student.state_dict())
+    assert f"pretrained: {report.loaded} tensors (segmentor, upstream layout) from {path}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^--pretrained: checkpoint file not found: .*nope\.pth$"):
+        load_pretrained(target, tmp_path / "nope.pth")
+    with pytest.raises(SystemExit, match=r"^--pretrained: checkpoint does not fit dlv2_tiny"):
+        load_pretrained(build_segmentor("dlv2_tiny"), path)
+
+
+def test_models_never_import_checkpoint():
+    """One-directional import graph: checkpoint -> models, never models -> checkpoint."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "sepico_fast" / "models"
+    offenders = []
+    for py in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(py.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "checkpoint" or n.endswith(".checkpoint") for n in names):
+                offenders.append(f"{py.name}:{node.lineno}")
+    assert offenders == []
 
 
 # ----------------------------------------------------------------------------- ImageNet backbones

@@ -198,7 +198,8 @@ def test_validation_during_training_reweights_dark_zurich(tmp_path, capsys):
     results = {}
     for on in (True, False):
         cfg = make_config({"proj_dim": 16, "source": "cityscapes", "target": "darkzurich", "dz_test_reweight": on})
-        run = SimpleNamespace(main=True, cfg=cfg, ctx=SimpleNamespace(student=model, amp_dtype=None), val_target=val,
+        run = SimpleNamespace(main=True, cfg=cfg, ctx=SimpleNamespace(student=model, amp_dtype=None, pseudo_diag=None),
+                              val_target=val, work_dir=tmp_path,
                               device=torch.device("cpu"), writer=SimpleNamespace(write=lambda it, d: writes.append(d)))
         results[on] = _evaluate(run, 10)
         assert results[on]["dz_test_reweight"]["enabled"] is on

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from sepico_fast.checkpoint import load_official
 from sepico_fast.models import build_segmentor
 from sepico_fast.models.heads import DAFormerHead, DLV2Head, ProjHead, l2_normalize
 
@@ -85,7 +86,8 @@ def test_segmentor_heads_and_pretrained_backbone_overwrites_only_the_backbone(ar
             p.add_(1.0)
     backbone_file = {k: v.clone() for k, v in donor.backbone.state_dict().items()}  # backbone-local names
     torch.manual_seed(3)
-    loaded = build_segmentor(arch, 19, 16, pretrained=backbone_file)
+    loaded = build_segmentor(arch, 19, 16)
+    load_official(loaded, backbone_file)
     for k, v in loaded.backbone.state_dict().items():
         assert torch.equal(v, backbone_file[k]), k
     for name in ("decode_head", "auxiliary_head"):

@@ -153,12 +153,21 @@ class SourceSet(_Files):
 
 
 class TargetSet(_Files):
-    """Unlabelled training set: resize to fit → flip → normalise (whole image, no crop)."""
+    """Unlabelled training set: resize to fit → flip → normalise (whole image, no crop).
 
-    def __init__(self, entries, *, name: str, scale, in_memory: bool = False, root: Path | None = None):
+    ``with_labels`` (``--pseudo-diagnostics`` only; the training never sees them) adds the
+    image's label, resized (nearest) and flipped like the image, as ``"gt"``.
+    """
+
+    def __init__(self, entries, *, name: str, scale, in_memory: bool = False, root: Path | None = None,
+                 with_labels: bool = False):
         super().__init__(entries, scale, in_memory)
         self.name, self.root = name, root
         self.has_ref = all(e.ref is not None for e in self.entries)
+        if with_labels and any(e.label is None for e in self.entries):
+            raise ValueError(f"--pseudo-diagnostics: the {name} training images have no labels "
+                             "(it needs a labelled target training set: cityscapes or synthetic)")
+        self.with_labels = bool(with_labels)
 
     def plan(self, rng: np.random.Generator) -> TargetPlan:
         index = int(rng.integers(0, len(self)))
@@ -168,6 +177,10 @@ class TargetSet(_Files):
         out = {"img": render_target(self.image(plan.index), plan.resized, plan.flip)}
         if self.has_ref:  # the day reference gets the same resize and the same flip
             out["ref_img"] = render_target(self.ref_image(plan.index), plan.resized, plan.flip)
+        if self.with_labels:
+            lbl = resize_label(self.label(plan.index), plan.resized)
+            lbl = lbl[:, ::-1] if plan.flip else lbl
+            out["gt"] = torch.from_numpy(lbl.astype(np.int64))[None].contiguous()
         return out
 
 
@@ -247,7 +260,7 @@ def build_datasets(source: str, target: str, data_root=None, *, source_root=None
                    rcs_min_pixels: int | None = None, rcs_min_crop_pixels: int | None = None,
                    in_memory: bool | None = None, val_split: str = "val",
                    synthetic_cache: str | os.PathLike | None = None, synthetic_options: dict | None = None,
-                   cache: str | None = None):
+                   cache: str | None = None, target_labels: bool = False):
     """(train_source, train_target, val_target) for a source → target pair.
 
     source: gta | synthia | cityscapes | synthetic;  target: cityscapes | darkzurich | synthetic.
@@ -258,7 +271,8 @@ def build_datasets(source: str, target: str, data_root=None, *, source_root=None
     ``synthetic.ensure_synthetic(synthetic_cache, **synthetic_options)`` (``data_root`` is not
     used for it). ``cache`` ("png" | "jpeg") reads the pre-resized copies written by
     ``prepare --cache`` at the source/target scales (validation images only when the eval
-    scale equals the target scale; validation labels always at full size).
+    scale equals the target scale; validation labels always at full size). ``target_labels``
+    makes the target training set yield its labels too (``--pseudo-diagnostics``).
     """
     d = dataset_defaults(source, target)
     source_scale = tuple(source_scale or d["source_scale"])
@@ -304,11 +318,14 @@ def build_datasets(source: str, target: str, data_root=None, *, source_root=None
     tgt_entries = list_files(tgt_name, tgt_root, "train")
     val_entries = list_files(tgt_name, tgt_root, val_split)
     _require_prepared(tgt_name, tgt_root, val_entries)
+    if target_labels:
+        _require_prepared(tgt_name, tgt_root, tgt_entries)
     if cache is not None:
         tgt_entries = use_cache(tgt_root, tgt_entries, cache, target_scale, with_labels=False)
         if eval_scale == target_scale:
             val_entries = use_cache(tgt_root, val_entries, cache, target_scale, with_labels=False)
-    train_target = TargetSet(tgt_entries, name=target, scale=target_scale, in_memory=mem, root=tgt_root)
+    train_target = TargetSet(tgt_entries, name=target, scale=target_scale, in_memory=mem, root=tgt_root,
+                             with_labels=target_labels)
     val_target = ValSet(val_entries, name=target, scale=eval_scale, in_memory=mem, root=tgt_root)
     return train_source, train_target, val_target
 

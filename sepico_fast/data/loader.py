@@ -74,7 +74,8 @@ class TrainLoader:
     """Infinite iterator of ``(source_batch, target_batch)`` starting at iteration ``start_iter``.
 
     source_batch: {"img" float32 [B,3,h,w] normalised RGB, "gt" int64 [B,1,h,w] (255 = ignore)}
-    target_batch: {"img" float32 [B,3,H,W] whole resized image[, "ref_img" Dark Zurich day reference]}
+    target_batch: {"img" float32 [B,3,H,W] whole resized image[, "ref_img" Dark Zurich day reference]
+                   [, "gt" int64 [B,1,H,W] when the target set has ``with_labels`` (diagnostics only)]}
 
     pipeline: "torch" (DataLoader with ``num_workers`` CPU processes), "dali" (NVIDIA DALI:
     decode/resize/crop/flip/normalise on the GPU; CPU operators when ``device`` is the CPU)
@@ -106,9 +107,14 @@ class TrainLoader:
         if num_workers < 0:
             raise ValueError(f"num_workers: expected >= 0, got {num_workers}")
         self.num_workers = int(num_workers)
+        # Target labels (--pseudo-diagnostics) are rendered by the torch pipeline only.
+        target_labels = getattr(train_target, "with_labels", False)
         if pipeline == "auto":
             pipeline = "dali" if self.device.type == "cuda" and dali_available() and torch.cuda.is_available() \
-                else "torch"
+                and not target_labels else "torch"
+        if pipeline == "dali" and target_labels:
+            raise ValueError("pipeline: --pseudo-diagnostics needs the target labels, which the DALI pipeline "
+                             "does not render; use --pipeline torch (or auto)")
         if pipeline == "dali" and not dali_available():
             raise ValueError("pipeline: 'dali' requested but nvidia.dali is not installed "
                              "(pip install nvidia-dali-cuda130)")

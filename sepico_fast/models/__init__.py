@@ -7,8 +7,6 @@ module structure for smoke runs and tests.
 """
 from __future__ import annotations
 
-import os
-
 from torch import nn
 
 from .heads import DAFormerHead, DLV2Head, ProjHead
@@ -47,11 +45,12 @@ def build_dlv2(variant: str, num_classes: int = 19, proj_dim: int = 512, *,
 
 
 def build_segmentor(arch: str, num_classes: int = 19, proj_dim: int = 512, *,
-                    pretrained: str | os.PathLike | dict | None = None,
                     drop_path_rate: float = 0.1) -> Segmentor:
-    """Build a segmentor by name; ``pretrained`` (path or dict) is loaded with
-    :func:`sepico_fast.checkpoint.load_official` (ImageNet backbone file or full checkpoint).
-    Nothing is ever downloaded: without ``pretrained`` the weights are random (upstream init).
+    """Build a segmentor by name with random weights (upstream init).
+
+    Pretrained weights are loaded afterwards with :func:`sepico_fast.checkpoint.load_official`
+    (ImageNet backbone file, Hugging Face SegFormer encoder or full checkpoint); this package
+    never imports ``sepico_fast.checkpoint`` (the import graph is one-directional).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
@@ -65,10 +64,6 @@ def build_segmentor(arch: str, num_classes: int = 19, proj_dim: int = 512, *,
                                drop_path_rate=drop_path_rate, arch=arch)
     else:
         model = build_dlv2(variant, num_classes, proj_dim, arch=arch)
-    if pretrained is not None:
-        from ..checkpoint import load_official
-
-        load_official(model, pretrained)
     return model
 
 

@@ -49,7 +49,9 @@ class TrainConfig:
     variant: str = _f("dist", "contrast variant: dist (DistCL), bank (BankCL), proto (ProtoCL)", VARIANTS)
     # --- model -----------------------------------------------------------------------
     arch: str = _f("dlv2_tiny", "segmentor (the *_tiny ones are small CPU variants, not upstream)", tuple(ARCHS))
-    pretrained: str = _f("", "ImageNet backbone or upstream checkpoint loaded into the student (and teacher)")
+    pretrained: str = _f("", "weights loaded into the student (and teacher): ImageNet backbone file (NVlabs mit_b*.pth, "
+                         "mmcv ResNet-V1c), Hugging Face SegFormer encoder (nvidia/mit-b*: pytorch_model.bin, "
+                         "model.safetensors or its folder), or a segmentor / UDA checkpoint")
     num_classes: int = _f(19, "number of classes")
     proj_dim: int = _f(64, "projection (contrast feature) dimension A (paper: 512)")
     drop_path_rate: float = _f(0.1, "student drop-path rate (the teacher always runs without)")
@@ -132,6 +134,10 @@ class TrainConfig:
     ddp_timeout: int = _f(900, "seconds a rank waits for the others in a collective before the job fails "
                           "(a stalled rank then stops torchrun instead of hanging it); must exceed the longest "
                           "evaluation or checkpoint on rank 0")
+    # --- diagnostics ------------------------------------------------------------------------
+    pseudo_diagnostics: bool = _f(False, "per-class precision and coverage of the teacher's pseudo labels against "
+                                  "the target training labels (synthetic, cityscapes), counted on the device, "
+                                  "logged on logging steps, a table at each evaluation; never used by the training")
 
     # Names of the fields set by flags / overrides (not by a preset or a default); resume
     # checks only these against the checkpoint's config. A class attribute, not a field:
@@ -380,6 +386,9 @@ def validate(cfg: TrainConfig) -> None:
         bad("resume", "auto needs --work-dir, the run folder to continue (the default folder is new every run)")
     if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
         bad("resume", "expected 'auto' or an existing checkpoint file")
+    if cfg.pseudo_diagnostics and (cfg.method != "sepico" or cfg.target == "darkzurich"):
+        bad("pseudo_diagnostics", "needs --method sepico (pseudo labels) and a labelled target training set "
+            "(synthetic or cityscapes; Dark Zurich train has no labels)")
 
 
 def _validate_crop(cfg: TrainConfig, bad) -> None:
@@ -428,7 +437,7 @@ INVOCATION_FIELDS = frozenset({"resume", "resume_override", "stop_at", "work_dir
 HARMLESS_FIELDS = frozenset({"log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints",
                              "debug_interval", "eval_max_images", "data_root", "pretrained", "device",
                              "num_workers", "compile", "deterministic", "max_skipped_steps", "ddp_timeout",
-                             "dz_test_reweight"})
+                             "dz_test_reweight", "pseudo_diagnostics"})
 
 
 def resumed_config(saved: dict, cfg: TrainConfig, ckpt_path) -> tuple[TrainConfig, list[str]]:

@@ -1,5 +1,6 @@
 """Console progress bar with ETA, scalar logs (TensorBoard if importable, JSONL always),
-per-class IoU tables. No new dependency.
+per-class IoU tables. TensorBoard is optional (the ``tb`` extra); a run without it says so
+in one line.
 """
 from __future__ import annotations
 
@@ -74,8 +75,10 @@ class ScalarWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter  # optional
             self._tb = SummaryWriter(str(self.log_dir / "tb"))
-        except Exception:  # tensorboard missing or broken: JSONL only
+        except Exception as err:  # tensorboard missing or broken: JSONL only, said once
             self._tb = None
+            print(f"scalars: {self.log_dir / 'scalars.jsonl'} only, no TensorBoard "
+                  f"({type(err).__name__}: {err}; pip install tensorboard, or the [tb] extra)")
 
     @property
     def tensorboard(self) -> bool:

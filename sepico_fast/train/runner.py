@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_pretrained as load_pretrained_weights
 from ..contrast import ClassStats
 from ..evaluate import (dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line,
                         reweighting_record)
@@ -26,12 +27,14 @@ from ..data.io import DataFileError
 from . import checkpointing as ckpt_io
 from . import faults
 from .config import TrainConfig
+from .curves import update_curves
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
 from .debug_images import save_debug_images
 from .logging import ProgressBar, ScalarWriter, iou_table
 from .profiling import Profiler
-from .schedule import ddp_schedule
+from .pseudo_diagnostics import PseudoDiagnostics
 from .resume import resolve_resume, restore_checkpoint
+from .schedule import ddp_schedule
 from .step import StepContext, train_step
 from .throughput import device_peak_tflops, flops_per_iteration
 from .uda import log_frequency_class_weights, make_teacher
@@ -136,7 +139,8 @@ def _datasets(cfg: TrainConfig):
 
     crop = tuple(cfg.crop) if min(cfg.crop) > 0 else None
     try:
-        datasets = build_datasets(cfg.source, cfg.target, cfg.data_root or None, crop_size=crop)
+        datasets = build_datasets(cfg.source, cfg.target, cfg.data_root or None, crop_size=crop,
+                                  target_labels=cfg.pseudo_diagnostics)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--data-root / --source / --target: cannot load {cfg.source} -> {cfg.target} "
                          f"from {cfg.data_root or '$SEPICO_FAST_DATA or ./data'}: {err}") from None
@@ -153,9 +157,10 @@ def _step_context(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, w
                   load_pretrained: bool = True):
     """(StepContext with models, optimizer and statistics, precision description)."""
     amp_dtype, scaler, amp_desc = amp_setup(cfg, device)
-    pretrained = (cfg.pretrained or None) if load_pretrained else None  # resuming: the checkpoint has them
-    student = build_segmentor(cfg.arch, cfg.num_classes, cfg.proj_dim, drop_path_rate=cfg.drop_path_rate,
-                              pretrained=pretrained).to(device)
+    student = build_segmentor(cfg.arch, cfg.num_classes, cfg.proj_dim, drop_path_rate=cfg.drop_path_rate)
+    if cfg.pretrained and load_pretrained:  # resuming: the checkpoint has the weights
+        load_pretrained_weights(student, cfg.pretrained, verbose=dist_info.is_main)
+    student = student.to(device)
     broadcast_module(student)
     teacher = make_teacher(student) if cfg.method == "sepico" else None
     optimizer = build_optimizer(cfg, student, device)
@@ -168,6 +173,8 @@ def _step_context(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, w
                       amp_dtype=amp_dtype, scaler=scaler, class_weight=class_weight,
                       process_group=dist_info.group, world_size=dist_info.world_size, rank=dist_info.rank,
                       profiler=profiler)
+    if cfg.pseudo_diagnostics:
+        ctx.pseudo_diag = PseudoDiagnostics(cfg.num_classes, cfg.pseudo_threshold, device, cfg.ignore_rows())
     return ctx, amp_desc
 
 
@@ -309,7 +316,11 @@ def _iterations(run: TrainRun) -> None:
             save_debug_images(out["debug"], run.work_dir / "debug" / f"iter_{it:06d}.png")
         done = it + 1
         if done % cfg.log_interval == 0 or done == run.end_it:
+            if ctx.pseudo_diag is not None:
+                ctx.pseudo_diag.stage()  # device -> host copy queued before _log's sync
             _log(run, window, done, bar, flops_iter, peak)
+            if ctx.pseudo_diag is not None and run.main:
+                run.writer.write(done, ctx.pseudo_diag.collect())
         if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == run.end_it:
             _checkpoint(run, done)  # before the evaluation: a bad validation file loses nothing
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.iters:
@@ -346,8 +357,29 @@ def _evaluate(run: TrainRun, it: int) -> dict | None:
         print(reweighting_line(result))
         print(iou_table([v / 100.0 for v in result["per_class_iou"]], title=cfg.target))
         run.writer.write(it, {"val/miou": result["miou"]})
+        if ctx.pseudo_diag is not None:
+            _pseudo_table(run, it)
+        update_curves(run.work_dir, _curves_title(cfg))
     barrier()
     return result
+
+
+def _pseudo_table(run: TrainRun, it: int) -> None:
+    """--pseudo-diagnostics: the per-class table since the previous evaluation (console and file)."""
+    diag = run.ctx.pseudo_diag
+    diag.stage()
+    scalars = diag.collect(sync=True)  # counts since the last log line
+    if scalars:
+        run.writer.write(it, scalars)
+    table = diag.table(title=f"{run.cfg.target} train, up to iteration {it}")
+    print(table)
+    with open(run.work_dir / "pseudo_diagnostics.txt", "a") as fh:
+        fh.write(table + "\n\n")
+
+
+def _curves_title(cfg: TrainConfig) -> str:
+    method = cfg.method + (f"/{cfg.variant}" if cfg.method == "sepico" else "")
+    return f"{method} {cfg.arch} {cfg.source}->{cfg.target} seed {cfg.seed}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -361,6 +393,7 @@ def finish(run: TrainRun) -> dict:
             if run.main:
                 print(f"stopped after iteration {run.end_it} (--stop-at); resume with --resume auto "
                       f"--work-dir {run.work_dir}")
+                update_curves(run.work_dir, _curves_title(cfg))
             return {"stopped_at": run.end_it}
         try:
             run.last_eval = _evaluate(run, cfg.iters)

@@ -54,6 +54,7 @@ class StepContext:
     teacher_params: list = field(default_factory=list)
     skipped: torch.Tensor | None = None               # device counter of skipped steps
     found_inf: torch.Tensor | None = None             # device 0-d flag fed to fused AdamW
+    pseudo_diag: object = None                        # --pseudo-diagnostics (train/pseudo_diagnostics.py)
 
     def __post_init__(self):
         self.student_params = [p for p in self.student.parameters()]
@@ -222,6 +223,14 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
             if debug:
                 with _autocast(ctx):
                     vis["source_pseudo"] = resize_logits(teacher.decode(feats_t), tuple(gt_s.shape[-2:])).argmax(1)
+        # --- --pseudo-diagnostics only: pseudo labels vs the target crop's labels. Reads, never
+        # writes, anything the training uses; no host sync (device-side counters).
+        if ctx.pseudo_diag is not None and "gt" in tgt:
+            with phase("pseudo_diagnostics"), torch.no_grad():
+                gt_t = tgt["gt"] if whole else ops.crop_batch(tgt["gt"], window, crop_hw)
+                p_t = prob if prob.shape == plabel.shape else ops.crop_batch(prob.unsqueeze(1), window, crop_hw)[:, 0]
+                ctx.pseudo_diag.update(p_t, plabel, gt_t)
+        # --- end of --pseudo-diagnostics
         with phase("stats"), torch.no_grad():
             feat, lab = prepare_contrast(proj_t.float(), gt_s, min_ratio=cfg.min_ratio,
                                          num_classes=cfg.num_classes, ignore_index=IGNORE)
