@@ -28,6 +28,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+if interpreting():  # Triton <= 3.6 interpreter vs numpy >= 2.4 (see _interpreter_compat)
+    from . import _interpreter_compat
+
+    _interpreter_compat.install()
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Refuse tensors Triton cannot run on, with a message that says what to do."""
     for t in tensors:
