@@ -74,8 +74,9 @@ def _bank_contrast_fwd_kernel(
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + tl.arange(0, BLOCK_A)
         col_in = cols < A
+        # ignored rows are never read (no loss, g = 0 whatever they hold, NaN/Inf included)
         z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_za,
-                    mask=pos_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+                    mask=valid[:, None] & col_in[None, :], other=0.0).to(tl.float32)
         bm_t = tl.load(bmean_ptr + cls[None, :] * A + cols[:, None],
                        mask=col_in[:, None] & cls_in[None, :], other=0.0)
         acc_n = tl.dot(z.to(DOT_DTYPE), bm_t.to(DOT_DTYPE), acc_n, input_precision=DOT_PREC)
