@@ -88,6 +88,13 @@ def dot_precision(dtype) -> str | None:
     return "tf32x3" if dtype == tl.float32 else None
 
 
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device (cached by torch, no sync); None in the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a small fixed number in the interpreter)."""
     if device.type == "cuda":

@@ -483,3 +483,16 @@ def test_non_finite_ignored_rows_give_finite_loss_and_zero_grad(variant, mode):
     assert bool((g32.cpu()[y == IGNORE] == 0).all())
     assert_close(l32, l64, 1e-5, 0.0, "loss")
     assert_close(g32, g64, 1e-5, 0.0, "grad")
+
+
+
+def test_bank_tile_for_gpus_with_64kb_shared_memory():
+    """sm_75 (T4) gets 16-row, unpipelined tiles (the default one does not fit there)."""
+    from sepico_fast.kernels import bank_contrast as bc
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        small = bc.kernel_config(dt, 512, 19, 200, capability=(7, 5))
+        assert small["BLOCK_N"] == 16 and small["num_stages"] == 1
+    default = bc.kernel_config(torch.float16, 512, 19, 200, capability=(9, 0))
+    assert default == bc.kernel_config(torch.float16, 512, 19, 200)
+    assert default["BLOCK_N"] == 32 and default["num_stages"] == 2
+    assert bc.kernel_config(torch.float16, 512, 19, 200, capability=(7, 5), block_n=32)["BLOCK_N"] == 32
