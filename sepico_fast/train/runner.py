@@ -23,6 +23,7 @@ from . import checkpointing as ckpt_io
 from .config import TrainConfig
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
 from .debug_images import save_debug_images
+from .implementations import announce_implementations
 from .logging import ProgressBar, ScalarWriter, iou_table
 from .profiling import Profiler
 from .step import StepContext, train_step
@@ -189,6 +190,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
         print(f"sepico_fast.train: {method} {cfg.arch} {cfg.source}->{cfg.target} "
               f"iters={cfg.iters} batch={cfg.batch_size}x{dist_info.world_size} crop={cfg.crop_hw} "
               f"device={device} precision={amp_desc} work_dir={work_dir}")
+    announce_implementations(cfg, device, main=dist_info.is_main)
     return TrainRun(cfg=cfg, dist_info=dist_info, device=device, work_dir=work_dir, ctx=ctx, amp_desc=amp_desc,
                     val_target=val_target, writer=writer, loader=loader, start_it=start_it, end_it=end_it)
 
