@@ -21,6 +21,16 @@ once, write dL/dz once (losses), plus labels and the small [C,A] / [C,M,A] tenso
 single pass. Every impl is checked against the reference before it is timed; inputs rotate
 over several buffers so the L2 cache does not hold the next call's features.
 
+Times (``bench.record.kernel_timings``): ``median_ms`` is the time per call of many
+back-to-back calls between one pair of CUDA events (``calls_per_event`` of them, about
+2 ms of work), which is what a training step sees; ``single_call_ms`` times one
+synchronised call at a time (launch latency and sync included: for these microsecond
+kernels mostly overhead); ``graph_ms`` replays the same calls from one CUDA graph (no
+launch overhead at all; ``graph_error`` says why a row has none, e.g. upstream's host
+syncs). The upstream DistCL/ProtoCL rows get float32 features (the bf16 features
+upcast): upstream's code is fp32 and mixes no dtypes; their ``shape.dtype`` and byte
+count say so.
+
 On the CPU only the torch and upstream rows of the smallest N run: Triton there is its
 interpreter (timings meaningless) and the GPU-sized cases would take minutes each.
 """
@@ -33,7 +43,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.record import cpu_peak_memory_mb, median_time_ms, peak_memory_mb, record
+from bench.record import cpu_peak_memory_mb, kernel_timings, peak_memory_mb, record
 
 A, C, M, IGNORE = 512, 19, 200, 255
 SIZES = [12_800, 51_200, 204_800]
@@ -214,6 +224,11 @@ def test_bench(bench, impl, n, device):
     shape = {"N": n, "A": A, "C": C, "dtype": str(dtype).replace("torch.", "")}
     if bench == "bank_contrast_fwd_bwd":
         shape["M"] = M
+    if impl == "upstream" and bench != "class_stats_update":
+        # upstream's fp32 code: bf16 features against fp32 statistics would not even run
+        # (mm of mixed dtypes); its stats update upcasts by itself
+        pairs = [(f.float(), y) for f, y in pairs]
+        shape["dtype"] = "float32"
     moved = min_bytes(bench, n, pairs[0][0].element_size())
 
     try:
@@ -247,9 +262,14 @@ def test_bench(bench, impl, n, device):
             tol = 2e-2 if dtype != torch.float32 else 1e-4  # bf16 gradients: one rounding
             _close(got_loss, want, 1e-4, f"{impl} loss")
             _close(got_grad, feat.grad, tol, f"{impl} grad")
-        ms = median_time_ms(run, dev, **_timing(dev))
+        # upstream drops ignore pixels with a boolean mask (a host sync): not capturable
+        graph = "host syncs (boolean-mask indexing)" if impl == "upstream" else True
+        times = kernel_timings(run, dev, graph=graph, **_timing(dev))
         peak = _peak(lambda: run(0), dev)
     except torch.cuda.OutOfMemoryError as exc:  # the upstream N×C×A tensors at N = 204,800
         pytest.skip(f"{impl} runs out of GPU memory at N={n}: {exc}"[:300])
+    ms = times.pop("median_ms")
+    graph_gbps = moved / (times["graph_ms"] * 1e-3) / 1e9 if times["graph_ms"] else None
     record(bench, impl, dev, shape, ms, bytes_moved=moved, flops=min_flops(bench, n),
-           peak_mem_mb=peak, extra={"loadavg_1m": round(os.getloadavg()[0], 2)})
+           peak_mem_mb=peak, extra={**times, "graph_gbps": round(graph_gbps, 2) if graph_gbps else None,
+                                    "loadavg_1m": round(os.getloadavg()[0], 2)})
