@@ -178,6 +178,7 @@ def triton_choice(op: str, device: torch.device, dtype: torch.dtype | None = Non
 
 
 _warned: set[tuple[str, str]] = set()
+_logged: set[str] = set()
 
 
 def resolve_impl(impl: str | None, op: str, device: torch.device,
@@ -193,11 +194,14 @@ def resolve_impl(impl: str | None, op: str, device: torch.device,
     """
     if impl is None:
         chosen, why = triton_choice(op, device, dtype, available)
-        if chosen == "torch" and device.type == "cuda" and not torch.compiler.is_compiling() \
-                and (op, why) not in _warned:
-            _warned.add((op, why))
-            logger.warning("sepico_fast.contrast.%s: CUDA inputs, but %s; using the torch "
-                           "reference (slower, more memory)", op, why)
+        if device.type == "cuda" and not torch.compiler.is_compiling():
+            if chosen == "torch" and (op, why) not in _warned:
+                _warned.add((op, why))
+                logger.warning("sepico_fast.contrast.%s: CUDA inputs, but %s; using the torch "
+                               "reference (slower, more memory)", op, why)
+            elif chosen == "triton" and op not in _logged:
+                _logged.add(op)
+                logger.info("sepico_fast.contrast.%s: using the Triton kernel", op)
         return chosen
     if impl not in IMPLS:
         raise ValueError(f"impl must be None or one of {IMPLS}, got {impl!r}")
