@@ -15,7 +15,9 @@ kernel), ``triton_recompute`` (DistCL/ProtoCL kernels with grad_mode="recompute"
 recomputed by the backward kernel), ``torch`` (impl="torch"),
 ``torch_compile`` (``torch.compile`` of the reference functions), ``upstream``
 (``bench/upstream.py``: dense N×C×A statistics, DistCL as separate ops; ProtoCL is the same
-code with σ² = 0; it has no BankCL). ``gbps`` uses the *minimum* traffic of the op — read z
+code with σ² = 0; BankCL: a direct separate-ops formulation, one class at a time with a
+boolean mask each and a product with every bank entry — SPEC §9 does not describe
+upstream's own BankCL). ``gbps`` uses the *minimum* traffic of the op — read z
 once, write dL/dz once (losses), plus labels and the small [C,A] / [C,M,A] tensors — so
 ``roofline_pct`` (against the measured device copy bandwidth) says how close an impl is to a
 single pass. Every impl is checked against the reference before it is timed; inputs rotate
@@ -70,6 +72,8 @@ def _skip_reason(device: str, impl: str, n: int) -> str | None:
             return "torch.compile rows are GPU-only here (CPU rows: bench/test_bench_contrast_reference.py)"
         if n != SIZES[0]:
             return "CPU rows only at the smallest N (the larger ones take minutes per call)"
+        if impl == "upstream" and bench == "bank_contrast_fwd_bwd":
+            return "the separate-ops BankCL multiplies every pixel with all C·M bank rows: minutes per call on the CPU"
     return None
 
 
@@ -151,7 +155,7 @@ def loss_fn(bench: str, impl: str, mean, var, bank, bank_len):
     if bench == "proto_contrast_fwd_bwd":
         zero = torch.zeros_like(var)
         return lambda f, y: up.upstream_dist_contrast_loss(f, y, mean, zero, reg_weight=1.0)
-    return None
+    return lambda f, y: up.upstream_bank_contrast_loss(f, y, bank, bank_len, mean=mean, reg_weight=1.0)
 
 
 def stats_fn(impl: str, device):
