@@ -280,12 +280,12 @@ step_step_probe() {
 
 step_train60() {
   CURRENT=train60
-  local iters=60 extra=(--nvtx --profile --profile-iters 10 --log-interval 20 --contrast-start 20)
-  if [ "$DRY" = 1 ]; then iters=2; extra=(--profile --profile-iters 1 --log-interval 1 --contrast-start 1); fi
+  local iters=60 extra=(--nvtx --profile --profile-iters 10 --log-interval 20 --contrast-start 20 --eval-max-images 20)
+  if [ "$DRY" = 1 ]; then iters=2; extra=(--profile --profile-iters 1 --log-interval 1 --contrast-start 1 --eval-max-images 2); fi
   [ "$DRY" = 1 ] || [ "$GPU" = 1 ] || skip "no CUDA device"
   wait_for synthetic
   "$PY" -m sepico_fast.train --amp --iters "$iters" "${extra[@]}" --eval-interval 0 \
-    --checkpoint-interval 0 --debug-interval 0 --eval-max-images 20 --work-dir "$WORK/train60" || return 1
+    --checkpoint-interval 0 --debug-interval 0 --work-dir "$WORK/train60" || return 1
   "$PY" - "$WORK/train60" "$OUT_DIR/train.json" <<'EOF'
 import json, sys
 from pathlib import Path
