@@ -167,6 +167,7 @@ EOF
   local rc=$?
   note "$("$PY" -c "import json; d=json.load(open('$OUT_DIR/env.json')); print(d.get('device', 'no GPU'), '| torch', d['torch'], '| triton', d['triton'], '|', d['cuda_toolkit'][:90])" 2>/dev/null)"
   [ "$rc" = 0 ] || return "$rc"
+  if [ "$DRY" = 0 ] && [ "$GPU" = 0 ]; then note "torch sees no CUDA device: every GPU step is skipped"; return 1; fi
   [ "$GPU" = 1 ] && [ "$toolkit_rc" != 0 ] && return 1
   return 0
 }
@@ -213,12 +214,16 @@ step_build() {
       && { echo "setup.py accepted SEPICO_FAST_REQUIRE_EXT=1 here?"; return 1; }
     skip "dry run: no extension build on the CPU (setup.py refuses SEPICO_FAST_REQUIRE_EXT=1 here, as it must)"
   fi
+  [ "$GPU" = 1 ] || skip "no CUDA device (nothing is installed)"
   if ext_is_current; then
     echo "extension already built and newer than csrc/: $(ls sepico_fast/ops/_C*.so)"
     note "reused the built extension (newer than csrc/)"
   else
     export SEPICO_FAST_REQUIRE_EXT=1 MAX_JOBS="${MAX_JOBS:-16}"
-    "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . || return 1
+    "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .
+    local rc=$?
+    cat sepico_fast/ops/_ext_build.json 2>/dev/null
+    [ "$rc" = 0 ] || { note "$(cat sepico_fast/ops/_ext_build.json 2>/dev/null | head -c 180)"; return 1; }
   fi
   "$PY" - <<'EOF'
 import torch
