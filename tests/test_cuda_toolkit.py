@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from sepico_fast import _cuda_toolkit as tk
 
