@@ -8,16 +8,23 @@ The Triton kernels live in the top-level ``kernels/`` folder but are installed a
 (PyPI has an unrelated, popular ``kernels`` package).
 
 The CUDA C++ kernels in ``csrc/`` are compiled into the optional extension
-``sepico_fast.ops._C`` only when the installed torch is a CUDA build and ``nvcc`` is found
-(``CUDA_HOME``); otherwise, or when ``SEPICO_FAST_NO_EXT=1``, the package installs without
-it and ``sepico_fast.ops`` uses its torch implementations. A failed extension build is
-reported and skipped unless ``SEPICO_FAST_REQUIRE_EXT=1``, which turns it into an error.
+``sepico_fast.ops._C`` (sm_75, sm_80, sm_90 + PTX) only when the installed torch is a CUDA
+build and a CUDA toolkit is found (``sepico_fast/_cuda_toolkit.py``: ``$CUDA_HOME``, the
+toolkit behind ``nvcc``, /usr/local/cuda*, each checked for ``include/cuda_runtime.h``);
+otherwise, or when ``SEPICO_FAST_NO_EXT=1``, the package installs without it and
+``sepico_fast.ops`` uses its torch implementations. A skipped or failed build is printed
+and recorded in ``sepico_fast/ops/_ext_build.json`` (pip hides setup output without
+``-v``; ``sepico_fast.ops`` warns with that reason on the first CUDA call), and
+``SEPICO_FAST_REQUIRE_EXT=1`` turns it into an install error.
 """
+import importlib.util
+import json
 import os
 import sys
 
 from setuptools import find_packages, setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 packages = find_packages(include=["sepico_fast", "sepico_fast.*"]) + ["sepico_fast.kernels"]
 
 CSRC_SOURCES = [
@@ -26,56 +33,98 @@ CSRC_SOURCES = [
     "csrc/classmix.cu",
     "csrc/pseudo_label.cu",
 ]
-# sm_80 (A100) and sm_90 (H100) machine code, plus sm_90 PTX so newer GPUs can JIT it.
-NVCC_ARCH_FLAGS = [
-    "-gencode", "arch=compute_80,code=sm_80",
-    "-gencode", "arch=compute_90,code=sm_90",
-    "-gencode", "arch=compute_90,code=compute_90",
-]
+# What the install decided about the extension, read by sepico_fast.ops at run time: pip
+# shows no output of a successful setup.py without -v, so the reason has to travel.
+STATUS_FILE = os.path.join("sepico_fast", "ops", "_ext_build.json")
+
+
+def _load_toolkit_module():
+    """sepico_fast/_cuda_toolkit.py by file path (stdlib only; the package is not installed yet)."""
+    spec = importlib.util.spec_from_file_location(
+        "_sepico_fast_cuda_toolkit", os.path.join(ROOT, "sepico_fast", "_cuda_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+toolkit = _load_toolkit_module()
 
 
 def _note(message: str) -> None:
-    print(f"sepico_fast setup: {message}", file=sys.stderr)
+    """On stdout (seen with ``python setup.py``, ``pip install -v`` and in build logs)."""
+    print(f"sepico_fast setup: {message}", flush=True)
+
+
+def _write_status(state: str, detail: str, *dirs: str) -> None:
+    record = json.dumps({"state": state, "detail": detail, "archs": toolkit.archs_text()}) + "\n"
+    for folder in (os.path.join(ROOT, os.path.dirname(STATUS_FILE)), *dirs):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, os.path.basename(STATUS_FILE)), "w") as f:
+                f.write(record)
+        except OSError as exc:  # a read-only tree: the run-time message is less precise
+            _note(f"could not write {STATUS_FILE} in {folder}: {exc}")
+
+
+def _skip(require: bool, reason: str) -> tuple[list, dict]:
+    if require:
+        raise RuntimeError(f"SEPICO_FAST_REQUIRE_EXT=1 but the CUDA extension cannot be built: {reason}")
+    _note(f"CUDA extension not built ({reason}); sepico_fast.ops uses its torch implementations")
+    _write_status("skipped", reason)
+    return [], {}
 
 
 def _cuda_extension() -> tuple[list, dict]:
-    """The (ext_modules, cmdclass) pair: empty unless a CUDA torch and nvcc are available."""
+    """The (ext_modules, cmdclass) pair: empty unless a CUDA torch and a CUDA toolkit are found."""
     require = os.environ.get("SEPICO_FAST_REQUIRE_EXT") == "1"
     if os.environ.get("SEPICO_FAST_NO_EXT") == "1":
-        return [], {}
+        if require:
+            raise RuntimeError("SEPICO_FAST_REQUIRE_EXT=1 and SEPICO_FAST_NO_EXT=1 contradict each other")
+        return _skip(False, "SEPICO_FAST_NO_EXT=1")
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as exc:  # e.g. under build isolation without torch
-        if require:
-            raise
-        _note(f"torch not importable ({exc}); CUDA extension not built")
-        return [], {}
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
-    if torch.version.cuda is None or nvcc is None or not os.path.exists(nvcc):
-        if require:
-            raise RuntimeError("SEPICO_FAST_REQUIRE_EXT=1 but torch is not a CUDA build or nvcc "
-                               f"was not found (torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
-        return [], {}  # CPU torch or no nvcc: the torch fallbacks are used, silently
+        return _skip(require, f"torch not importable at install time ({exc}); install torch first and "
+                              "use pip install --no-build-isolation")
+    if torch.version.cuda is None:
+        return _skip(require, f"torch {torch.__version__} is not a CUDA build")
+    choice = toolkit.find_cuda_home(torch_cuda=torch.version.cuda)
+    if choice.home is None:
+        return _skip(require, choice.describe())
+    if choice.rejected or os.environ.get("CUDA_HOME") != choice.home:
+        _note(f"using {choice.describe()}")
+    # torch.utils.cpp_extension reads CUDA_HOME once, at import: set it before (and after).
+    os.environ["CUDA_HOME"] = choice.home
+    from torch.utils import cpp_extension
+    cpp_extension.CUDA_HOME = choice.home
 
-    class OptionalBuildExtension(BuildExtension):
-        """Skips the extension with a warning when it fails to build (e.g. CUDA version mismatch)."""
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """Skips the extension, loudly, when it fails to build (e.g. CUDA version mismatch)."""
 
         def build_extensions(self) -> None:
+            status_dir = os.path.join(os.path.abspath(self.build_lib), os.path.dirname(STATUS_FILE))
             try:
                 super().build_extensions()
             except Exception as exc:  # noqa: BLE001 - any compiler/toolkit failure
+                reason = f"build failed with {choice.home}: {type(exc).__name__}: {exc}"
+                _write_status("failed", reason, status_dir)
                 if require:
                     raise
-                _note(f"WARNING: CUDA extension build failed, using torch fallbacks: {exc}")
+                _note("WARNING: " + reason)
+                _note("WARNING: sepico_fast.ops falls back to torch on the GPU; set "
+                      "SEPICO_FAST_REQUIRE_EXT=1 to make this an error, pip install -v to see the log")
                 # Nothing was built: later steps (in-place copy, output lists) must skip it.
                 self.extensions = []
+                return
+            _write_status("built", f"built with {choice.home} for {toolkit.archs_text()}", status_dir)
 
-    ext = CUDAExtension(
+    ext = cpp_extension.CUDAExtension(
         name="sepico_fast.ops._C",
         sources=CSRC_SOURCES,
-        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *NVCC_ARCH_FLAGS]},
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "-lineinfo", *toolkit.nvcc_gencode_flags()]},
     )
     return [ext], {"build_ext": OptionalBuildExtension}
 
@@ -89,6 +138,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"sepico_fast.kernels": "kernels"},
+    package_data={"sepico_fast.ops": ["_ext_build.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -56,30 +56,111 @@ def _sync(device: torch.device) -> None:
 
 
 def median_time_ms(fn: Callable[[int], object], device: torch.device | str, *, warmup: int = 3,
-                   repeats: int = 10) -> float:
-    """Median wall time of ``fn(i)`` in milliseconds; ``i`` lets the caller rotate inputs.
+                   repeats: int = 10, calls: int = 1) -> float:
+    """Median time per call of ``fn(i)`` in milliseconds; ``i`` lets the caller rotate inputs.
 
-    On CUDA the time is measured with events around each call (device time, launch
-    overhead included); on the CPU with ``perf_counter``.
+    ``calls`` back-to-back calls are timed between one pair of CUDA events (or one
+    ``perf_counter`` pair on the CPU) and the time divided by ``calls``. With ``calls=1``
+    each call is timed alone and synchronised, so a microsecond kernel measures the launch
+    latency and the synchronisation rather than the kernel; with many calls the launches
+    overlap the work of the previous call, as in a training step.
     """
     device = torch.device(device)
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
     for i in range(warmup):
         fn(i)
     _sync(device)
     times = []
-    for i in range(repeats):
+    i = warmup
+    for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(warmup + i)
+            for _ in range(calls):
+                fn(i)
+                i += 1
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / calls)
         else:
             t0 = time.perf_counter()
-            fn(warmup + i)
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(calls):
+                fn(i)
+                i += 1
+            times.append((time.perf_counter() - t0) * 1e3 / calls)
     return statistics.median(times)
+
+
+def calls_per_event(single_ms: float, target_ms: float = 2.0, max_calls: int = 200) -> int:
+    """Back-to-back calls per timing so that one event pair spans about ``target_ms``."""
+    if single_ms <= 0:
+        return max_calls
+    return max(1, min(max_calls, int(round(target_ms / single_ms))))
+
+
+def graph_time_ms(fn: Callable[[int], object], device: torch.device | str, *, calls: int,
+                  warmup: int = 3, repeats: int = 10) -> float:
+    """Median time per call of ``calls`` calls of ``fn(i)`` captured in one CUDA graph and
+    replayed: the device time without any launch overhead. Raises when ``fn`` cannot be
+    captured (a host sync, a CPU tensor, ...); CUDA only."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up outside the capture (lazy init, autotuning)
+        for i in range(warmup):
+            fn(i)
+    torch.cuda.current_stream(device).wait_stream(side)
+    _sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(warmup + i)
+    graph.replay()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
+def kernel_timings(fn: Callable[[int], object], device: torch.device | str, *, warmup: int = 3,
+                   repeats: int = 10, graph: bool | str = True, target_ms: float = 2.0) -> dict:
+    """The three times of one op, in ms per call (see the ``median_time_ms`` docstring):
+
+    * ``single_call_ms``: one synchronised call per event pair (launch latency included);
+    * ``median_ms``: ``calls_per_event`` back-to-back calls per event pair (the number a
+      training step sees; GB/s and % of copy bandwidth use it);
+    * ``graph_ms``: the same calls replayed from one CUDA graph (``None`` with
+      ``graph_error`` saying why when not captured; pass a string as ``graph`` to give the
+      reason for not trying, e.g. an op with host syncs).
+    """
+    device = torch.device(device)
+    single = median_time_ms(fn, device, warmup=warmup, repeats=repeats)
+    calls = calls_per_event(single, target_ms) if device.type == "cuda" else 1
+    out = {"single_call_ms": round(single, 4), "calls_per_event": calls,
+           "median_ms": single if calls == 1 else median_time_ms(fn, device, warmup=1,
+                                                                  repeats=repeats, calls=calls),
+           "graph_ms": None, "graph_error": None}
+    if device.type != "cuda":
+        out["graph_error"] = "CUDA graphs need a GPU"
+    elif isinstance(graph, str) or not graph:
+        out["graph_error"] = graph if isinstance(graph, str) else "not requested"
+    else:
+        try:
+            out["graph_ms"] = round(graph_time_ms(fn, device, calls=calls, repeats=repeats), 4)
+        except Exception as exc:  # noqa: BLE001 - any capture failure is reported, not fatal
+            out["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            torch.cuda.synchronize(device)
+    return out
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
@@ -106,7 +187,9 @@ def copy_bandwidth_gbps(device: torch.device | str) -> float:
         n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of float32
         src = torch.randn(n, device=device)
         dst = torch.empty_like(src)
-        ms = median_time_ms(lambda i: dst.copy_(src), device, warmup=3, repeats=10)
+        # 10 back-to-back copies per event pair: no per-call sync in the bandwidth either
+        ms = median_time_ms(lambda i: dst.copy_(src), device, warmup=3, repeats=10,
+                            calls=10 if device.type == "cuda" else 1)
         _COPY_GBPS[key] = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
         del src, dst
     return _COPY_GBPS[key]
@@ -224,6 +307,7 @@ def cpu_peak_memory_mb(fn: Callable[[], object]) -> float:
     return peak / 2**20
 
 
-__all__: Sequence[str] = ["median_time_ms", "peak_memory_mb", "copy_bandwidth_gbps", "record",
-                          "device_name", "git_commit", "cpu_peak_memory_mb", "recording", "append_row",
-                          "summary_table", "speedup_vs_upstream", "SESSION_ROWS"]
+__all__: Sequence[str] = ["median_time_ms", "calls_per_event", "graph_time_ms", "kernel_timings",
+                          "peak_memory_mb", "copy_bandwidth_gbps", "record", "device_name", "git_commit",
+                          "cpu_peak_memory_mb", "recording", "append_row", "summary_table",
+                          "speedup_vs_upstream", "SESSION_ROWS"]

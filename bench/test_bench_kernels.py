@@ -15,11 +15,23 @@ kernel), ``triton_recompute`` (DistCL/ProtoCL kernels with grad_mode="recompute"
 recomputed by the backward kernel), ``torch`` (impl="torch"),
 ``torch_compile`` (``torch.compile`` of the reference functions), ``upstream``
 (``bench/upstream.py``: dense N×C×A statistics, DistCL as separate ops; ProtoCL is the same
-code with σ² = 0; it has no BankCL). ``gbps`` uses the *minimum* traffic of the op — read z
+code with σ² = 0; BankCL: a direct separate-ops formulation, one class at a time with a
+boolean mask each and a product with every bank entry — SPEC §9 does not describe
+upstream's own BankCL). ``gbps`` uses the *minimum* traffic of the op — read z
 once, write dL/dz once (losses), plus labels and the small [C,A] / [C,M,A] tensors — so
 ``roofline_pct`` (against the measured device copy bandwidth) says how close an impl is to a
 single pass. Every impl is checked against the reference before it is timed; inputs rotate
 over several buffers so the L2 cache does not hold the next call's features.
+
+Times (``bench.record.kernel_timings``): ``median_ms`` is the time per call of many
+back-to-back calls between one pair of CUDA events (``calls_per_event`` of them, about
+2 ms of work), which is what a training step sees; ``single_call_ms`` times one
+synchronised call at a time (launch latency and sync included: for these microsecond
+kernels mostly overhead); ``graph_ms`` replays the same calls from one CUDA graph (no
+launch overhead at all; ``graph_error`` says why a row has none, e.g. upstream's host
+syncs). The upstream DistCL/ProtoCL rows get float32 features (the bf16 features
+upcast): upstream's code is fp32 and mixes no dtypes; their ``shape.dtype`` and byte
+count say so.
 
 On the CPU only the torch and upstream rows of the smallest N run: Triton there is its
 interpreter (timings meaningless) and the GPU-sized cases would take minutes each.
@@ -33,7 +45,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.record import cpu_peak_memory_mb, median_time_ms, peak_memory_mb, record
+from bench.record import cpu_peak_memory_mb, kernel_timings, peak_memory_mb, record
 
 A, C, M, IGNORE = 512, 19, 200, 255
 SIZES = [12_800, 51_200, 204_800]
@@ -60,6 +72,8 @@ def _skip_reason(device: str, impl: str, n: int) -> str | None:
             return "torch.compile rows are GPU-only here (CPU rows: bench/test_bench_contrast_reference.py)"
         if n != SIZES[0]:
             return "CPU rows only at the smallest N (the larger ones take minutes per call)"
+        if impl == "upstream" and bench == "bank_contrast_fwd_bwd":
+            return "the separate-ops BankCL multiplies every pixel with all C·M bank rows: minutes per call on the CPU"
     return None
 
 
@@ -141,7 +155,7 @@ def loss_fn(bench: str, impl: str, mean, var, bank, bank_len):
     if bench == "proto_contrast_fwd_bwd":
         zero = torch.zeros_like(var)
         return lambda f, y: up.upstream_dist_contrast_loss(f, y, mean, zero, reg_weight=1.0)
-    return None
+    return lambda f, y: up.upstream_bank_contrast_loss(f, y, bank, bank_len, mean=mean, reg_weight=1.0)
 
 
 def stats_fn(impl: str, device):
@@ -214,6 +228,11 @@ def test_bench(bench, impl, n, device):
     shape = {"N": n, "A": A, "C": C, "dtype": str(dtype).replace("torch.", "")}
     if bench == "bank_contrast_fwd_bwd":
         shape["M"] = M
+    if impl == "upstream" and bench != "class_stats_update":
+        # upstream's fp32 code: bf16 features against fp32 statistics would not even run
+        # (mm of mixed dtypes); its stats update upcasts by itself
+        pairs = [(f.float(), y) for f, y in pairs]
+        shape["dtype"] = "float32"
     moved = min_bytes(bench, n, pairs[0][0].element_size())
 
     try:
@@ -247,9 +266,14 @@ def test_bench(bench, impl, n, device):
             tol = 2e-2 if dtype != torch.float32 else 1e-4  # bf16 gradients: one rounding
             _close(got_loss, want, 1e-4, f"{impl} loss")
             _close(got_grad, feat.grad, tol, f"{impl} grad")
-        ms = median_time_ms(run, dev, **_timing(dev))
+        # upstream drops ignore pixels with a boolean mask (a host sync): not capturable
+        graph = "host syncs (boolean-mask indexing)" if impl == "upstream" else True
+        times = kernel_timings(run, dev, graph=graph, **_timing(dev))
         peak = _peak(lambda: run(0), dev)
     except torch.cuda.OutOfMemoryError as exc:  # the upstream N×C×A tensors at N = 204,800
         pytest.skip(f"{impl} runs out of GPU memory at N={n}: {exc}"[:300])
+    ms = times.pop("median_ms")
+    graph_gbps = moved / (times["graph_ms"] * 1e-3) / 1e9 if times["graph_ms"] else None
     record(bench, impl, dev, shape, ms, bytes_moved=moved, flops=min_flops(bench, n),
-           peak_mem_mb=peak, extra={"loadavg_1m": round(os.getloadavg()[0], 2)})
+           peak_mem_mb=peak, extra={**times, "graph_gbps": round(graph_gbps, 2) if graph_gbps else None,
+                                    "loadavg_1m": round(os.getloadavg()[0], 2)})

@@ -8,13 +8,14 @@ ClassMix on 2 crops of 3×640×640; pseudo labels from [2,19,640,1280] logits.
 
 Results are appended to bench/results/ops_*.json by bench/record.py. The upstream rows
 include their host syncs (``.item()`` per crop try, ``.cpu()`` per pseudo-label call), which
-is the point of the comparison.
+is the point of the comparison. Times as in bench/test_bench_kernels.py: ``median_ms`` per
+call of back-to-back calls, plus ``single_call_ms`` and CUDA-graph ``graph_ms``.
 """
 import numpy as np
 import pytest
 import torch
 
-from bench.record import median_time_ms, record
+from bench.record import kernel_timings, record
 from sepico_fast import ops
 from sepico_fast.ops.upstream import (upstream_class_balanced_crop, upstream_classmix,
                                       upstream_pseudo_label)
@@ -36,6 +37,13 @@ def _device_or_skip(device: str, impl: str) -> torch.device:
 
 def _repeats(device: torch.device) -> dict:
     return {"warmup": 3, "repeats": 20} if device.type == "cuda" else {"warmup": 1, "repeats": 3}
+
+
+def _times(run, dev: torch.device, impl: str) -> tuple[float, dict]:
+    """(ms per call of back-to-back calls, the other timings for the record's extra)."""
+    graph = "host syncs (upstream's per-sample loop)" if impl == "upstream" else True
+    times = kernel_timings(run, dev, graph=graph, **_repeats(dev))
+    return times.pop("median_ms"), times
 
 
 def _pseudo_labels(device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -64,9 +72,9 @@ def test_bench_class_balanced_crop(device, impl):
 
     img_crop, lbl_crop = run(0)
     assert img_crop.shape == (B, 3, CROP, CROP) and lbl_crop.shape == (B, CROP, CROP)
-    ms = median_time_ms(run, dev, **_repeats(dev))
+    ms, times = _times(run, dev, impl)
     record("ops_class_balanced_crop", impl, dev, {"B": B, "H": H, "W": W, "crop": CROP, "K": K,
-                                                  "C": C}, ms)
+                                                  "C": C}, ms, extra=times)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -91,13 +99,13 @@ def test_bench_classmix(device, impl):
 
     mixed_img, mixed_lbl, mixed_weight = run(0)
     assert mixed_img.shape == src_img.shape and mixed_lbl.shape == (B, 1, CROP, CROP)
-    ms = median_time_ms(run, dev, **_repeats(dev))
+    ms, times = _times(run, dev, impl)
     # Least traffic of a fused pass: source label + one image + target label/weight where
     # unmixed (about half) read; image, label and weight written.
     pixels = B * CROP * CROP
     bytes_moved = pixels * (8 + 12 + 0.5 * 12 + 12 + 8 + 4)
     record("ops_classmix", impl, dev, {"B": B, "C": 3, "H": CROP, "W": CROP}, ms,
-           bytes_moved=bytes_moved)
+           bytes_moved=bytes_moved, extra=times)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -116,7 +124,7 @@ def test_bench_pseudo_label(device, impl):
 
     prob, label, q = run(0)
     assert prob.shape == label.shape == (B, H, W) and 0.0 <= float(q) <= 1.0
-    ms = median_time_ms(run, dev, **_repeats(dev))
+    ms, times = _times(run, dev, impl)
     bytes_moved = logits.numel() * 4 + B * H * W * (4 + 8)
     record("ops_pseudo_label", impl, dev, {"B": B, "C": C, "H": H, "W": W}, ms,
-           bytes_moved=bytes_moved)
+           bytes_moved=bytes_moved, extra=times)

@@ -7,7 +7,8 @@ every benchmark can report "how much faster / leaner than upstream":
 * the statistics update builds dense N x C x A tensors: the features broadcast against
   a one-hot label map, the per-class sums and the centred squares all at full N x C x A;
 * DistCL runs as separate ops: the squared features, two matmuls, a gather of σ²_{y_i}
-  as an N x A tensor, softmax cross-entropy, the variance term and the regulariser.
+  as an N x A tensor, softmax cross-entropy, the variance term and the regulariser;
+* BankCL (not described by the SPEC: a direct separate-ops formulation, see its docstring).
 
 Same mathematics as ``sepico_fast.contrast`` (the benchmark asserts it), not the same cost.
 """
@@ -73,5 +74,38 @@ def upstream_dist_contrast_loss(feat, labels, mean, var, temperature=100.0, rati
         c = mean.shape[0]
         z_bar = feat.mean(0, keepdim=True)
         prob = F.softmax(z_bar.mm(mean.t()) / temperature, dim=1)
+        loss = loss + reg_weight * torch.log(prob).sum() / (c * math.log(c))
+    return loss
+
+
+
+def upstream_bank_contrast_loss(feat, labels, bank, bank_len, temperature=100.0, mean=None,
+                                reg_weight=1.0, ignore_index=255):
+    """BankCL (SPEC §5) as separate ops. SPEC §9 does not describe upstream's BankCL, so
+    this is the direct formulation in the style of the other baselines, not upstream's
+    code: one class at a time (a boolean mask each, a host sync), the product of its
+    pixels with every bank entry [n_c, C·M], the per-class means of the negatives, the
+    ratio of the formula; plus the regulariser."""
+    feat, labels = drop_ignore(feat, labels, ignore_index)
+    c_all, m, _ = bank.shape
+    bank = bank.detach()
+    entry = (torch.arange(m, device=bank.device)[None, :] < bank_len[:, None]).float()  # [C, M]
+    lens = bank_len.tolist()  # host sync
+    total, count = feat.new_zeros(()), 0
+    for c in range(c_all):
+        zc = feat[labels == c]  # host sync
+        if lens[c] == 0 or zc.shape[0] == 0:
+            continue
+        sims = zc.mm(bank.reshape(c_all * m, -1).t()).view(-1, c_all, m) / temperature
+        pos = sims[:, c, :lens[c]]  # n_c x L_c
+        neg_mean = (sims * entry).sum(2) / entry.sum(1).clamp_min(1.0)  # n_c x C
+        others = [k for k in range(c_all) if k != c and lens[k] > 0]
+        neg_sum = neg_mean[:, others].exp().sum(1, keepdim=True) if others else torch.zeros_like(pos[:, :1])
+        total = total - torch.log(pos.exp() / (pos.exp() + neg_sum)).mean(1).sum()
+        count += zc.shape[0]
+    loss = total / max(count, 1)
+    if reg_weight and mean is not None and feat.shape[0]:
+        c = mean.shape[0]
+        prob = F.softmax(feat.mean(0, keepdim=True).mm(mean.detach().t()) / temperature, dim=1)
         loss = loss + reg_weight * torch.log(prob).sum() / (c * math.log(c))
     return loss

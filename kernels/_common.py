@@ -28,6 +28,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+if interpreting():  # Triton <= 3.6 interpreter vs numpy >= 2.4 (see _interpreter_compat)
+    from . import _interpreter_compat
+
+    _interpreter_compat.install()
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Refuse tensors Triton cannot run on, with a message that says what to do."""
     for t in tensors:
@@ -80,6 +86,13 @@ def dot_dtype(feat_dtype: torch.dtype):
 def dot_precision(dtype) -> str | None:
     """``input_precision`` for tl.dot: fp32-accurate 3xTF32 for fp32 operands."""
     return "tf32x3" if dtype == tl.float32 else None
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device (cached by torch, no sync); None in the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
 
 
 def num_sms(device: torch.device) -> int:

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import (check_blocks, check_device, device_guard, dot_dtype, dot_precision,
-                      pow2_at_least)
+from ._common import (check_blocks, check_device, device_capability, device_guard, dot_dtype,
+                      dot_precision, pow2_at_least)
 from .dist_contrast import _needs_grad, finish_loss, regulariser, scale_grad_
 
 
@@ -74,8 +74,9 @@ def _bank_contrast_fwd_kernel(
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + tl.arange(0, BLOCK_A)
         col_in = cols < A
+        # ignored rows are never read (no loss, g = 0 whatever they hold, NaN/Inf included)
         z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_za,
-                    mask=pos_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+                    mask=valid[:, None] & col_in[None, :], other=0.0).to(tl.float32)
         bm_t = tl.load(bmean_ptr + cls[None, :] * A + cols[:, None],
                        mask=col_in[:, None] & cls_in[None, :], other=0.0)
         acc_n = tl.dot(z.to(DOT_DTYPE), bm_t.to(DOT_DTYPE), acc_n, input_precision=DOT_PREC)
@@ -151,7 +152,7 @@ def _bank_contrast_fwd_kernel(
 
 def kernel_config(feat_dtype: torch.dtype, a: int, c: int, m: int, *, sorted_: bool = True,
                   write_grad: bool = True, has_reg: bool = True, block_n: int | None = None,
-                  block_a: int | None = None) -> dict:
+                  block_a: int | None = None, capability: tuple[int, int] | None = None) -> dict:
     """Compile-time parameters of :func:`_bank_contrast_fwd_kernel` for one problem shape.
 
     The [BLOCK_N, M_PAD] positive tile lives in registers. For M = 200 (M_PAD = 256) half
@@ -159,15 +160,23 @@ def kernel_config(feat_dtype: torch.dtype, a: int, c: int, m: int, *, sorted_: b
     sm_90 by ptxas -v); fp32 features (3xTF32) use 16-row blocks, 4 warps, no pipelining and
     still spill a few hundred bytes — the fast path is half-precision features under AMP.
     Not tuned on hardware.
+
+    ``capability`` < (8, 0) (sm_75: T4, RTX 20xx, 64 KB of shared memory per block): the
+    half-precision tile above needs 68 KB there and Triton refuses the launch, so 16-row
+    blocks without pipelining are used (51 KB; they spill registers on sm_75, slower but
+    correct; see tests/test_triton_sm90_compile.py).
     """
     ddt = dot_dtype(feat_dtype)
     m_pad = pow2_at_least(m)
     half = ddt != tl.float32
     default_bn = max(16, min(64, (8192 if half else 4096) // m_pad))
+    stages = 2 if half else 1
+    if capability is not None and tuple(capability) < (8, 0):
+        default_bn, stages = 16, 1
     return dict(BLOCK_N=block_n or default_bn, BLOCK_A=block_a or min(32, pow2_at_least(a)),
                 C_PAD=pow2_at_least(c), M_PAD=m_pad, SORTED=sorted_, WRITE_GRAD=write_grad,
                 HAS_REG=has_reg, DOT_DTYPE=ddt, DOT_PREC=dot_precision(ddt),
-                num_warps=8 if half else 4, num_stages=2 if half else 1)
+                num_warps=8 if half else 4, num_stages=stages)
 
 
 def _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_index,
@@ -189,7 +198,8 @@ def _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_
     sorted_ = sort and n_rows > 1
     perm = torch.argsort(labels) if sorted_ else labels  # (unused placeholder when unsorted)
     cfg = kernel_config(feat.dtype, a, c, m, sorted_=sorted_, write_grad=write_grad,
-                        has_reg=has_reg, block_n=block_n, block_a=block_a)
+                        has_reg=has_reg, block_n=block_n, block_a=block_a,
+                        capability=device_capability(dev))
     num_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
     grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
     loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)

@@ -73,8 +73,10 @@ def _dist_contrast_fwd_kernel(
     for a0 in range(0, A, BLOCK_A):
         cols = a0 + tl.arange(0, BLOCK_A)
         col_in = cols < A
+        # ignored rows are never read: their loss and gradient are 0 whatever z holds (even
+        # NaN/Inf, which a 0 weight would not cancel), and their bytes are not loaded
         z = tl.load(z_blk + r_loc[:, None] * stride_zn + cols[None, :] * stride_za,
-                    mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+                    mask=valid[:, None] & col_in[None, :], other=0.0).to(tl.float32)
         st_mask = col_in[:, None] & cls_in[None, :]
         mu_t = tl.load(mu_ptr + cls[None, :] * A + cols[:, None], mask=st_mask, other=0.0)
         acc_mu = tl.dot(z.to(DOT_DTYPE), mu_t.to(DOT_DTYPE), acc_mu, input_precision=DOT_PREC)
@@ -123,7 +125,7 @@ def _dist_contrast_fwd_kernel(
                                 other=0.0)
                 w = tl.dot(coef_var, var_c.to(DOT_DTYPE), input_precision=DOT_PREC)
                 z = tl.load(z_blk + r_loc[:, None] * stride_zn + cols[None, :] * stride_za,
-                            mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+                            mask=valid[:, None] & col_in[None, :], other=0.0).to(tl.float32)
                 g += z * w * (2.0 * var_coef * gscale)
             if HAS_GVEC:
                 gvec = tl.load(gvec_ptr + cols, mask=col_in, other=0.0)

@@ -437,3 +437,62 @@ def test_double_backward_is_refused_and_tiles_are_checked():
             kernels.proto_contrast_loss(zf, y.to(DEV), mean.float().to(DEV), block_n=bad)
         with pytest.raises(ValueError, match="block_a"):
             kernels.class_moments(zf.detach(), y.to(DEV), 5, IGNORE, block_a=bad)
+
+
+# ----------------------------------------------------------------------------- non-finite ignored rows
+def _poison_ignored(z, y):
+    """NaN and ±Inf features on the ignored rows (the reference never reads them)."""
+    z = z.clone()
+    rows = (y == IGNORE).nonzero()[:, 0]
+    assert len(rows) >= 3
+    z[rows[0]] = float("nan")
+    z[rows[1], ::2] = float("inf")
+    z[rows[2]] = -float("inf")
+    return z
+
+
+@pytest.mark.parametrize("variant,mode", [("dist", "stored"), ("dist", "recompute"),
+                                          ("proto", "stored"), ("proto", "recompute"),
+                                          ("bank", "stored")])
+def test_non_finite_ignored_rows_give_finite_loss_and_zero_grad(variant, mode):
+    """A NaN/Inf feature on an ignored pixel must not leak into the loss or the gradient
+    (the float64 reference drops those rows before any product)."""
+    n, a, c, m = 70, 16, 5, 6
+    z, y, mean, var = make_inputs(n, a, c, ignore_frac=0.3, seed=33)
+    zp = _poison_ignored(z, y)
+    if variant == "bank":
+        bank, bank_len = make_bank(c, m, a, [6, 2, 4, 1, 5], seed=8)
+        ref = lambda t: bank_ref(t, y, bank, bank_len, 100.0, mean, 1.0)  # noqa: E731
+        fn = lambda t: kernels.bank_contrast_loss(  # noqa: E731
+            t, y.to(DEV), bank.float().to(DEV), bank_len.to(DEV), 100.0, mean.float().to(DEV),
+            1.0, IGNORE, block_n=16)
+    elif variant == "dist":
+        ref = lambda t: dist_ref(t, y, mean, var, w=1.0)  # noqa: E731
+        fn = lambda t: kernels.dist_contrast_loss(  # noqa: E731
+            t, y.to(DEV), mean.float().to(DEV), var.float().to(DEV), 100.0, 1.0, 1.0, IGNORE,
+            grad_mode=mode, block_n=16)
+    else:
+        ref = lambda t: proto_ref(t, y, mean, w=1.0)  # noqa: E731
+        fn = lambda t: kernels.proto_contrast_loss(  # noqa: E731
+            t, y.to(DEV), mean.float().to(DEV), 100.0, 1.0, IGNORE, grad_mode=mode, block_n=16)
+    # the reference on the same features with the ignored rows zeroed (it never reads them)
+    l64, g64 = grad_of(ref, torch.where((y == IGNORE)[:, None], 0.0, zp))
+    l32, g32 = grad_of(fn, zp.float().to(DEV))
+    assert bool(torch.isfinite(l32)), f"loss {l32}"
+    assert bool(torch.isfinite(g32).all()), "non-finite gradient from an ignored row"
+    assert bool((g32.cpu()[y == IGNORE] == 0).all())
+    assert_close(l32, l64, 1e-5, 0.0, "loss")
+    assert_close(g32, g64, 1e-5, 0.0, "grad")
+
+
+
+def test_bank_tile_for_gpus_with_64kb_shared_memory():
+    """sm_75 (T4) gets 16-row, unpipelined tiles (the default one does not fit there)."""
+    from sepico_fast.kernels import bank_contrast as bc
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        small = bc.kernel_config(dt, 512, 19, 200, capability=(7, 5))
+        assert small["BLOCK_N"] == 16 and small["num_stages"] == 1
+    default = bc.kernel_config(torch.float16, 512, 19, 200, capability=(9, 0))
+    assert default == bc.kernel_config(torch.float16, 512, 19, 200)
+    assert default["BLOCK_N"] == 32 and default["num_stages"] == 2
+    assert bc.kernel_config(torch.float16, 512, 19, 200, capability=(7, 5), block_n=32)["BLOCK_N"] == 32

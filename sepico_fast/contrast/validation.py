@@ -3,30 +3,54 @@
 Every check here is cheap and raises ``ValueError`` naming the argument. Checks that
 depend on tensor *values* (label range, finite statistics) must not stall a CUDA
 stream: on CUDA they are queued with ``torch._assert_async`` (the error surfaces at
-a later synchronisation as a device-side assertion), on the CPU they are evaluated
-eagerly and raise ``ValueError``.
+a later synchronisation as a bare "device-side assert triggered": CUDA drops the
+message), on the CPU they are evaluated eagerly and raise ``ValueError``. Debug checks
+(``SEPICO_FAST_DEBUG_CHECKS=1``, ``set_debug_checks(True)``, the trainer's
+``--debug-checks``) evaluate them eagerly everywhere, with the readable message, at the
+cost of one host sync per check.
+
+``resolve_impl`` picks the Triton kernels for CUDA tensors; when it has to take the
+torch reference for CUDA tensors instead it logs one WARNING per op and reason (logger
+``sepico_fast.contrast``).
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import os
 from typing import Callable
 
 import torch
 
 IMPLS = ("torch", "triton", "cuda")
+DEBUG_CHECKS_ENV = "SEPICO_FAST_DEBUG_CHECKS"
+# The ops with a Triton kernel (implementation_report lists them).
+TRITON_OPS = ("dist_contrast_loss", "proto_contrast_loss", "bank_contrast_loss", "class_moments")
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+logger = logging.getLogger("sepico_fast.contrast")
+_debug_checks = os.environ.get(DEBUG_CHECKS_ENV, "") not in ("", "0")
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Eager value checks with readable messages on every device (one host sync each)."""
+    global _debug_checks
+    _debug_checks = bool(enabled)
+
+
+def debug_checks() -> bool:
+    return _debug_checks
 
 
 def check_value(cond: torch.Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` unless the boolean tensor ``cond`` is all true.
 
-    CPU: eager check. CUDA (or any non-CPU device): asynchronous device assertion,
-    no host synchronisation.
+    CPU, or any device under debug checks: eager check. CUDA (or any non-CPU device):
+    asynchronous device assertion, no host synchronisation.
     """
     cond = cond.all() if cond.dim() else cond
-    if cond.device.type == "cpu":
+    if cond.device.type == "cpu" or _debug_checks:
         if not bool(cond):
             raise ValueError(message)
     else:
@@ -108,24 +132,53 @@ def check_scalar(value: float, name: str, *, positive: bool = False) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels_module():
-    """``sepico_fast.kernels`` or None when Triton is unavailable (tried once per process).
+def _kernels_import():
+    """(``sepico_fast.kernels`` or None, why not) — tried once per process.
 
     Imported lazily: the kernels package imports triton, which is optional on CPU.
     """
     try:
-        return importlib.import_module("sepico_fast.kernels")
-    except Exception:  # triton missing or broken: the torch path still works
-        return None
-
-
-def _load_kernel(op: str) -> Callable | None:
-    """``sepico_fast.kernels.<op>`` or None when Triton/the kernel is unavailable."""
-    module = _kernels_module()
-    return getattr(module, op, None) if module is not None else None
+        return importlib.import_module("sepico_fast.kernels"), ""
+    except Exception as exc:  # triton missing or broken: the torch path still works
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Oldest GPU the kernels are compiled and checked for (tests/test_triton_sm90_compile.py: sm_75).
+_TRITON_MIN_CAPABILITY = (7, 5)
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability (a cached property query, no sync); None without a CUDA runtime."""
+    try:
+        return tuple(torch.cuda.get_device_capability(device))
+    except (AssertionError, RuntimeError):  # CPU build of torch: nothing to check
+        return None
+
+
+def triton_choice(op: str, device: torch.device, dtype: torch.dtype | None = None,
+                  available: tuple[str, ...] = ("torch", "triton")) -> tuple[str, str]:
+    """(implementation, reason) that ``impl=None`` picks for ``op`` on ``device``/``dtype``."""
+    if device.type != "cuda":
+        return "torch", "inputs not on CUDA"
+    if "triton" not in available:
+        return "torch", "no Triton kernel for this op"
+    if dtype is not None and dtype not in _TRITON_DTYPES:
+        return "torch", f"{dtype} inputs (the Triton kernels take float32, float16, bfloat16)"
+    cap = _capability(device)
+    if cap is not None and cap < _TRITON_MIN_CAPABILITY:
+        return "torch", (f"GPU sm_{cap[0]}{cap[1]} is older than the kernels' oldest target "
+                         f"sm_{_TRITON_MIN_CAPABILITY[0]}{_TRITON_MIN_CAPABILITY[1]}")
+    module, error = _kernels_import()
+    if module is None:
+        return "torch", f"sepico_fast.kernels (Triton) failed to import: {error}"
+    if getattr(module, op, None) is None:
+        return "torch", f"sepico_fast.kernels has no {op}"
+    return "triton", "Triton kernel, CUDA inputs"
+
+
+_warned: set[tuple[str, str]] = set()
+_logged: set[str] = set()
 
 
 def resolve_impl(impl: str | None, op: str, device: torch.device,
@@ -135,20 +188,34 @@ def resolve_impl(impl: str | None, op: str, device: torch.device,
 
     None -> "triton" when the tensors are on CUDA, their dtype is one the kernels take
     (float32/16-bit; float64 stays on the torch reference) and
-    ``sepico_fast.kernels.<op>`` imports, else "torch". Explicit names are checked
-    against ``available``.
+    ``sepico_fast.kernels.<op>`` imports, else "torch" (a WARNING, once per op and
+    reason, when the tensors are on CUDA). Explicit names are checked against
+    ``available``.
     """
     if impl is None:
-        if (device.type == "cuda" and "triton" in available
-                and (dtype is None or dtype in _TRITON_DTYPES) and _load_kernel(op) is not None):
-            return "triton"
-        return "torch"
+        chosen, why = triton_choice(op, device, dtype, available)
+        if device.type == "cuda" and not torch.compiler.is_compiling():
+            if chosen == "torch" and (op, why) not in _warned:
+                _warned.add((op, why))
+                logger.warning("sepico_fast.contrast.%s: CUDA inputs, but %s; using the torch "
+                               "reference (slower, more memory)", op, why)
+            elif chosen == "triton" and op not in _logged:
+                _logged.add(op)
+                logger.info("sepico_fast.contrast.%s: using the Triton kernel", op)
+        return chosen
     if impl not in IMPLS:
         raise ValueError(f"impl must be None or one of {IMPLS}, got {impl!r}")
     if impl not in available:
         raise ValueError(f"impl={impl!r} has no kernel for {op}; available impls: "
                          f"{', '.join(available)} (or None for the fastest)")
     return impl
+
+
+def implementation_report(device: torch.device | str,
+                          dtype: torch.dtype | None = None) -> dict[str, tuple[str, str]]:
+    """{op: (implementation, reason)} that ``impl=None`` picks on ``device`` (runs nothing)."""
+    device = torch.device(device)
+    return {op: triton_choice(op, device, dtype) for op in TRITON_OPS}
 
 
 def triton_kernel(op: str) -> Callable:

@@ -1,20 +1,39 @@
 """Loading of the optional CUDA extension and the choice of implementation per call.
 
 ``sepico_fast.ops._C`` is built by setup.py from ``csrc/`` only when torch is a CUDA build
-and nvcc is available; importing it registers the ``torch.ops.sepico_fast.*`` custom ops.
-``SEPICO_FAST_DISABLE_EXT=1`` skips loading it (forces the torch implementations).
+and a CUDA toolkit is found; importing it registers the ``torch.ops.sepico_fast.*`` custom
+ops. ``SEPICO_FAST_DISABLE_EXT=1`` skips loading it (forces the torch implementations).
+When it cannot run for CUDA inputs (not built, failed to load, no code for the GPU's
+architecture) the torch implementation runs instead and one WARNING per op says why; the
+install-time reason comes from ``_ext_build.json``, written by setup.py.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
+
+from .._cuda_toolkit import archs_text, extension_runs_on
 
 logger = logging.getLogger("sepico_fast.ops")
 
 _IMPLS = (None, "torch", "cuda")
+# The ops with a CUDA kernel, by the names they log under (implementation_report).
+CUDA_OPS = ("score_crop_windows", "select_crop_windows", "classmix", "pseudo_label")
+_STATUS_FILE = Path(__file__).with_name("_ext_build.json")
+
+
+def _install_note() -> tuple[str, str]:
+    """(state, detail) that setup.py recorded for the extension; ("", "") when unknown."""
+    try:
+        record = json.loads(_STATUS_FILE.read_text())
+    except (OSError, ValueError):
+        return "", ""
+    return str(record.get("state", "")), str(record.get("detail", ""))
 
 
 def _load_extension() -> tuple[bool, str]:
@@ -23,6 +42,11 @@ def _load_extension() -> tuple[bool, str]:
     try:
         importlib.import_module("sepico_fast.ops._C")  # loading registers the custom ops
     except ImportError as exc:
+        state, detail = _install_note()
+        if state == "failed":
+            return False, f"not built: its build failed at install ({detail})"
+        if state == "skipped":
+            return False, f"not built at install ({detail})"
         return False, f"not built ({exc})"
     except OSError as exc:  # built, but e.g. a CUDA library is missing at runtime
         return False, f"failed to load ({exc})"
@@ -31,6 +55,20 @@ def _load_extension() -> tuple[bool, str]:
 
 EXTENSION_AVAILABLE, EXTENSION_STATUS = _load_extension()
 _logged: set[tuple[str, str]] = set()
+
+
+def extension_status(device: torch.device | str) -> tuple[bool, str]:
+    """(runs, reason): whether the extension runs for CUDA inputs on ``device``, and why (not)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, "inputs not on CUDA"
+    if not EXTENSION_AVAILABLE:
+        return False, f"CUDA extension {EXTENSION_STATUS}"
+    major, minor = torch.cuda.get_device_capability(device)  # a cached property query
+    if not extension_runs_on((major, minor)):
+        return False, (f"CUDA extension has no code for this GPU (sm_{major}{minor}; "
+                       f"built for {archs_text()})")
+    return True, "extension loaded, CUDA inputs"
 
 
 def _register_fakes() -> None:
@@ -62,7 +100,8 @@ if EXTENSION_AVAILABLE:
 def resolve_impl(op: str, impl: str | None, *tensors: torch.Tensor) -> str:
     """``"cuda"`` or ``"torch"`` for this call; logs the choice once per (op, implementation).
 
-    impl=None picks the extension when it is loaded and every tensor is on a CUDA device.
+    impl=None picks the extension when every tensor is on a CUDA device and the extension
+    runs there; a fallback to torch for CUDA inputs is a WARNING (once per op and reason).
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be None, 'torch' or 'cuda', got {impl!r}")
@@ -75,17 +114,46 @@ def resolve_impl(op: str, impl: str | None, *tensors: torch.Tensor) -> str:
         if not on_cuda:
             raise ValueError(f"{op}: impl='cuda' needs CUDA tensors, got devices "
                              f"{sorted({str(t.device) for t in tensors})}")
+        runs, why = extension_status(tensors[0].device)
+        if not runs:
+            raise RuntimeError(f"{op}: impl='cuda' cannot run: {why}; use impl='torch'")
         chosen, why = "cuda", "requested"
     elif impl == "torch":
         chosen, why = "torch", "requested"
-    elif on_cuda and EXTENSION_AVAILABLE:
-        chosen, why = "cuda", "extension loaded, CUDA inputs"
+    elif not on_cuda:
+        chosen, why = "torch", "inputs not on CUDA"
     else:
-        chosen = "torch"
-        why = "inputs not on CUDA" if not on_cuda else f"CUDA extension {EXTENSION_STATUS}"
+        runs, why = extension_status(tensors[0].device)
+        chosen = "cuda" if runs else "torch"
+        if not runs:
+            _warn_once(op, f"sepico_fast.ops.{op}: CUDA inputs, but {why}; using the slower "
+                           "torch fallback")
     # Logging is a side effect torch.compile cannot put in a graph; eager calls log it.
     if not torch.compiler.is_compiling() and (op, chosen) not in _logged:
         _logged.add((op, chosen))
         name = "CUDA extension (csrc/)" if chosen == "cuda" else "torch fallback"
-        logger.info("sepico_fast.ops.%s: using the %s (%s)", op, name, why)
+        # CPU inputs always take torch: not worth a line in the trainer's output
+        logger.log(logging.INFO if on_cuda else logging.DEBUG, "sepico_fast.ops.%s: using the %s (%s)",
+                   op, name, why)
     return chosen
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(op: str, message: str) -> None:
+    if torch.compiler.is_compiling() or (op, message) in _warned:
+        return
+    _warned.add((op, message))
+    logger.warning(message)
+
+
+def implementation_report(device: torch.device | str) -> dict[str, tuple[str, str]]:
+    """{op: (implementation, reason)} that ``impl=None`` picks for inputs on ``device``.
+
+    Runs nothing; the trainer prints it once at start. Float64 images in classmix always
+    take torch (not listed: training images are fp32 or 16-bit).
+    """
+    runs, why = extension_status(device)
+    impl = "cuda" if runs else "torch"
+    return {op: (impl, why) for op in CUDA_OPS}

@@ -6,8 +6,10 @@ from .config import parse_args
 
 def main(argv=None) -> None:
     from .faults import RunStopped
+    from .implementations import configure_logging
     from .runner import run
 
+    configure_logging()  # the one-time fallback WARNINGs and implementation INFO lines
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(cfg)

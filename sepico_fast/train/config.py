@@ -110,6 +110,10 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the student and teacher")
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes; slower)")
     max_skipped_steps: int = _f(20, "stop after this many optimizer steps skipped for NaN/Inf losses")
+    # debugging (does not change the method)
+    debug_checks: bool = _f(False, "check label ranges and finite statistics eagerly, with readable "
+                            "messages (one host sync per check; same as SEPICO_FAST_DEBUG_CHECKS=1); "
+                            "without it a failed check on CUDA is a bare 'device-side assert'")
     # --- outputs --------------------------------------------------------------------------
     log_interval: int = _f(50, "iterations between log lines (the only host syncs of the loop)")
     eval_interval: int = _f(0, "iterations between evaluations (0: only at the end)")

@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .curves import update_curves
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
 from .debug_images import save_debug_images
+from .implementations import announce_implementations
 from .logging import ProgressBar, ScalarWriter, iou_table
 from .profiling import Profiler
 from .pseudo_diagnostics import PseudoDiagnostics
@@ -223,6 +224,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
               f"iters={cfg.iters} batch={cfg.batch_size}x{dist_info.world_size} "
               f"ddp_schedule={cfg.ddp_schedule} crop={cfg.crop_hw} "
               f"device={device} precision={amp_desc} work_dir={work_dir}")
+    announce_implementations(cfg, device, main=dist_info.is_main)
     return TrainRun(cfg=cfg, dist_info=dist_info, device=device, work_dir=work_dir, ctx=ctx, amp_desc=amp_desc,
                     val_target=val_target, writer=writer, loader=loader, start_it=start_it, end_it=end_it,
                     schedule=schedule, requested_cfg=requested_cfg, done=start_it,

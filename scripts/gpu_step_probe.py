@@ -1,0 +1,305 @@
+"""Paper-size probe of one training step on a GPU: what runs, how fast, how much memory.
+
+    python scripts/gpu_step_probe.py --out probe.json              # GPU: DAFormer MiT-B5
+    python scripts/gpu_step_probe.py --tiny --out probe.json       # CPU smoke run (CI dry run)
+
+Default size (SPEC §6, §8): DAFormer MiT-B5 (random init: no download), source crop
+640×640, target image 640×1280 (the class-balanced crop is searched in it), batch 2+2,
+19 classes, projection dim 512, contrast on from the first step. Variants:
+
+    bf16_dist            bf16 autocast, DistCL              (the default --amp path)
+    fp16_dist_scaler     fp16 autocast + GradScaler, DistCL (pre-Ampere --amp path)
+    bf16_bank_full       bf16, BankCL with every class bank full (M = 200)
+    bf16_proto           bf16, ProtoCL
+
+Per variant: the implementation each contrast op and pixel op took (from the one-time
+log records of the dispatchers), host synchronisations per step (CUDA sync debug mode
+"warn", counted), ms per iteration (median of synchronised steps, and the mean of
+back-to-back steps), peak memory, and MFU from the FLOPs that ``FlopCounterMode``
+counts in one step (matmuls/convolutions; the Triton kernels' few GFLOPs are not
+counted) and from the trainer's documented count. JSON to ``--out``, a table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sepico_fast.contrast import ClassStats  # noqa: E402
+from sepico_fast.models import build_segmentor  # noqa: E402
+from sepico_fast.train.config import make_config  # noqa: E402
+from sepico_fast.train.implementations import implementation_lines  # noqa: E402
+from sepico_fast.train.runner import build_optimizer  # noqa: E402
+from sepico_fast.train.step import StepContext, train_step  # noqa: E402
+from sepico_fast.train.uda import make_teacher  # noqa: E402
+
+VARIANTS = {
+    "bf16_dist": dict(variant="dist", amp="bf16"),
+    "fp16_dist_scaler": dict(variant="dist", amp="fp16"),
+    "bf16_bank_full": dict(variant="bank", amp="bf16"),
+    "bf16_proto": dict(variant="proto", amp="bf16"),
+}
+IGNORE = 255
+
+
+class _Records(logging.Handler):
+    """Collects the dispatchers' one-time records (which implementation, fallbacks)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+def _reset_dispatch_logs() -> None:
+    """Forget what was logged so that every variant reports its own choices."""
+    from sepico_fast.contrast import validation
+    from sepico_fast.ops import _dispatch
+    _dispatch._logged.clear()
+    _dispatch._warned.clear()
+    validation._warned.clear()
+    getattr(validation, "_logged", set()).clear()
+
+
+def blocky_labels(batch, h, w, block, gen):
+    coarse = torch.randint(0, 19, (batch, 1, -(-h // block), -(-w // block)), generator=gen)
+    coarse[torch.rand(coarse.shape, generator=gen) < 0.05] = IGNORE
+    return coarse.repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :h, :w].contiguous()
+
+
+def make_batches(args, device, gen):
+    b, (ch, cw), (th, tw) = args.batch, args.crop, args.target
+    src = {"img": torch.randn(b, 3, ch, cw, generator=gen).to(device),
+           "gt": blocky_labels(b, ch, cw, 32 if ch >= 256 else 8, gen).to(device)}
+    tgt = {"img": torch.randn(b, 3, th, tw, generator=gen).to(device)}
+    return src, tgt
+
+
+def build_context(args, name, spec, device, models):
+    cfg = make_config(dict(arch=args.arch, variant=spec["variant"], crop=list(args.crop), iters=40000,
+                           batch_size=args.batch, contrast_start=0, warmup_iters=0, proj_dim=args.proj_dim,
+                           memory_length=args.memory, amp=True, num_workers=0, seed=0,
+                           pretrained="", debug_interval=0))
+    if models.get("student") is None:
+        torch.manual_seed(0)
+        models["student"] = build_segmentor(args.arch, cfg.num_classes, cfg.proj_dim,
+                                            drop_path_rate=cfg.drop_path_rate).to(device)
+        models["teacher"] = make_teacher(models["student"])
+    student, teacher = models["student"], models["teacher"]
+    amp_dtype = scaler = None
+    if device.type == "cuda":
+        amp_dtype = torch.bfloat16 if spec["amp"] == "bf16" else torch.float16
+        if spec["amp"] == "fp16":
+            scaler = torch.amp.GradScaler("cuda")
+    stats = ClassStats(cfg.num_classes, cfg.proj_dim, cfg.memory_length if cfg.variant == "bank" else 0,
+                       device=device)
+    gen = torch.Generator().manual_seed(1)
+    # statistics of a run in progress: unit-norm means, small variances, full banks
+    stats.mean.copy_(F.normalize(torch.randn(stats.mean.shape, generator=gen), dim=1).to(device))
+    stats.var.copy_((1e-3 * torch.rand(stats.var.shape, generator=gen)).to(device))
+    stats.count.fill_(1000.0)
+    if cfg.variant == "bank":
+        stats.bank.copy_(F.normalize(torch.randn(stats.bank.shape, generator=gen), dim=2).to(device))
+        stats.bank_len.fill_(cfg.memory_length)
+    ctx = StepContext(cfg=cfg, student=student, teacher=teacher,
+                      optimizer=build_optimizer(cfg, student, device), stats=stats, device=device,
+                      amp_dtype=amp_dtype, scaler=scaler)
+    return cfg, ctx
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(ctx, src, tgt, it) -> float | None:
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            train_step(ctx, src, tgt, it)
+        return float(counter.get_total_flops())
+    except Exception as exc:  # noqa: BLE001 - a probe reports, it does not stop
+        print(f"  FlopCounterMode failed: {type(exc).__name__}: {exc}")
+        return None
+
+
+def documented_flops(cfg, target_hw) -> float | None:
+    try:
+        from sepico_fast.train.throughput import flops_per_iteration
+        return flops_per_iteration(cfg, target_hw)
+    except Exception as exc:  # noqa: BLE001 - its signature may change with the trainer
+        print(f"  flops_per_iteration failed: {type(exc).__name__}: {exc}")
+        return None
+
+
+def peak_tflops(device) -> float | None:
+    try:
+        from sepico_fast.train.throughput import device_peak_tflops
+        return device_peak_tflops(device)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def host_syncs(ctx, src, tgt, it0, steps, device) -> tuple[float | None, list[str]]:
+    """Synchronisations per step under torch.cuda.set_sync_debug_mode("warn"), and where."""
+    if device.type != "cuda" or steps < 1:
+        return None, ["not measured: CUDA sync debug mode needs a GPU"]
+    _sync(device)
+    sites: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for k in range(steps):
+                train_step(ctx, src, tgt, it0 + k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _sync(device)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    for w in syncs:
+        key = f"{Path(w.filename).name}:{w.lineno}: {str(w.message)[:80]}"
+        sites[key] = sites.get(key, 0) + 1
+    return len(syncs) / steps, [f"{n}x {k}" for k, n in sorted(sites.items(), key=lambda kv: -kv[1])][:10]
+
+
+def probe_variant(args, name, spec, device, models, records) -> dict:
+    _reset_dispatch_logs()
+    records.lines.clear()
+    cfg, ctx = build_context(args, name, spec, device, models)
+    gen = torch.Generator().manual_seed(2)
+    src, tgt = make_batches(args, device, gen)
+    it = 1
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):  # compiles Triton kernels, cuDNN/cuBLAS heuristics
+        train_step(ctx, src, tgt, it)
+        it += 1
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    syncs, sites = host_syncs(ctx, src, tgt, it, args.sync_steps, device)
+    it += args.sync_steps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):  # synchronised steps
+        _sync(device)
+        t = time.perf_counter()
+        train_step(ctx, src, tgt, it)
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+        it += 1
+    t = time.perf_counter()
+    for _ in range(args.steps):  # back to back: the host may run ahead (no syncs in a step)
+        train_step(ctx, src, tgt, it)
+        it += 1
+    _sync(device)
+    back_to_back_ms = (time.perf_counter() - t) * 1e3 / args.steps
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    counted = count_flops(ctx, src, tgt, it) if args.flops else None
+    documented = documented_flops(cfg, tuple(tgt["img"].shape[-2:]))
+    peak = peak_tflops(device)
+    ms = statistics.median(times)
+
+    def mfu(flops):
+        return round(flops / (ms * 1e-3) / (peak * 1e12), 4) if flops and peak else None
+
+    skipped = float(ctx.skipped.item())
+    return {
+        "config": {"arch": cfg.arch, "variant": cfg.variant, "amp": spec["amp"], "batch": args.batch,
+                   "crop": list(args.crop), "target": list(args.target), "proj_dim": cfg.proj_dim,
+                   "memory_length": cfg.memory_length if cfg.variant == "bank" else 0},
+        "dispatch_log": list(records.lines),
+        "ms_per_iter_median": round(ms, 2),
+        "ms_per_iter_all": [round(x, 2) for x in times],
+        "ms_per_iter_back_to_back": round(back_to_back_ms, 2),
+        "warmup_s": round(warmup_s, 1),
+        "host_syncs_per_step": syncs,
+        "host_sync_sites": sites,
+        "peak_mem_gb": round(peak_gb, 2) if peak_gb is not None else None,
+        "flops_counted": counted,
+        "flops_documented": documented,
+        "peak_tflops": peak,
+        "mfu_counted": mfu(counted),
+        "mfu_documented": mfu(documented),
+        "skipped_steps": skipped,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="", help="JSON output file")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke size (daformer_tiny, crop 64)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of "
+                   + ", ".join(VARIANTS))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--sync-steps", type=int, default=2)
+    p.add_argument("--no-flops", dest="flops", action="store_false")
+    args = p.parse_args(argv)
+    if args.tiny:  # checks the script, measures nothing: one step of each kind per variant
+        args.arch, args.crop, args.target, args.batch, args.proj_dim, args.memory = \
+            "daformer_tiny", (32, 32), (32, 64), 2, 16, 8
+        args.warmup, args.steps, args.sync_steps, args.flops = 0, 1, 0, False
+    else:
+        args.arch, args.crop, args.target, args.batch, args.proj_dim, args.memory = \
+            "daformer_mitb5", (640, 640), (640, 1280), 2, 512, 200
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    records = _Records()
+    package_log = logging.getLogger("sepico_fast")
+    package_log.addHandler(records)
+    package_log.setLevel(logging.DEBUG)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "cuda": torch.version.cuda,
+              "implementations": implementation_lines(device), "variants": {}}
+    failed = 0
+    models: dict = {}  # one student/teacher pair for every variant (weights do not matter)
+    for name in args.variants.split(","):
+        print(f"[probe] {name} ...", flush=True)
+        try:
+            result["variants"][name] = probe_variant(args, name, VARIANTS[name], device, models, records)
+        except Exception as exc:  # noqa: BLE001 - one failed variant must not hide the others
+            failed += 1
+            result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}",
+                                        "traceback": traceback.format_exc()[-3000:]}
+            print(traceback.format_exc())
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print("\n".join(result["implementations"]))
+    print(f"{'variant':<18} {'ms/iter':>8} {'b2b ms':>8} {'syncs/step':>10} {'peak GB':>8} {'MFU':>6}")
+    for name, r in result["variants"].items():
+        if "error" in r:
+            print(f"{name:<18} ERROR {r['error'][:100]}")
+            continue
+        mfu = r["mfu_counted"] if r["mfu_counted"] is not None else r["mfu_documented"]
+        print(f"{name:<18} {r['ms_per_iter_median']:>8} {r['ms_per_iter_back_to_back']:>8} "
+              f"{str(r['host_syncs_per_step']):>10} {str(r['peak_mem_gb']):>8} "
+              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%':>6}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
