@@ -268,7 +268,7 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
             mix_classes = ops.choose_mix_classes(gt_s, gen)
             mixed_img, mixed_lbl, mixed_w = ops.classmix(img_s, img_t, gt_s, plabel.unsqueeze(1),
                                                          pweight.unsqueeze(1), mix_classes)
-            mixed_img = augment.strong_augment(mixed_img, strong, rng, gen, per_image_sigma=True)
+            mixed_img = augment.strong_augment(mixed_img, strong, rng, gen, per_image=True)
             with _autocast(ctx):
                 loss_mix = seg_ce(student.predict(mixed_img), mixed_lbl, mixed_w, class_weight,
                                   cfg.ce_mean_over_all)
