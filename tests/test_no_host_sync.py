@@ -242,12 +242,12 @@ CASES = {
 
 
 def _context(case: str, device: torch.device):
-    over = dict(crop=[32, 32], iters=10, warmup_iters=2, contrast_start=2, proj_dim=A, memory_length=3,
+    over = dict(arch="daformer_tiny", crop=[32, 32], iters=10, warmup_iters=2, contrast_start=2, proj_dim=A, memory_length=3,
                 color_jitter_p=0.0, seed=5, pseudo_threshold=0.05, pseudo_ignore_top=40, pseudo_ignore_bottom=40)
     over.update(CASES[case])
     cfg = make_config(over)
     torch.manual_seed(0)
-    student = build_segmentor("daformer_tiny", C, A, drop_path_rate=0.1).to(device)
+    student = build_segmentor(cfg.arch, C, A, drop_path_rate=0.1).to(device)
     sepico = cfg.method == "sepico"
     amp_dtype, scaler = (torch.float16, torch.amp.GradScaler(device.type)) if case == "fp16_scaler" else (None, None)
     return StepContext(cfg=cfg, student=student, teacher=make_teacher(student) if sepico else None,

@@ -135,29 +135,44 @@ def teacher_pseudo_labels(ctx: StepContext, img: torch.Tensor, ref_img: torch.Te
     return probs_to_pseudo(fused, cfg.pseudo_threshold)
 
 
-def allreduce_grads(ctx: StepContext) -> None:
+def allreduce_grads(ctx: StepContext, flag: torch.Tensor | None = None) -> torch.Tensor | None:
     """Average gradients over ranks in one flat all-reduce (three backward passes have
-    accumulated into .grad; DDP's reducer expects one forward per backward, see ddp.py)."""
+    accumulated into .grad; DDP's reducer expects one forward per backward, see ddp.py).
+
+    ``flag`` (0-d, 0 or 1) rides along in the same all-reduce: the result is > 0 on every
+    rank when it was 1 on any rank (no extra collective, no host sync)."""
     grads = [p.grad for p in ctx.student_params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
+    if not grads and flag is None:
+        return None
+    extra = [flag.reshape(1).to(grads[0].dtype if grads else torch.float32)] if flag is not None else []
+    flat = torch._utils._flatten_dense_tensors(grads + extra)
     dist.all_reduce(flat, group=ctx.process_group)
     flat.div_(ctx.world_size)
-    torch._foreach_copy_(grads, list(torch._utils._unflatten_dense_tensors(flat, grads)))
+    if grads:
+        torch._foreach_copy_(grads, list(torch._utils._unflatten_dense_tensors(flat[:flat.numel() - len(extra)], grads)))
+    return flat[-1] if extra else None
 
 
 def optimizer_step(ctx: StepContext, losses: dict[str, torch.Tensor]) -> None:
-    """One AdamW step; skipped on the device when a gradient (or, with fp16, a loss) is not finite."""
+    """One AdamW step; skipped on the device when a gradient (or, with fp16, a loss) is not finite.
+
+    The skipped-step counter is the same on every rank: without a GradScaler it counts the
+    found_inf of the all-reduced gradients; with one (fp16) it counts non-finite losses of
+    ANY rank (the local flag is folded into the gradient all-reduce), so every rank stops at
+    ``--max-skipped-steps`` together instead of one leaving the others in a collective.
+    """
     opt = ctx.optimizer
+    bad_loss = None
+    if ctx.scaler is not None:
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        bad_loss = (~torch.isfinite(total)).float()
     if ctx.world_size > 1:
-        allreduce_grads(ctx)
+        bad_loss = allreduce_grads(ctx, bad_loss)
     if ctx.scaler is not None:
         # GradScaler feeds its own found_inf / grad_scale to the fused AdamW (no host sync).
         ctx.scaler.step(opt)
         ctx.scaler.update()
-        total = torch.stack([v.float() for v in losses.values()]).sum()
-        ctx.skipped.add_((~torch.isfinite(total)).float())
+        ctx.skipped.add_((bad_loss > 0).float())
     else:
         grads = [p.grad for p in ctx.student_params if p.grad is not None]
         ctx.found_inf.zero_()
