@@ -129,8 +129,8 @@ def _distinct(a, b):
 
 def _sat_hue_swap(a, b):
     """Orders equal up to swapping adjacent saturation and hue (which commute)."""
-    return any(a[i:i + 2] == b[i:i + 2][::-1] and set(a[i:i + 2]) == {2, 3} and a[:i] == b[:i] and a[i + 2:] == b[i + 2:]
-               for i in range(3))
+    return any(a[i:i + 2] == b[i:i + 2][::-1] and set(a[i:i + 2]) == {2, 3}
+               and a[:i] == b[:i] and a[i + 2:] == b[i + 2:] for i in range(3))
 
 
 def test_every_order_matches_colorsys():
@@ -216,4 +216,5 @@ def test_device_constants_are_built_once():
     from sepico_fast.augment import IMAGENET_MEAN, IMAGENET_STD, device_constants
     a, b = device_constants(torch.device("cpu")), device_constants(torch.device("cpu"))
     assert all(p is q for p, q in zip(a, b))
-    assert a[0].flatten().tolist() == pytest.approx(IMAGENET_MEAN) and a[1].flatten().tolist() == pytest.approx(IMAGENET_STD)
+    assert a[0].flatten().tolist() == pytest.approx(IMAGENET_MEAN)
+    assert a[1].flatten().tolist() == pytest.approx(IMAGENET_STD)

@@ -22,6 +22,11 @@ a module-level CPU constant moved with ``.to``, which is a no-op on the CPU).
 HOST scalars (0-d) as operands of DEVICE ops are allowed: CUDA reads them on the host
 as kernel arguments, without a copy (that is how ``x[i:j] = 0.5`` works).
 
+Before the fix this caught, per iteration: ``torch.tensor(IMAGENET_MEAN/STD, device=...)``
+in ``augment._mean_std`` (twice per de-/re-normalisation), the HSV sector table in
+``augment.hsv_to_rgb`` and ``torch.as_tensor(sigmas).to(device)`` in
+``augment.gaussian_blur`` — about 18 synchronising copies per iteration on CUDA.
+
 One exception, by design: ``contrast.validation.check_value`` evaluates its condition
 eagerly only on the CPU (on CUDA it queues ``torch._assert_async``); its CPU branch is
 allowed here. On a GPU the same steps run under ``torch.cuda.set_sync_debug_mode("error")``,
@@ -242,7 +247,8 @@ CASES = {
 
 
 def _context(case: str, device: torch.device):
-    over = dict(arch="daformer_tiny", crop=[32, 32], iters=10, warmup_iters=2, contrast_start=2, proj_dim=A, memory_length=3,
+    over = dict(arch="daformer_tiny", crop=[32, 32], iters=10, warmup_iters=2, contrast_start=2, proj_dim=A,
+                memory_length=3,
                 color_jitter_p=0.0, seed=5, pseudo_threshold=0.05, pseudo_ignore_top=40, pseudo_ignore_bottom=40)
     over.update(CASES[case])
     cfg = make_config(over)
@@ -344,16 +350,19 @@ def test_probe_allows_device_work():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (sync debug mode)")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_no_host_sync_cuda(case):
+    """Iterations 0 and 2 warm up (lazy state, Triton compilation and autotuning, the
+    extension); then 1 (before contrast start), 3 and 4 (after, 4 with debug outputs) run
+    with every synchronising CUDA call turned into an error."""
     device = torch.device("cuda")
     ctx = _context(case, device)
     src, tgt = _batches(device, ctx.cfg.dark_zurich)
-    train_step(ctx, src, tgt, 0)
-    train_step(ctx, src, tgt, 1)
+    for it in (0, 2):
+        train_step(ctx, src, tgt, it)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for it in (2, 3):
-            train_step(ctx, src, tgt, it, debug=it == 3)
+        for it in (1, 3, 4):
+            train_step(ctx, src, tgt, it, debug=it == 4)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

@@ -123,13 +123,18 @@ def _backward(ctx: StepContext, loss: torch.Tensor) -> None:
 
 
 def teacher_pseudo_labels(ctx: StepContext, img: torch.Tensor, ref_img: torch.Tensor | None):
-    """Teacher → softmax → (p, ŷ, q); Dark Zurich fuses the day (ref) and night predictions."""
+    """Teacher → softmax → (p, ŷ, q); Dark Zurich fuses the day (ref) and night predictions.
+
+    Without a day image ``ops.pseudo_label`` does softmax + max: on CUDA one pass over the
+    (16-bit) logits, without the fp32 copy and the softmax tensor; elsewhere the same torch
+    code as before. The fusion needs the probabilities themselves."""
     cfg, teacher = ctx.cfg, ctx.teacher
     size = tuple(img.shape[-2:])
     with _autocast(ctx):
-        night = torch.softmax(resize_logits(teacher.predict(img), size).float(), dim=1)
+        night_logits = resize_logits(teacher.predict(img), size)
         if ref_img is None:
-            return probs_to_pseudo(night, cfg.pseudo_threshold)
+            return ops.pseudo_label(night_logits, cfg.pseudo_threshold)
+        night = torch.softmax(night_logits.float(), dim=1)
         day = torch.softmax(resize_logits(teacher.predict(ref_img), size).float(), dim=1)
     fused = fuse_day_night(day, night, ctx.class_weight, cfg.day_ratio)
     return probs_to_pseudo(fused, cfg.pseudo_threshold)
@@ -149,7 +154,8 @@ def allreduce_grads(ctx: StepContext, flag: torch.Tensor | None = None) -> torch
     dist.all_reduce(flat, group=ctx.process_group)
     flat.div_(ctx.world_size)
     if grads:
-        torch._foreach_copy_(grads, list(torch._utils._unflatten_dense_tensors(flat[:flat.numel() - len(extra)], grads)))
+        averaged = torch._utils._unflatten_dense_tensors(flat[:flat.numel() - len(extra)], grads)
+        torch._foreach_copy_(grads, list(averaged))
     return flat[-1] if extra else None
 
 

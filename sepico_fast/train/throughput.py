@@ -18,7 +18,8 @@ the full target image t and the target crop t' (= t when the crop is the whole i
 
 Only matrix products and convolutions are counted (the FLOP counter's convention), so the
 contrast losses (N×A×C products) and the pixel ops are left out; the first layer's
-backward needs no input gradient, so true backward FLOPs are a little under 2×.
+backward needs no input gradient, so true backward FLOPs are a little under 2×. Debug-image
+iterations also decode the teacher's source features; that rare pass is not counted.
 """
 from __future__ import annotations
 
