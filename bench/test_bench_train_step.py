@@ -39,7 +39,7 @@ def test_bench_train_step(device, precision, crop):
     src = {"img": torch.randn(2, 3, crop, crop, generator=g).to(dev), "gt": lbl.to(dev)}
     tgt = {"img": torch.randn(2, 3, crop, 2 * crop, generator=g).to(dev)}
     ms = median_time_ms(lambda i: train_step(ctx, src, tgt, i + 1), dev, warmup=2, repeats=5)
-    flops = flops_per_iteration(cfg, (crop, 2 * crop))
+    flops = flops_per_iteration(cfg, (crop, 2 * crop)).at(cfg.contrast_start)  # after contrast start
     record("train_step", f"{precision}", dev, {"arch": cfg.arch, "batch": 2, "crop": crop}, ms, flops=flops,
            peak_mem_mb=peak_memory_mb(lambda: train_step(ctx, src, tgt, 100), dev),
            extra={"images_per_s": round(4 / (ms * 1e-3), 2)})

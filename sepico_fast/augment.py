@@ -1,31 +1,50 @@
 """Strong augmentation of SPEC §6.4, batched on the device: colour jitter then Gaussian blur.
 
 Images come in ImageNet-normalised (mean/std on the 0..255 scale). Jitter works on the
-de-normalised 0..1 image, in the fixed order brightness → contrast → saturation → hue,
-clamping to [0, 1] after each op, with per-image factors (s = strength):
+de-normalised 0..1 image with per-image factors (s = strength), clamping to [0, 1] after
+each op:
 
-    brightness  x ← x + δ,            δ ~ U(−s, s)          (additive, as kornia 0.5)
-    contrast    x ← x · c,            c ~ U(1−s, 1+s)
-    saturation  S ← S · a  in HSV,    a ~ U(1−s, 1+s)
-    hue         H ← H + h  in HSV,    h ~ U(−s, s) of a full turn
+    0 brightness  x ← x + δ,            δ ~ U(−s, s)          (additive, as kornia 0.5)
+    1 contrast    x ← x · c,            c ~ U(1−s, 1+s)
+    2 saturation  S ← S · a  in HSV,    a ~ U(1−s, 1+s)
+    3 hue         H ← H + h  in HSV,    h ~ U(−s, s) of a full turn
 
-Blur: separable Gaussian with σ shared by the images of one call (or one σ per image for
-the mixed batch, upstream blurs each mixed sample separately), odd kernel size
-k = the largest odd number ≤ ceil(0.1 · side) per axis, reflect padding, on the
-normalised image. Whether jitter / blur happen at all is decided by the caller once per
-iteration (``draw_strong_params``). No Python loop over images or pixels.
+applied in a random order, as kornia 0.5.8's ``ColorJitter``: a fresh permutation of the
+four ops on each call (one for the source batch, one for the target batch, one per mixed
+sample, since upstream augments every mixed sample separately). ``order=(0, 1, 2, 3)``
+is the fixed order of earlier versions. Saturation and hue next to each other share one
+HSV round trip (they touch different HSV channels, so either order gives the same image).
+
+Blur: separable Gaussian with σ ~ U(0.15, 1.15) shared by the images of one call (one σ
+per image for the mixed batch), odd kernel size k = the largest odd number ≤
+ceil(0.1 · side) per axis, reflect padding, on the normalised image.
+
+Randomness without host syncs (``strong_augment``): whether jitter / blur happen at all
+is decided once per iteration on the host (``draw_strong_params``), and so is the op order
+(a host draw that only steers Python control flow); the jitter factors and σ are drawn on
+the device from the iteration's generator. Constants (ImageNet mean/std, the HSV sector
+table) are built once per device (``device_constants``). No Python loop over pixels; the
+mixed batch is jittered image by image only when its samples' orders differ.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+FIXED_ORDER = (0, 1, 2, 3)
+BLUR_SIGMA = (0.15, 1.15)
+# Per HSV sector (0..5) the sources of (r, g, b) among (v, q, p, t):
+# (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
+_HSV_SECTORS = ((0, 3, 2), (1, 0, 2), (2, 0, 3), (2, 1, 0), (3, 2, 0), (0, 2, 1))
 
 
 @dataclass(frozen=True)
@@ -44,9 +63,27 @@ def draw_strong_params(rng: random.Random, strength: float = 0.2, jitter_p: floa
     return StrongParams(jitter=u_jitter > jitter_p, blur=u_blur > 0.5, strength=strength)
 
 
+def draw_jitter_order(rng: random.Random) -> tuple[int, int, int, int]:
+    """A uniformly random permutation of the four jitter ops (indices into JITTER_OPS)."""
+    return tuple(rng.sample(range(4), 4))
+
+
+@functools.lru_cache(maxsize=None)
+def device_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean [1,3,1,1], std [1,3,1,1], HSV sector table [6,3] int64) on ``device``.
+
+    Built once per device: a tensor from Python data is a host→device copy on CUDA, which
+    would otherwise happen (and synchronise) on every call.
+    """
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable anywhere
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        table = torch.tensor(_HSV_SECTORS, dtype=torch.int64, device=device)
+    return mean, std, table
+
+
 def _mean_std(img: torch.Tensor):
-    mean = torch.tensor(IMAGENET_MEAN, device=img.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=img.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std, _ = device_constants(img.device)
     return mean, std
 
 
@@ -83,31 +120,66 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     p = v * (1.0 - s)
     q = v * (1.0 - s * f)
     t = v * (1.0 - s * (1.0 - f))
-    idx = sector.long().remainder(6).unsqueeze(1)  # [B,1,H,W]
-    # Per sector (0..5) the (r, g, b) sources: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
+    idx = sector.long().remainder(6)  # [B,H,W]
     cand = torch.stack((v, q, p, t), dim=1)  # [B,4,H,W]
-    table = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]],
-                         device=hsv.device)
-    pick = table[idx.squeeze(1)].permute(0, 3, 1, 2)  # [B,3,H,W] indices into cand
+    table = device_constants(hsv.device)[2]
+    pick = table[idx].permute(0, 3, 1, 2)  # [B,3,H,W] indices into cand (_HSV_SECTORS)
     return torch.gather(cand, 1, pick)
 
 
+def _check_order(order) -> tuple[int, ...]:
+    order = tuple(int(k) for k in order)
+    if sorted(order) != [0, 1, 2, 3]:
+        raise ValueError(f"order must be a permutation of (0, 1, 2, 3) = {JITTER_OPS}, got {order}")
+    return order
+
+
+def _jitter_in_order(x: torch.Tensor, u: torch.Tensor, s: float, order: tuple[int, ...]) -> torch.Tensor:
+    """The four ops on x [B,3,H,W] in ``order``; u [B,4,1,1,1] the U(0,1) draws."""
+    i = 0
+    while i < len(order):
+        op = order[i]
+        if op == 0:
+            x = (x + (2.0 * u[:, 0] - 1.0) * s).clamp(0.0, 1.0)
+        elif op == 1:
+            x = (x * (1.0 - s + 2.0 * s * u[:, 1])).clamp(0.0, 1.0)
+        else:  # saturation / hue in HSV; the other one too when it comes next (one round trip)
+            ops = {op}
+            if i + 1 < len(order) and order[i + 1] in (2, 3):
+                ops.add(order[i + 1])
+                i += 1
+            hsv = rgb_to_hsv(x)
+            hue, sat = hsv[:, 0:1], hsv[:, 1:2]
+            if 2 in ops:
+                sat = (sat * (1.0 - s + 2.0 * s * u[:, 2])).clamp(0.0, 1.0)
+            if 3 in ops:
+                hue = torch.remainder(hue + (2.0 * u[:, 3] - 1.0) * s, 1.0)
+            x = hsv_to_rgb(torch.cat((hue, sat, hsv[:, 2:3]), dim=1)).clamp(0.0, 1.0)
+        i += 1
+    return x
+
+
 def color_jitter(img01: torch.Tensor, strength: float, generator: torch.Generator | None = None,
-                 factors: torch.Tensor | None = None) -> torch.Tensor:
-    """Jitter a [B,3,H,W] 0..1 batch; ``factors`` [B,4] (U(0,1) draws) may be given for tests."""
+                 factors: torch.Tensor | None = None,
+                 order: Sequence[int] | Sequence[Sequence[int]] = FIXED_ORDER) -> torch.Tensor:
+    """Jitter a [B,3,H,W] 0..1 batch.
+
+    ``factors`` [B,4] (U(0,1) draws, columns in JITTER_OPS order) are drawn on the
+    device from ``generator`` unless given. ``order``: one permutation of (0, 1, 2, 3)
+    for the batch, or one per image.
+    """
     b = img01.shape[0]
+    per_image = len(order) > 0 and not isinstance(order[0], int)
+    orders = [_check_order(o) for o in order] if per_image else [_check_order(order)]
+    if per_image and len(orders) != b:
+        raise ValueError(f"order: expected one permutation per image ({b}), got {len(orders)}")
     if factors is None:
         factors = torch.rand(b, 4, generator=generator, device=img01.device)
-    u = factors.to(img01.device, torch.float32).view(b, 4, 1, 1, 1)
-    s = strength
+    u = factors.to(torch.float32).view(b, 4, 1, 1, 1)
     x = img01.float()
-    x = (x + (2.0 * u[:, 0] - 1.0) * s).clamp(0.0, 1.0)                 # brightness
-    x = (x * (1.0 - s + 2.0 * s * u[:, 1])).clamp(0.0, 1.0)             # contrast
-    hsv = rgb_to_hsv(x)
-    sat = (hsv[:, 1:2] * (1.0 - s + 2.0 * s * u[:, 2])).clamp(0.0, 1.0)  # saturation
-    hue = torch.remainder(hsv[:, 0:1] + (2.0 * u[:, 3] - 1.0) * s, 1.0)  # hue
-    x = hsv_to_rgb(torch.cat((hue, sat, hsv[:, 2:3]), dim=1)).clamp(0.0, 1.0)
-    return x
+    if len(set(orders)) == 1:
+        return _jitter_in_order(x, u, strength, orders[0])
+    return torch.cat([_jitter_in_order(x[i:i + 1], u[i:i + 1], strength, o) for i, o in enumerate(orders)])
 
 
 def blur_kernel_size(side: int) -> int:
@@ -123,10 +195,14 @@ def _gauss_1d(k: int, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(img: torch.Tensor, sigma) -> torch.Tensor:
-    """Separable blur of [B,C,H,W]; ``sigma`` a float (whole batch) or a [B] sequence."""
+    """Separable blur of [B,C,H,W]; ``sigma`` a float (whole batch), a [B] sequence, or a
+    [1] / [B] tensor (a tensor on the image's device is used as is: no host copy)."""
     b, c, h, w = img.shape
     ky, kx = blur_kernel_size(h), blur_kernel_size(w)
-    sig = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).to(img.device)
+    if isinstance(sigma, torch.Tensor):
+        sig = sigma.to(img.device, torch.float32).reshape(-1)
+    else:
+        sig = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).to(img.device)
     if sig.numel() == 1:
         sig = sig.expand(b)
     x = img.float().reshape(1, b * c, h, w)
@@ -140,18 +216,23 @@ def gaussian_blur(img: torch.Tensor, sigma) -> torch.Tensor:
 
 
 def strong_augment(img: torch.Tensor, params: StrongParams, rng: random.Random,
-                   generator: torch.Generator | None = None, per_image_sigma: bool = False) -> torch.Tensor:
+                   generator: torch.Generator | None = None, per_image: bool = False) -> torch.Tensor:
     """Jitter (if params.jitter) then blur (if params.blur) a normalised batch.
 
-    The blur σ ~ U(0.15, 1.15) is drawn on the host from ``rng``: once for the call, or
-    once per image when ``per_image_sigma`` (mixed samples). Jitter factors come from
-    ``generator`` on the device.
+    One jitter order (from ``rng``, the host) and one σ for the call, or one each per
+    image when ``per_image`` (mixed samples). Draws, in this order: the order(s) from
+    ``rng``; the jitter factors [B,4] and then σ ~ U(0.15, 1.15) [1 or B] from
+    ``generator`` on the image's device (no host→device copy).
     """
     out = img
+    n = img.shape[0] if per_image else 1
     if params.jitter:
-        out = renormalize(color_jitter(denormalize(out), params.strength, generator)).to(img.dtype)
+        orders = [draw_jitter_order(rng) for _ in range(n)]
+        jittered = color_jitter(denormalize(out), params.strength, generator,
+                                order=orders if per_image else orders[0])
+        out = renormalize(jittered).to(img.dtype)
     if params.blur:
-        n = img.shape[0] if per_image_sigma else 1
-        sigmas = [rng.uniform(0.15, 1.15) for _ in range(n)]
-        out = gaussian_blur(out, sigmas)
+        lo, hi = BLUR_SIGMA
+        sigma = lo + (hi - lo) * torch.rand(n, generator=generator, device=img.device)
+        out = gaussian_blur(out, sigma)
     return out

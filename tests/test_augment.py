@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import colorsys
+import itertools
 import math
 import random
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sepico_fast.augment import (StrongParams, blur_kernel_size, color_jitter, denormalize, draw_strong_params,
-                                 gaussian_blur, hsv_to_rgb, renormalize, rgb_to_hsv, strong_augment)
+from sepico_fast.augment import (StrongParams, blur_kernel_size, color_jitter, denormalize, draw_jitter_order,
+                                 draw_strong_params, gaussian_blur, hsv_to_rgb, renormalize, rgb_to_hsv, strong_augment)
 
 
 def test_hsv_round_trip_and_colorsys():
@@ -75,5 +76,145 @@ def test_strong_augment_decisions():
     assert p.jitter == (r.random() > 0.2) and p.blur == (r.random() > 0.5)
     assert not draw_strong_params(random.Random(1), blur=False).blur
     y = strong_augment(x, StrongParams(True, True), random.Random(0), torch.Generator().manual_seed(0),
-                       per_image_sigma=True)
+                       per_image=True)
     assert y.shape == x.shape and torch.isfinite(y).all() and not torch.allclose(y, x)
+
+
+# ---------------------------------------------------------------------------------------
+# Jitter order (SPEC §6.4): a fresh permutation of the four ops on each call
+# ---------------------------------------------------------------------------------------
+def _clamp01(v):
+    return min(max(v, 0.0), 1.0)
+
+
+def ref_jitter_pixel(rgb, u, s, order):
+    """One pixel through the ops in ``order`` (0 brightness, 1 contrast, 2 saturation, 3 hue),
+    each clamped, saturation and hue each with their own colorsys HSV round trip."""
+    r, g, b = rgb
+    for op in order:
+        if op == 0:
+            r, g, b = (_clamp01(v + (2 * u[0] - 1) * s) for v in (r, g, b))
+        elif op == 1:
+            r, g, b = (_clamp01(v * (1 - s + 2 * s * u[1])) for v in (r, g, b))
+        elif op == 2:
+            h, sat, v = colorsys.rgb_to_hsv(r, g, b)
+            r, g, b = (_clamp01(c) for c in colorsys.hsv_to_rgb(h, _clamp01(sat * (1 - s + 2 * s * u[2])), v))
+        else:
+            h, sat, v = colorsys.rgb_to_hsv(r, g, b)
+            r, g, b = (_clamp01(c) for c in colorsys.hsv_to_rgb((h + (2 * u[3] - 1) * s) % 1.0, sat, v))
+    return r, g, b
+
+
+def ref_jitter(img01, u, s, order):
+    out = torch.empty_like(img01)
+    for b in range(img01.shape[0]):
+        ub = u[b].tolist()
+        for i in range(img01.shape[2]):
+            for j in range(img01.shape[3]):
+                out[b, :, i, j] = torch.tensor(ref_jitter_pixel(img01[b, :, i, j].tolist(), ub, s, order))
+    return out
+
+
+ALL_ORDERS = list(itertools.permutations(range(4)))
+
+
+# Factors with contrast > 1 and clamping pixels: without clamping, hue commutes with
+# brightness and contrast and saturation with contrast, so orders would look alike.
+U_TEETH = torch.tensor([[0.9, 0.95, 0.1, 0.8], [0.1, 0.9, 0.9, 0.2]])
+
+
+def _distinct(a, b):
+    return not torch.allclose(a, b, atol=1e-4, rtol=0)
+
+
+def _sat_hue_swap(a, b):
+    """Orders equal up to swapping adjacent saturation and hue (which commute)."""
+    return any(a[i:i + 2] == b[i:i + 2][::-1] and set(a[i:i + 2]) == {2, 3}
+               and a[:i] == b[:i] and a[i + 2:] == b[i + 2:] for i in range(3))
+
+
+def test_every_order_matches_colorsys():
+    x = torch.rand(2, 3, 3, 4, generator=torch.Generator().manual_seed(3))
+    refs = {order: ref_jitter(x, U_TEETH, 0.2, order) for order in ALL_ORDERS}
+    for order in ALL_ORDERS:
+        torch.testing.assert_close(color_jitter(x, 0.2, factors=U_TEETH, order=order), refs[order],
+                                   atol=3e-6, rtol=0, msg=f"order {order}")
+    for a, b in itertools.combinations(ALL_ORDERS, 2):  # the orders really differ (test has teeth)
+        assert _distinct(refs[a], refs[b]) or _sat_hue_swap(a, b), (a, b)
+    per_image = [(3, 1, 0, 2), (0, 2, 1, 3)]
+    torch.testing.assert_close(color_jitter(x, 0.2, factors=U_TEETH, order=per_image),
+                               torch.cat([refs[per_image[0]][:1], refs[per_image[1]][1:]]), atol=3e-6, rtol=0)
+    with pytest.raises(ValueError, match="permutation"):
+        color_jitter(x, 0.2, factors=U_TEETH, order=(0, 1, 1, 3))
+    with pytest.raises(ValueError, match="one permutation per image"):
+        color_jitter(x, 0.2, factors=U_TEETH, order=[(0, 1, 2, 3)] * 3)
+
+
+def test_fixed_order_reproduces_the_previous_jitter():
+    """The fixed order is bit for bit the jitter of earlier versions: brightness, contrast,
+    then saturation and hue in one HSV round trip."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, 9, 7, generator=g)
+    u = torch.rand(3, 4, generator=g)
+    s = 0.2
+    w = u.view(3, 4, 1, 1, 1)
+    y = (x + (2 * w[:, 0] - 1) * s).clamp(0, 1)
+    y = (y * (1 - s + 2 * s * w[:, 1])).clamp(0, 1)
+    hsv = rgb_to_hsv(y)
+    sat = (hsv[:, 1:2] * (1 - s + 2 * s * w[:, 2])).clamp(0, 1)
+    hue = torch.remainder(hsv[:, 0:1] + (2 * w[:, 3] - 1) * s, 1.0)
+    old = hsv_to_rgb(torch.cat((hue, sat, hsv[:, 2:3]), 1)).clamp(0, 1)
+    assert torch.equal(color_jitter(x, s, factors=u, order=(0, 1, 2, 3)), old)
+    assert torch.equal(color_jitter(x, s, factors=u), old)  # the default order of color_jitter
+
+
+def test_order_draw_is_a_uniform_permutation():
+    drawn = [draw_jitter_order(random.Random(i)) for i in range(2400)]
+    counts = {o: drawn.count(o) for o in ALL_ORDERS}
+    assert set(drawn) == set(ALL_ORDERS)
+    assert all(60 <= n <= 140 for n in counts.values()), counts  # ~100 each; 4+ sigma bounds
+
+
+def _call(x, seed, per_image, blur=False):
+    """strong_augment with host rng and device generator seeded by ``seed``, and the same
+    draws replayed here: the orders (host), the factors [B,4] (generator)."""
+    y = strong_augment(x, StrongParams(jitter=True, blur=blur), random.Random(seed),
+                       torch.Generator().manual_seed(seed), per_image=per_image)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    orders = [tuple(rng.sample(range(4), 4)) for _ in range(x.shape[0] if per_image else 1)]
+    u = torch.rand(x.shape[0], 4, generator=gen)
+    return y, orders, u, gen
+
+
+def test_strong_augment_uses_a_fresh_order_per_call():
+    x = renormalize(torch.rand(2, 3, 3, 4, generator=torch.Generator().manual_seed(5)))
+    x01 = denormalize(x)
+    orders_seen, not_fixed = set(), 0
+    for seed in range(30):
+        y, (order,), u, _ = _call(x, seed, per_image=False)
+        ref = ref_jitter(x01, u, 0.2, order)  # one order for the whole batch
+        torch.testing.assert_close(denormalize(y), ref, atol=1e-5, rtol=0, msg=f"seed {seed}")
+        orders_seen.add(order)
+        not_fixed += _distinct(ref, ref_jitter(x01, u, 0.2, (0, 1, 2, 3)))
+    assert len(orders_seen) >= 12 and not_fixed >= 20
+
+
+def test_mixed_samples_get_their_own_order_and_sigma():
+    x = renormalize(torch.rand(2, 3, 20, 30, generator=torch.Generator().manual_seed(7)))  # a real image: 0..1
+    for seed in range(4):
+        y, orders, u, gen = _call(x, seed, per_image=True, blur=True)
+        sigma = 0.15 + torch.rand(2, generator=gen)   # U(0.15, 1.15), one per mixed sample, after the factors
+        jittered = renormalize(torch.cat([ref_jitter(denormalize(x[i:i + 1]), u[i:i + 1], 0.2, orders[i])
+                                          for i in range(2)]))
+        torch.testing.assert_close(y, gaussian_blur(jittered, sigma.tolist()), atol=2e-4, rtol=1e-5)
+        again = strong_augment(x, StrongParams(jitter=True, blur=True), random.Random(seed),
+                               torch.Generator().manual_seed(seed), per_image=True)
+        assert torch.equal(y, again)  # a pure function of the two generators: resume replays it
+
+
+def test_device_constants_are_built_once():
+    from sepico_fast.augment import IMAGENET_MEAN, IMAGENET_STD, device_constants
+    a, b = device_constants(torch.device("cpu")), device_constants(torch.device("cpu"))
+    assert all(p is q for p, q in zip(a, b))
+    assert a[0].flatten().tolist() == pytest.approx(IMAGENET_MEAN)
+    assert a[1].flatten().tolist() == pytest.approx(IMAGENET_STD)

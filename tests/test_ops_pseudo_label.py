@@ -75,3 +75,32 @@ def test_bad_logits_raise_value_errors():
         ops.pseudo_label(torch.zeros(2, 3, 4, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="impl"):
         ops.pseudo_label(torch.zeros(1, 3, 2, 2), impl="fast")
+
+
+def test_the_trainer_takes_pseudo_labels_from_this_op_without_day_images(monkeypatch):
+    """train_step's teacher pass calls ops.pseudo_label on the upsampled logits (plain path);
+    the Dark Zurich fusion needs the probabilities and keeps softmax + fusion."""
+    from types import SimpleNamespace
+
+    from sepico_fast.train import step
+
+    calls, real = [], ops.pseudo_label
+
+    def spy(logits, threshold=0.968, **kw):
+        calls.append((tuple(logits.shape), threshold))
+        return real(logits, threshold, **kw)
+
+    monkeypatch.setattr(step.ops, "pseudo_label", spy)
+    def predict(img):  # 5-class logits at 1/4 resolution
+        return img[:, :1, ::4, ::4] * torch.arange(5.0).view(1, 5, 1, 1)
+
+    teacher = SimpleNamespace(predict=predict)
+    cfg = SimpleNamespace(pseudo_threshold=0.5, day_ratio=0.8)
+    ctx = SimpleNamespace(cfg=cfg, teacher=teacher, device=torch.device("cpu"), amp_dtype=None, class_weight=None)
+    img = torch.rand(2, 3, 16, 24)
+    prob, label, q = step.teacher_pseudo_labels(ctx, img, None)
+    assert calls == [((2, 5, 16, 24), 0.5)] and prob.shape == label.shape == (2, 16, 24)
+    ref = torch.softmax(torch.nn.functional.interpolate(teacher.predict(img), size=(16, 24), mode="bilinear"), 1)
+    torch.testing.assert_close(prob, ref.max(1).values)
+    step.teacher_pseudo_labels(ctx, img, img.flip(-1))
+    assert len(calls) == 1  # day/night fusion: softmax + fusion, not this op

@@ -1,10 +1,13 @@
 """Exact resume: k + m iterations in one run == k iterations, stop, resume, m iterations.
 
 Runs the real training loop (runner, data loader, checkpoints) on the synthetic pair with
-a tiny crop. Everything is compared bitwise: per-iteration losses, student and teacher
-parameters and buffers, the optimizer state and the class statistics. The run is stopped
-by --stop-at, by a SIGTERM (emergency checkpoint) and by a bad data file (emergency
-checkpoint, one line naming the file); each resume must equal the uninterrupted run.
+a tiny crop. On the CPU everything is compared bitwise: per-iteration losses, student and
+teacher parameters and buffers, the optimizer state and the class statistics. The run is
+stopped by --stop-at, by a SIGTERM (emergency checkpoint) and by a bad data file (emergency
+checkpoint, one line naming the file); each resume must equal the uninterrupted run. The
+bitwise tests are pinned to the CPU: on a GPU the step is not bit-reproducible (atomics in
+the scatter-adds, cuDNN/cuBLAS algorithm choice, Triton reductions), so the CUDA variant
+compares with a stated tolerance instead.
 """
 from __future__ import annotations
 
@@ -27,14 +30,16 @@ K, M = 3, 3
 def _cfg(work_dir, **kw):
     base = dict(iters=K + M, crop=[32, 32], batch_size=1, contrast_start=2, warmup_iters=2, log_interval=1,
                 checkpoint_interval=K, debug_interval=0, eval_interval=0, eval_max_images=1, num_workers=0,
-                work_dir=str(work_dir), deterministic=True, variant="bank", memory_length=4, proj_dim=16, seed=3)
+                work_dir=str(work_dir), deterministic=True, variant="bank", memory_length=4, proj_dim=16, seed=3,
+                device="cpu")
     base.update(kw)
     return make_config(base)
 
 
 def _losses(work_dir):
     rows = [json.loads(line) for line in (work_dir / "scalars.jsonl").read_text().splitlines()]
-    return {r["iter"]: {k: v for k, v in r.items() if k not in ("images_per_s", "mfu") and not k.startswith("val/")}
+    timing = ("images_per_s", "mfu", "tflops_per_s")
+    return {r["iter"]: {k: v for k, v in r.items() if k not in timing and not k.startswith("val/")}
             for r in rows if "src_ce" in r}
 
 
@@ -153,3 +158,45 @@ def test_bad_training_file_writes_a_checkpoint_and_names_the_file(straight, tmp_
     monkeypatch.setattr(TrainLoader, "_iterate_torch", real_iter)
     run(_cfg(resumed, resume="auto"))
     _assert_same_run(straight, resumed)
+
+
+# Tolerances of the CUDA variant: a resumed GPU run replays the same data and random draws,
+# but the order of floating-point reductions may differ, so after M iterations parameters
+# agree to float32 rounding amplified by a few Adam steps (whose update size is ~lr
+# whatever the gradient size), not bit for bit. Not yet run on a GPU.
+CUDA_LOSS_RTOL, CUDA_PARAM_ATOL = 1e-3, 1e-3
+
+
+def _assert_close(a, b, atol, path="ckpt"):
+    if isinstance(a, torch.Tensor):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=atol, msg=path)
+        else:
+            assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_close(a[k], b[k], atol, f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, atol, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_within_tolerance(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(_cfg(straight, device="cuda", deterministic=False))
+    run(_cfg(resumed, device="cuda", deterministic=False, stop_at=K))
+    run(_cfg(resumed, device="cuda", deterministic=False, resume="auto"))
+    la, lb = _losses(straight), _losses(resumed)
+    assert sorted(la) == sorted(lb) == list(range(1, K + M + 1))
+    for it in la:
+        assert set(la[it]) == set(lb[it]), it
+        for k, v in la[it].items():
+            assert lb[it][k] == pytest.approx(v, rel=CUDA_LOSS_RTOL, abs=1e-6), (it, k)
+    a = torch.load(straight / "latest.pt", weights_only=False, map_location="cpu")
+    b = torch.load(resumed / "latest.pt", weights_only=False, map_location="cpu")
+    for key in ("state_dict", "class_stats", "counters"):
+        _assert_close(a[key], b[key], CUDA_PARAM_ATOL, key)

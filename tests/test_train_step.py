@@ -44,11 +44,12 @@ def tiny_model(seed=0):
 
 def make_batches(seed=1):
     g = torch.Generator().manual_seed(seed)
-    img_s = torch.randn(2, 3, 32, 32, generator=g)
+    to_img = lambda x: (255.0 * x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)  # noqa: E731
+    img_s = to_img(torch.rand(2, 3, 32, 32, generator=g))  # normalised images of 0..1 pictures
     gt = torch.randint(0, 5, (2, 1, 32, 32), generator=g)
     gt[:, :, :, :4] = 7                      # a class filling whole 4x4 cells
     gt[0, :, 8:16, 8:16] = IGN               # ignored block
-    img_t = torch.randn(2, 3, 32, 48, generator=g)
+    img_t = to_img(torch.rand(2, 3, 32, 48, generator=g))
     return {"img": img_s, "gt": gt}, {"img": img_t}
 
 
@@ -146,8 +147,9 @@ def ref_ce(logits, label, weight=None):
     return nll.mean()  # all pixels, ignored included (mmseg 0.16 quirk)
 
 
-def ref_jitter(img01, u, s):
-    """colorsys, pixel by pixel: brightness (add), contrast (mul), saturation and hue in HSV."""
+def ref_jitter(img01, u, s, order):
+    """colorsys, pixel by pixel, the ops in ``order``: 0 brightness (add), 1 contrast (mul),
+    2 saturation and 3 hue in HSV, each clamped to [0, 1]."""
     out = torch.empty_like(img01)
     for b in range(img01.shape[0]):
         db = (2 * u[b, 0].item() - 1) * s
@@ -156,11 +158,17 @@ def ref_jitter(img01, u, s):
         hf = (2 * u[b, 3].item() - 1) * s
         px = img01[b].permute(1, 2, 0).reshape(-1, 3).tolist()
         res = []
-        for r, g, bl in px:
-            r, g, bl = (min(max(v + db, 0.0), 1.0) for v in (r, g, bl))
-            r, g, bl = (min(max(v * cf, 0.0), 1.0) for v in (r, g, bl))
-            h, sat, v = colorsys.rgb_to_hsv(r, g, bl)
-            res.append(colorsys.hsv_to_rgb((h + hf) % 1.0, min(max(sat * sf, 0.0), 1.0), v))
+        for rgb in px:
+            for op in order:
+                if op == 0:
+                    rgb = [min(max(v + db, 0.0), 1.0) for v in rgb]
+                elif op == 1:
+                    rgb = [min(max(v * cf, 0.0), 1.0) for v in rgb]
+                else:
+                    h, sat, v = colorsys.rgb_to_hsv(*rgb)
+                    h, sat = ((h + hf) % 1.0, sat) if op == 3 else (h, min(max(sat * sf, 0.0), 1.0))
+                    rgb = [min(max(c, 0.0), 1.0) for c in colorsys.hsv_to_rgb(h, sat, v)]
+            res.append(rgb)
         out[b] = torch.tensor(res, dtype=img01.dtype).reshape(img01.shape[2], img01.shape[3], 3).permute(2, 0, 1)
     return out
 
@@ -180,14 +188,21 @@ def ref_blur(img, sigmas):
 
 
 def ref_strong(img, jitter, blur, rng, gen, per_image=False):
+    """Draws as SPEC §6.4 / augment.strong_augment: op order(s) from the host rng, then
+    jitter factors and blur σ ~ U(0.15, 1.15) from the device generator."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    n = img.shape[0] if per_image else 1
     out = img
     if jitter:
+        orders = [tuple(rng.sample(range(4), 4)) for _ in range(n)]
         u = torch.rand(img.shape[0], 4, generator=gen)
-        out = (ref_jitter((out * std + mean) / 255.0, u, 0.2) * 255.0 - mean) / std
+        x01 = (out * std + mean) / 255.0
+        out01 = torch.cat([ref_jitter(x01[i:i + 1], u[i:i + 1], 0.2, orders[i if per_image else 0])
+                           for i in range(img.shape[0])])
+        out = (out01 * 255.0 - mean) / std
     if blur:
-        sig = [rng.uniform(0.15, 1.15) for _ in range(img.shape[0] if per_image else 1)]
+        sig = (0.15 + torch.rand(n, generator=gen)).tolist()
         out = ref_blur(out, sig)
     return out
 

@@ -10,6 +10,7 @@ exceptions and bad files end the loop through ``faults`` (emergency checkpoint, 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import time
@@ -37,7 +38,7 @@ from .pseudo_diagnostics import PseudoDiagnostics
 from .resume import resolve_resume, restore_checkpoint
 from .schedule import ddp_schedule
 from .step import StepContext, train_step
-from .throughput import device_peak_tflops, flops_per_iteration
+from .throughput import device_peak_tflops, flops_per_iteration, mfu as model_flops_utilisation
 from .uda import log_frequency_class_weights, make_teacher
 
 
@@ -58,14 +59,18 @@ def resolve_device(cfg: TrainConfig, dist_info: DistInfo | None = None) -> torch
 def amp_setup(cfg: TrainConfig, device: torch.device):
     """(autocast dtype or None, GradScaler or None, description).
 
-    CUDA: bf16 autocast when the GPU supports it, else fp16 + GradScaler. CPU: float32
-    unless ``--cpu-amp``: bf16 autocast measured slower than float32 for the tiny models on
-    the 2-core development machine (see docs/training.md), so --amp alone keeps fp32 there.
+    CUDA: bf16 autocast when the GPU has bf16 tensor cores (Ampere and later), else fp16 +
+    GradScaler (``torch.cuda.is_bf16_supported()`` alone also says yes on Volta/Turing, where
+    bf16 is emulated, slowly). CPU: float32 unless ``--cpu-amp``: bf16 autocast measured
+    slower than float32 for the tiny models on the 2-core development machine (see
+    docs/training.md), so --amp alone keeps fp32 there.
     """
     if not cfg.amp:
         return None, None, "float32"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        with torch.cuda.device(device):
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if native_bf16:
             return torch.bfloat16, None, "bf16 autocast"
         return torch.float16, torch.amp.GradScaler("cuda"), "fp16 autocast + GradScaler"
     if cfg.cpu_amp:
@@ -235,7 +240,8 @@ def setup(cfg: TrainConfig) -> TrainRun:
 # The loop
 # ----------------------------------------------------------------------------------------
 class _LogWindow:
-    """Loss sums and timing since the last log line."""
+    """Loss sums and timing since the last log line; time spent in ``paused()`` (evaluations)
+    is left out of the window's seconds, its iterations still count."""
 
     def __init__(self, start_it: int):
         self.acc: dict[str, torch.Tensor] = {}
@@ -244,30 +250,50 @@ class _LogWindow:
 
     def reset(self, it: int) -> None:
         self.acc, self.n = {}, 0
-        self.t0, self.it0 = time.perf_counter(), it
+        self.t0, self.it0, self.excluded = time.perf_counter(), it, 0.0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for k, v in losses.items():
             self.acc[k] = self.acc[k] + v if k in self.acc else v.clone()
         self.n += 1
 
+    @contextlib.contextmanager
+    def paused(self, device: torch.device):
+        if device.type == "cuda":  # the iterations queued so far belong to the window
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
+
 
 def _log(run: TrainRun, window: _LogWindow, done: int, bar: ProgressBar | None, flops_iter, peak) -> None:
-    """The only host sync of the loop: losses and the skipped-step counter, read together."""
+    """The only host sync of the loop: losses and the skipped-step counter, read together.
+
+    ``flops_iter``: ``throughput.IterationFlops`` (per rank) or None. MFU is one rank's
+    FLOP rate over one device's peak; images/s counts every rank's images.
+    """
     cfg, ctx = run.cfg, run.ctx
     world = run.dist_info.world_size
     names = sorted(window.acc)
     values = torch.stack([window.acc[k].float() / window.n for k in names] + [ctx.skipped.float()]).tolist()
     skipped = int(values.pop())
-    seconds = max(time.perf_counter() - window.t0, 1e-9)
+    seconds = window.seconds()
     iters = done - window.it0
     ips = iters * cfg.batch_size * world * (2 if cfg.method == "sepico" else 1) / seconds
     scalars = {k: v for k, v in zip(names, values)}
     scalars.update(lr=ctx.optimizer.param_groups[0]["lr"], images_per_s=ips, skipped_steps=skipped)
     mfu = None
-    if flops_iter and peak:
-        mfu = flops_iter * world * iters / seconds / (peak * 1e12)
-        scalars["mfu"] = mfu
+    if flops_iter is not None:
+        flops = flops_iter.between(window.it0, done)
+        scalars["tflops_per_s"] = flops / seconds / 1e12
+        mfu = model_flops_utilisation(flops, seconds, peak)
+        if mfu is not None:
+            scalars["mfu"] = mfu
     if run.main:
         loss_txt = " ".join(f"{k}={v:.4f}" for k, v in zip(names, values))
         bar.update(done, f"{ips:.1f} img/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
@@ -326,8 +352,8 @@ def _iterations(run: TrainRun) -> None:
         if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == run.end_it:
             _checkpoint(run, done)  # before the evaluation: a bad validation file loses nothing
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.iters:
-            run.last_eval = _evaluate(run, done)
-            window.t0 = time.perf_counter()
+            with window.paused(run.device):  # evaluation time is not training time
+                run.last_eval = _evaluate(run, done)
         if run.stop.requested() and done < run.end_it:
             raise faults.Interrupted(run.stop.signum)
     profiler.finish()

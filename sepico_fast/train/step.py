@@ -124,41 +124,62 @@ def _backward(ctx: StepContext, loss: torch.Tensor) -> None:
 
 
 def teacher_pseudo_labels(ctx: StepContext, img: torch.Tensor, ref_img: torch.Tensor | None):
-    """Teacher → softmax → (p, ŷ, q); Dark Zurich fuses the day (ref) and night predictions."""
+    """Teacher → softmax → (p, ŷ, q); Dark Zurich fuses the day (ref) and night predictions.
+
+    Without a day image ``ops.pseudo_label`` does softmax + max: on CUDA one pass over the
+    (16-bit) logits, without the fp32 copy and the softmax tensor; elsewhere the same torch
+    code as before. The fusion needs the probabilities themselves."""
     cfg, teacher = ctx.cfg, ctx.teacher
     size = tuple(img.shape[-2:])
     with _autocast(ctx):
-        night = torch.softmax(resize_logits(teacher.predict(img), size).float(), dim=1)
+        night_logits = resize_logits(teacher.predict(img), size)
         if ref_img is None:
-            return probs_to_pseudo(night, cfg.pseudo_threshold)
+            return ops.pseudo_label(night_logits, cfg.pseudo_threshold)
+        night = torch.softmax(night_logits.float(), dim=1)
         day = torch.softmax(resize_logits(teacher.predict(ref_img), size).float(), dim=1)
     fused = fuse_day_night(day, night, ctx.class_weight, cfg.day_ratio)
     return probs_to_pseudo(fused, cfg.pseudo_threshold)
 
 
-def allreduce_grads(ctx: StepContext) -> None:
+def allreduce_grads(ctx: StepContext, flag: torch.Tensor | None = None) -> torch.Tensor | None:
     """Average gradients over ranks in one flat all-reduce (three backward passes have
-    accumulated into .grad; DDP's reducer expects one forward per backward, see ddp.py)."""
+    accumulated into .grad; DDP's reducer expects one forward per backward, see ddp.py).
+
+    ``flag`` (0-d, 0 or 1) rides along in the same all-reduce: the result is > 0 on every
+    rank when it was 1 on any rank (no extra collective, no host sync)."""
     grads = [p.grad for p in ctx.student_params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
+    if not grads and flag is None:
+        return None
+    extra = [flag.reshape(1).to(grads[0].dtype if grads else torch.float32)] if flag is not None else []
+    flat = torch._utils._flatten_dense_tensors(grads + extra)
     dist.all_reduce(flat, group=ctx.process_group)
     flat.div_(ctx.world_size)
-    torch._foreach_copy_(grads, list(torch._utils._unflatten_dense_tensors(flat, grads)))
+    if grads:
+        averaged = torch._utils._unflatten_dense_tensors(flat[:flat.numel() - len(extra)], grads)
+        torch._foreach_copy_(grads, list(averaged))
+    return flat[-1] if extra else None
 
 
 def optimizer_step(ctx: StepContext, losses: dict[str, torch.Tensor]) -> None:
-    """One AdamW step; skipped on the device when a gradient (or, with fp16, a loss) is not finite."""
+    """One AdamW step; skipped on the device when a gradient (or, with fp16, a loss) is not finite.
+
+    The skipped-step counter is the same on every rank: without a GradScaler it counts the
+    found_inf of the all-reduced gradients; with one (fp16) it counts non-finite losses of
+    ANY rank (the local flag is folded into the gradient all-reduce), so every rank stops at
+    ``--max-skipped-steps`` together instead of one leaving the others in a collective.
+    """
     opt = ctx.optimizer
+    bad_loss = None
+    if ctx.scaler is not None:
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        bad_loss = (~torch.isfinite(total)).float()
     if ctx.world_size > 1:
-        allreduce_grads(ctx)
+        bad_loss = allreduce_grads(ctx, bad_loss)
     if ctx.scaler is not None:
         # GradScaler feeds its own found_inf / grad_scale to the fused AdamW (no host sync).
         ctx.scaler.step(opt)
         ctx.scaler.update()
-        total = torch.stack([v.float() for v in losses.values()]).sum()
-        ctx.skipped.add_((~torch.isfinite(total)).float())
+        ctx.skipped.add_((bad_loss > 0).float())
     else:
         grads = [p.grad for p in ctx.student_params if p.grad is not None]
         ctx.found_inf.zero_()
@@ -277,7 +298,7 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
             mix_classes = ops.choose_mix_classes(gt_s, gen)
             mixed_img, mixed_lbl, mixed_w = ops.classmix(img_s, img_t, gt_s, plabel.unsqueeze(1),
                                                          pweight.unsqueeze(1), mix_classes)
-            mixed_img = augment.strong_augment(mixed_img, strong, rng, gen, per_image_sigma=True)
+            mixed_img = augment.strong_augment(mixed_img, strong, rng, gen, per_image=True)
             with _autocast(ctx):
                 loss_mix = seg_ce(student.predict(mixed_img), mixed_lbl, mixed_w, class_weight,
                                   cfg.ce_mean_over_all)
