@@ -138,10 +138,11 @@ def count_flops(ctx, src, tgt, it) -> float | None:
         return None
 
 
-def documented_flops(cfg, target_hw) -> float | None:
+def documented_flops(cfg, target_hw, it: int) -> float | None:
     try:
         from sepico_fast.train.throughput import flops_per_iteration
-        return flops_per_iteration(cfg, target_hw)
+        flops = flops_per_iteration(cfg, target_hw)
+        return None if flops is None else flops.at(it)  # the probed steps run after contrast start
     except Exception as exc:  # noqa: BLE001 - its signature may change with the trainer
         print(f"  flops_per_iteration failed: {type(exc).__name__}: {exc}")
         return None
@@ -210,7 +211,7 @@ def probe_variant(args, name, spec, device, models, records) -> dict:
     back_to_back_ms = (time.perf_counter() - t) * 1e3 / args.steps
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     counted = count_flops(ctx, src, tgt, it) if args.flops else None
-    documented = documented_flops(cfg, tuple(tgt["img"].shape[-2:]))
+    documented = documented_flops(cfg, tuple(tgt["img"].shape[-2:]), it)
     peak = peak_tflops(device)
     ms = statistics.median(times)
 
