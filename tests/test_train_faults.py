@@ -130,3 +130,61 @@ def test_unknown_exception_keeps_its_traceback_after_the_emergency_checkpoint(tm
     assert "ZeroDivisionError after iteration 1" in err and str(tmp_path / "iter_000001.pt") in err
     meta = torch.load(tmp_path / "iter_000001.pt", weights_only=True)["meta"]
     assert meta["iter"] == 1 and meta["emergency"]["partial_step"] is True
+
+
+def test_a_signal_during_the_emergency_checkpoint_does_not_cut_it(tmp_path, monkeypatch):
+    """SIGTERM in iteration 2, then another SIGTERM while the emergency checkpoint is being
+    written (torchrun passing the signal on, or stopping the workers): the checkpoint is
+    written all the same and the run ends in the one-line 143 stop, not a KeyboardInterrupt."""
+    from sepico_fast.train import checkpointing as ckpt_io
+    from sepico_fast.train import faults, runner
+
+    monkeypatch.setattr(faults, "DUPLICATE_S", 0.0)  # not a duplicate: only the shield may save it
+    real_step, real_save = runner.train_step, ckpt_io.save_checkpoint
+
+    def step(ctx, src, tgt, it, debug=False):
+        if it == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(ctx, src, tgt, it, debug=debug)
+
+    def save(*args, **kw):
+        signal.raise_signal(signal.SIGTERM)
+        return real_save(*args, **kw)
+
+    monkeypatch.setattr(runner, "train_step", step)
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", save)
+    state = setup(_cfg(tmp_path, iters=5, checkpoint_interval=0))
+    with pytest.raises(RunStopped) as exc:
+        try:
+            train_loop(state)
+        finally:
+            state.writer.close()
+    assert exc.value.exit_code == 143 and "emergency checkpoint of iteration 3" in str(exc.value)
+    assert state.stop.ignored == 1
+    assert ckpt_io.load_checkpoint(tmp_path / "iter_000003.pt")["meta"]["iter"] == 3
+
+
+def test_second_signal_rules(monkeypatch):
+    """The handler alone, on a fake clock: the same request twice within DUPLICATE_S is one
+    request; a later one stops at once; once the stop is under way nothing raises."""
+    import types
+
+    from sepico_fast.train import faults
+
+    clock = [100.0]
+    monkeypatch.setattr(faults, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    stop = faults.StopOnSignal()
+    stop._handler(signal.SIGINT, None)
+    clock[0] += faults.DUPLICATE_S / 2
+    stop._handler(signal.SIGINT, None)  # torchrun forwarding the terminal's Ctrl-C
+    assert (stop.signum, stop.ignored, stop.forced) == (signal.SIGINT, 1, False) and stop.requested()
+    clock[0] += faults.DUPLICATE_S
+    with pytest.raises(KeyboardInterrupt):
+        stop._handler(signal.SIGINT, None)
+    assert stop.forced
+    shielded = faults.StopOnSignal()
+    shielded._handler(signal.SIGTERM, None)
+    shielded.shield()
+    clock[0] += 10 * faults.DUPLICATE_S
+    shielded._handler(signal.SIGTERM, None)
+    assert shielded.ignored == 1 and not shielded.forced
