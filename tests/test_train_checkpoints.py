@@ -195,3 +195,26 @@ def _explicit(saved: dict, name: str, value, ckpt) -> TrainConfig:
     setattr(cfg, name, value)
     cfg.explicit = cfg.explicit | {name}
     return cfg
+
+
+@pytest.mark.parametrize("schedule", ["samples", "steps"])
+def test_resume_refuses_another_world_size(tmp_path, monkeypatch, capsys, schedule):
+    """A checkpoint of 2 processes resumed by 1 (WORLD_SIZE unset) or 4: refused in one line
+    naming both numbers, in both schedule modes; --resume-override continues with a warning."""
+    cfg0 = make_config({"proj_dim": 16, "work_dir": str(tmp_path), "ddp_schedule": schedule})
+    state = _state(6, cfg0)
+    state["meta"].update(world_size=2, schedule={"ddp_schedule": schedule, "world_size": 2})
+    ckpt_io.save_checkpoint(tmp_path, state, 6)
+    for world in ("1", "4"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(SystemExit) as exc:
+            resolve_resume(make_config({"resume": "auto", "work_dir": str(tmp_path)}))
+        msg = str(exc.value)
+        assert f"world size 2 -> {world}" in msg and "--resume-override" in msg and "\n" not in msg
+        assert msg.startswith("--resume: ") and f"--ddp-schedule {schedule}" in msg
+    out, ckpt, _ = resolve_resume(make_config({"resume": "auto", "work_dir": str(tmp_path), "resume_override": True}))
+    assert ckpt["meta"]["iter"] == 6 and out.ddp_schedule == schedule
+    assert "warning: --resume-override: world size 2 -> 4" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_resume(make_config({"resume": "auto", "work_dir": str(tmp_path)}))[1]["meta"]["iter"] == 6

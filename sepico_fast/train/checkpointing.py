@@ -91,7 +91,8 @@ def snapshot(ctx, it_done: int, config=None, **meta) -> dict:
     """The checkpoint dict of a ``StepContext`` after ``it_done`` completed iterations.
 
     ``config`` is the run's requested config (before ``--ddp-schedule samples`` divides
-    its counts; default ``ctx.cfg``): resuming re-applies the schedule to it."""
+    its counts; default ``ctx.cfg``): resuming re-applies the schedule to it. ``meta``
+    adds plain values to ``meta`` (the runner's: ``world_size``, ``schedule``)."""
     state_dict = prefixed("model.", ctx.student.state_dict())
     if ctx.teacher is not None:
         state_dict.update(prefixed("ema_model.", ctx.teacher.state_dict()))

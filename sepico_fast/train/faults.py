@@ -141,8 +141,7 @@ def _save(run, reason: str) -> tuple[str, bool]:
     if not run.main:
         return "the checkpoint is written by rank 0", False
     extra = {"emergency": {"reason": reason, "partial_step": bool(run.in_step)}}
-    path = ckpt_io.save_checkpoint(run.work_dir, ckpt_io.snapshot(run.ctx, run.done, config=run.requested_cfg, **extra), run.done,
-                                   run.cfg.keep_checkpoints)
+    path = ckpt_io.save_checkpoint(run.work_dir, run.snapshot(run.done, **extra), run.done, run.cfg.keep_checkpoints)
     run.saved_at = run.done
     note = " (taken inside the next iteration: teacher and class statistics may include part of it)" \
         if run.in_step else ""

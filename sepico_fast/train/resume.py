@@ -7,7 +7,10 @@
   so the same command serves the first start and every restart of a preemptible job;
 * ``--resume PATH`` takes that file (and, without ``--work-dir``, its folder);
 * the run continues with the checkpoint's config: flags given now are checked against it
-  by ``config.resumed_config`` (method/data changes refused unless ``--resume-override``).
+  by ``config.resumed_config`` (method/data changes refused unless ``--resume-override``);
+* so is the number of processes (``meta.world_size``): with another one ``--ddp-schedule
+  samples`` would divide the step counts by the new number and ``steps`` would change the
+  batch of every step, so it is refused too unless ``--resume-override``.
 
 Messages are printed by rank 0 only (``RANK`` is read from the environment: the process
 group does not exist yet).
@@ -59,9 +62,30 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
         new_cfg, applied = resumed_config(ckpt["meta"].get("config") or {}, cfg, path)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    _check_world_size(ckpt["meta"], path, new_cfg)
     for change in applied:
         _say(f"--resume: applied {change}")
     return new_cfg, ckpt, path
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_world_size(meta: dict, path: Path, cfg: TrainConfig) -> None:
+    """Refuse another number of processes than the checkpoint's (unless --resume-override)."""
+    saved, now = meta.get("world_size"), _world_size()
+    if saved is None or int(saved) == now:  # files from before the world size was recorded: unknown
+        return
+    effect = ("--ddp-schedule samples would divide the step counts by the new number (another schedule)"
+              if cfg.ddp_schedule == "samples" else
+              f"--ddp-schedule steps would train on {cfg.batch_size} x {now} images per step instead of "
+              f"{cfg.batch_size} x {saved}")
+    change = f"world size {saved} -> {now}"
+    if not cfg.resume_override:
+        raise SystemExit(f"--resume: {path} was trained by {saved} process(es), this run has {now} ({change}): "
+                         f"{effect}; start it with {saved} process(es), or add --resume-override to continue anyway")
+    _say(f"warning: --resume-override: {change}: {effect}", err=True)
 
 
 def restore_checkpoint(ctx, ckpt: dict, path: Path, device: torch.device) -> int:

@@ -123,6 +123,12 @@ class TrainRun:
     def main(self) -> bool:
         return self.dist_info.is_main
 
+    def snapshot(self, done: int, **meta) -> dict:
+        """The checkpoint of the live state after ``done`` iterations: the requested config,
+        the number of processes and the schedule record (a resume compares them)."""
+        return ckpt_io.snapshot(self.ctx, done, config=self.requested_cfg, world_size=self.dist_info.world_size,
+                                schedule=self.schedule, **meta)
+
 
 def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
     work_dir = cfg.work_dir or default_work_dir(cfg)
@@ -211,6 +217,9 @@ def setup(cfg: TrainConfig) -> TrainRun:
     if ckpt is not None:
         start_it = restore_checkpoint(ctx, ckpt, ckpt_path, device)
         del ckpt
+        if start_it > cfg.iters:  # only with --resume-override and another world size
+            raise SystemExit(f"--resume: {ckpt_path} is at iteration {start_it}, past the {cfg.iters} iterations "
+                             f"of this run (--ddp-schedule {cfg.ddp_schedule}, {dist_info.world_size} process(es))")
         if dist_info.is_main:
             print(f"resumed from {ckpt_path} at iteration {start_it}")
     if cfg.compile:
@@ -362,8 +371,7 @@ def _iterations(run: TrainRun) -> None:
 
 def _checkpoint(run: TrainRun, done: int) -> None:
     if run.main:
-        ckpt_io.save_checkpoint(run.work_dir, ckpt_io.snapshot(run.ctx, done, config=run.requested_cfg), done,
-                                run.cfg.keep_checkpoints)
+        ckpt_io.save_checkpoint(run.work_dir, run.snapshot(done), done, run.cfg.keep_checkpoints)
     run.saved_at = done
     barrier()
 
