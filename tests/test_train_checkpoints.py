@@ -218,3 +218,26 @@ def test_resume_refuses_another_world_size(tmp_path, monkeypatch, capsys, schedu
     assert "warning: --resume-override: world size 2 -> 4" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve_resume(make_config({"resume": "auto", "work_dir": str(tmp_path)}))[1]["meta"]["iter"] == 6
+
+
+def test_resume_from_an_older_iteration_moves_the_newer_history_aside(tmp_path):
+    """Run A saves 2 and 4; run B resumes from 2 and saves 3: without moving iter 4 away,
+    retention (by number) deleted B's source and --resume auto took A's iter 4 over B's 3."""
+    cfg = make_config({"proj_dim": 16, "work_dir": str(tmp_path)})
+    for it in (2, 4):
+        ckpt_io.save_checkpoint(tmp_path, _state(it, cfg), it, keep=2)
+    moved = ckpt_io.supersede_newer(tmp_path, 2, source=tmp_path / "iter_000002.pt")
+    sup = tmp_path / "superseded"
+    assert sorted(p.name for p in moved) == ["iter_000004.pt", "latest.pt"]  # latest.pt was a copy of 4
+    assert sorted(p.name for p in sup.iterdir()) == ["iter_000004.pt", "iter_000004.pt.sha256", "latest.pt",
+                                                     "latest.pt.sha256"]
+    assert ckpt_io.load_checkpoint(sup / "iter_000004.pt")["meta"]["iter"] == 4  # intact, checksum included
+    ckpt_io.save_checkpoint(tmp_path, _state(3, cfg), 3, keep=2)
+    assert sorted(p.name for p in ckpt_io.iteration_files(tmp_path)) == ["iter_000002.pt", "iter_000003.pt"]
+    path, ckpt, skipped = ckpt_io.load_newest_intact(tmp_path)
+    assert path.name == "iter_000003.pt" and ckpt["meta"]["iter"] == 3 and not skipped
+    ckpt_io.save_checkpoint(tmp_path, _state(5, cfg), 5, keep=3)
+    again = ckpt_io.supersede_newer(tmp_path, 3)  # names already in superseded/: a numbered folder
+    assert [p.relative_to(tmp_path).as_posix() for p in again] == ["superseded/1/iter_000005.pt",
+                                                                   "superseded/1/latest.pt"]
+    assert ckpt_io.supersede_newer(tmp_path, 3) == []

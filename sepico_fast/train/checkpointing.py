@@ -250,6 +250,41 @@ def save_checkpoint(work_dir: str | os.PathLike, state: dict, it: int, keep: int
     return path
 
 
+def _digest(path: Path) -> str | None:
+    side = path.with_name(path.name + ".sha256")
+    return (side.read_text().split() or [None])[0] if side.is_file() else None
+
+
+def supersede_newer(work_dir: str | os.PathLike, it: int, source: str | os.PathLike | None = None) -> list[Path]:
+    """Move ``iter_<t>.pt`` with t > ``it`` (and ``latest.pt`` when it is a copy of one of
+    them), each with its ``.sha256``, into ``<work_dir>/superseded/`` (a numbered subfolder
+    when names are taken there): after a resume from iteration ``it`` they are another
+    history, which ``--resume auto`` (highest number first) and the retention (by number)
+    would otherwise take for this run's. Never deletes; never moves ``source``. Returns the
+    new paths of the moved checkpoint files."""
+    work_dir = Path(work_dir)
+    source = Path(source).resolve() if source is not None else None
+    newer = [p for p in iteration_files(work_dir) if int(CKPT_RE.match(p.name).group(1)) > it]
+    latest = work_dir / "latest.pt"
+    if newer and latest.is_file() and _digest(latest) in {_digest(p) for p in newer} - {None}:
+        newer.append(latest)
+    newer = [p for p in newer if source is None or p.resolve() != source]
+    if not newer:
+        return []
+    dest, n = work_dir / "superseded", 0
+    while any((dest / p.name).exists() for p in newer):
+        n += 1
+        dest = work_dir / "superseded" / str(n)
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for p in newer:
+        for f in (p, p.with_name(p.name + ".sha256")):
+            if f.exists():
+                os.replace(f, dest / f.name)
+        moved.append(dest / p.name)
+    return moved
+
+
 def remove_stale_temp_files(work_dir: str | os.PathLike) -> list[Path]:
     """Delete temp files a crashed or killed writer left in ``work_dir``; returns them."""
     work_dir = Path(work_dir)

@@ -145,6 +145,14 @@ def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
     return Path(work_dir)
 
 
+def _supersede_newer(work_dir: Path, start_it: int, ckpt_path: Path) -> None:
+    """Checkpoints past the resumed iteration belong to the abandoned continuation: moved aside."""
+    moved = ckpt_io.supersede_newer(work_dir, start_it, source=ckpt_path)
+    if moved:
+        print(f"--resume: moved {', '.join(p.name for p in moved)} (past iteration {start_it}, from the run this "
+              f"resume abandons) to {moved[0].parent}; not deleted")
+
+
 def _datasets(cfg: TrainConfig):
     """(train_source, train_target, val_target); resolves ``--crop 0`` to the dataset default."""
     from ..data import build_datasets, dataset_defaults
@@ -222,6 +230,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
                              f"of this run (--ddp-schedule {cfg.ddp_schedule}, {dist_info.world_size} process(es))")
         if dist_info.is_main:
             print(f"resumed from {ckpt_path} at iteration {start_it}")
+            _supersede_newer(work_dir, start_it, ckpt_path)
     if cfg.compile:
         _compile_models(ctx)
     if dist_info.is_main:
