@@ -241,3 +241,23 @@ def test_resume_from_an_older_iteration_moves_the_newer_history_aside(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in again] == ["superseded/1/iter_000005.pt",
                                                                    "superseded/1/latest.pt"]
     assert ckpt_io.supersede_newer(tmp_path, 3) == []
+
+
+def test_cuda_rng_states_restored_only_for_devices_that_exist(monkeypatch):
+    """A checkpoint from a 2-GPU machine resumed where 1 GPU is visible: only device 0 is
+    set (set_rng_state_all indexed a generator that does not exist: IndexError)."""
+    import torch.cuda.random as cuda_random
+
+    calls = []
+
+    def record(state, device="cuda"):
+        calls.append(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", record)
+    monkeypatch.setattr(cuda_random, "set_rng_state", record)
+    state = {"torch": torch.get_rng_state(), "numpy": ckpt_io.rng_state()["numpy"],
+             "python": ckpt_io.rng_state()["python"], "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    ckpt_io.set_rng_state(state)
+    assert calls == [0]

@@ -76,7 +76,10 @@ def set_rng_state(state: dict) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Only the devices this machine has: a checkpoint of an 8-GPU node resumed on 1 GPU
+        # (or the reverse) is fine; the data RNG is a function of (seed, iteration) anyway.
+        for index in range(min(len(state["cuda"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(state["cuda"][index], index)
 
 
 def prefixed(prefix: str, state_dict: dict) -> dict:
