@@ -182,3 +182,18 @@ def test_amp_picks_fp16_with_grad_scaler_without_bf16_tensor_cores(monkeypatch, 
     assert amp_dtype == dtype
     assert (scaler is not None) == (dtype == torch.float16)
     assert ("GradScaler" in desc) == (dtype == torch.float16)
+
+
+def test_log_averages_each_loss_over_the_iterations_that_produced_it():
+    """Contrast starting inside a window (contrast_start 15, log every 10): src_contrast is
+    the mean of its 5 values, not their sum over all 10 iterations of the window."""
+    run, written = _fake_run(1, make_config(dict(contrast_start=15)))
+    window = runner._LogWindow(10)
+    for it in range(10, 20):
+        losses = {"src_ce": torch.tensor(float(it))}
+        if it >= 15:
+            losses["src_contrast"] = torch.tensor(2.0 + (it - 15))  # 2, 3, 4, 5, 6
+        window.add(losses)
+    runner._log(run, window, 20, types.SimpleNamespace(update=lambda *a: None), None, peak=None)
+    (_, scalars), = written
+    assert scalars["src_contrast"] == pytest.approx(4.0) and scalars["src_ce"] == pytest.approx(14.5)

@@ -259,21 +259,27 @@ def setup(cfg: TrainConfig) -> TrainRun:
 # ----------------------------------------------------------------------------------------
 class _LogWindow:
     """Loss sums and timing since the last log line; time spent in ``paused()`` (evaluations)
-    is left out of the window's seconds, its iterations still count."""
+    is left out of the window's seconds, its iterations still count. Each loss is averaged
+    over the iterations that produced it (the contrast losses start at ``contrast_start``,
+    which need not be a multiple of ``log_interval``)."""
 
     def __init__(self, start_it: int):
         self.acc: dict[str, torch.Tensor] = {}
-        self.n = 0
+        self.count: dict[str, int] = {}
         self.reset(start_it)
 
     def reset(self, it: int) -> None:
-        self.acc, self.n = {}, 0
+        self.acc, self.count = {}, {}
         self.t0, self.it0, self.excluded = time.perf_counter(), it, 0.0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for k, v in losses.items():
             self.acc[k] = self.acc[k] + v if k in self.acc else v.clone()
-        self.n += 1
+            self.count[k] = self.count.get(k, 0) + 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """Per-loss averages, still on the device (read by the log line's one sync)."""
+        return {k: self.acc[k].float() / self.count[k] for k in sorted(self.acc)}
 
     @contextlib.contextmanager
     def paused(self, device: torch.device):
@@ -297,8 +303,9 @@ def _log(run: TrainRun, window: _LogWindow, done: int, bar: ProgressBar | None, 
     """
     cfg, ctx = run.cfg, run.ctx
     world = run.dist_info.world_size
-    names = sorted(window.acc)
-    values = torch.stack([window.acc[k].float() / window.n for k in names] + [ctx.skipped.float()]).tolist()
+    means = window.means()
+    names = list(means)
+    values = torch.stack([means[k] for k in names] + [ctx.skipped.float()]).tolist()
     skipped = int(values.pop())
     seconds = window.seconds()
     iters = done - window.it0
