@@ -204,6 +204,22 @@ def zip_predictions(out_dir: str | Path) -> Path:
     return archive
 
 
+def training_crop(config: dict, fallback: tuple[int, int] = (640, 640)) -> tuple[int, int]:
+    """(H, W) of the training crop a checkpoint's config names: ``[0, 0]`` (``--crop 0``,
+    stored unresolved by runs before it was resolved) is the dataset pair's default crop;
+    no config at all gives ``fallback``."""
+    crop = [int(c) for c in (config.get("crop") or fallback)]
+    crop = crop * 2 if len(crop) == 1 else crop
+    if min(crop) <= 0:
+        from .data import dataset_defaults
+
+        try:
+            crop = list(dataset_defaults(config.get("source", "gta"), config.get("target", "cityscapes"))["crop_size"])
+        except ValueError:
+            crop = list(fallback)
+    return int(crop[0]), int(crop[-1])
+
+
 def iou_summary(cm: ConfusionMatrix) -> dict:
     iou = cm.iou().cpu().tolist()
     miou = float(cm.miou())
@@ -276,9 +292,7 @@ def main(argv=None) -> dict:
     except ValueError as err:
         raise SystemExit(f"--checkpoint: {err}") from None
     amp_dtype = torch.bfloat16 if (args.amp and device.type == "cuda") else None
-    crop = tuple(args.crop) if args.crop else tuple(config.get("crop", (640, 640)))
-    if len(crop) == 1:
-        crop = crop * 2
+    crop = tuple(args.crop) * (2 if len(args.crop) == 1 else 1) if args.crop else training_crop(config)
 
     from .data import build_val_set, val_loader
     if args.split == "test":

@@ -98,3 +98,22 @@ def test_runner_applies_and_records_the_samples_schedule(tmp_path):
              if "src_ce" in line]
     assert steps == [1, 2, 3]
     assert metrics["dz_test_reweight"]["enabled"] and metrics["dz_test_reweight"]["reweighted_images"] == 0
+
+
+def test_samples_schedule_stores_the_resolved_crop_and_work_dir(tmp_path, monkeypatch):
+    """Under --ddp-schedule samples the run's config is a copy: --crop 0 and the work dir
+    were resolved on the copy only, so config.json and every checkpoint stored crop [0, 0]
+    (evaluate --sliding then failed) and work_dir ''. One process, the schedule of two."""
+    from sepico_fast.data import dataset_defaults
+    from sepico_fast.train import runner
+
+    monkeypatch.setattr(runner, "ddp_schedule", lambda cfg, world: ddp_schedule(cfg, 2))
+    monkeypatch.chdir(tmp_path)  # the default work dir is relative
+    state = runner.setup(make_config(dict(crop=[0], iters=4, ddp_schedule="samples", proj_dim=16)))
+    state.writer.close()
+    assert state.cfg is not state.requested_cfg and state.cfg.iters == 2
+    want = list(dataset_defaults("synthetic", "synthetic")["crop_size"])
+    saved = json.loads((state.work_dir / "config.json").read_text())
+    assert saved["crop"] == want and saved["work_dir"] == str(state.work_dir) and saved["iters"] == 4
+    meta = state.snapshot(0)["meta"]
+    assert meta["config"]["crop"] == want and meta["config"]["work_dir"] == str(state.work_dir)

@@ -219,6 +219,9 @@ def setup(cfg: TrainConfig) -> TrainRun:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     train_source, train_target, val_target = _datasets(cfg)
+    # Resolved on the run's config above; under --ddp-schedule samples that is a copy, and the
+    # requested config is what config.json and the checkpoints store.
+    requested_cfg.work_dir, requested_cfg.crop = cfg.work_dir, list(cfg.crop)
     ctx, amp_desc = _step_context(cfg, device, dist_info, work_dir, load_pretrained=ckpt is None)
 
     start_it = 0
