@@ -188,3 +188,33 @@ def test_second_signal_rules(monkeypatch):
     clock[0] += 10 * faults.DUPLICATE_S
     shielded._handler(signal.SIGTERM, None)
     assert shielded.ignored == 1 and not shielded.forced
+
+
+def test_bad_data_file_and_bad_work_dir_at_setup_are_one_line(tmp_path, monkeypatch):
+    """The first target image header is read in setup: a bad file there, and a --work-dir
+    that cannot be created, end in one line naming the flag (tracebacks before)."""
+    import types
+
+    import sepico_fast.data as data
+    from sepico_fast.data.io import DataFileError
+    from sepico_fast.train import runner
+    from sepico_fast.train.ddp import DistInfo
+
+    bad = "/data/cityscapes/leftImg8bit/train/x_leftImg8bit.png"
+
+    def resized_size(i):
+        raise DataFileError(bad, "OSError: cannot identify image file")
+
+    fake = types.SimpleNamespace(resized_size=resized_size)
+    monkeypatch.setattr(data, "build_datasets", lambda *a, **k: (fake, fake, fake))
+    with pytest.raises(SystemExit) as exc:
+        runner._datasets(_cfg(tmp_path))
+    msg = str(exc.value)
+    assert msg.startswith("--data-root: cannot read " + bad) and "\n" not in msg
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    for work_dir in (a_file, a_file / "sub", Path("/proc/x")):
+        with pytest.raises(SystemExit) as exc:
+            runner._work_dir(_cfg(work_dir), DistInfo())
+        assert str(exc.value).startswith(f"--work-dir: cannot create the folder {work_dir} (") and \
+            "\n" not in str(exc.value)

@@ -24,6 +24,7 @@ from ..contrast import ClassStats
 from ..evaluate import (dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line,
                         reweighting_record)
 from ..models import build_segmentor, param_groups
+from ..reporting import first_line
 from ..data.io import DataFileError
 from . import checkpointing as ckpt_io
 from . import faults
@@ -138,7 +139,11 @@ def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
         work_dir = box[0]
     cfg.work_dir = str(work_dir)
     if dist_info.is_main:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # an existing file, a read-only or unreachable place
+            raise SystemExit(f"--work-dir: cannot create the folder {work_dir} "
+                             f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
         stale = ckpt_io.remove_stale_temp_files(work_dir)
         if stale:
             print(f"removed {len(stale)} stale temp file(s) of an interrupted checkpoint write in {work_dir}")
@@ -158,15 +163,19 @@ def _datasets(cfg: TrainConfig):
     from ..data import build_datasets, dataset_defaults
 
     crop = tuple(cfg.crop) if min(cfg.crop) > 0 else None
+    where = cfg.data_root or "$SEPICO_FAST_DATA or ./data"
     try:
         datasets = build_datasets(cfg.source, cfg.target, cfg.data_root or None, crop_size=crop,
                                   target_labels=cfg.pseudo_diagnostics)
+        th, tw = datasets[1].resized_size(0)  # reads the first target image's header
+    except DataFileError as err:
+        raise SystemExit(f"--data-root: {err} (data root {where}; fix or remove the file; python -m "
+                         "sepico_fast.prepare DATASET ROOT --check lists every bad file)") from None
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--data-root / --source / --target: cannot load {cfg.source} -> {cfg.target} "
-                         f"from {cfg.data_root or '$SEPICO_FAST_DATA or ./data'}: {err}") from None
+                         f"from {where}: {err}") from None
     if crop is None:  # dataset default crop (synthetic pair)
         cfg.crop = list(dataset_defaults(cfg.source, cfg.target)["crop_size"])
-    th, tw = datasets[1].resized_size(0)
     if cfg.crop_hw[0] > th or cfg.crop_hw[1] > tw:  # the target crop is cut from these images
         raise SystemExit(f"--crop: {cfg.crop_hw[0]} {cfg.crop_hw[1]} is larger than the {cfg.target} training "
                          f"images ({th}x{tw} after resizing); use at most {th} {tw}")
