@@ -270,8 +270,9 @@ def setup(cfg: TrainConfig) -> TrainRun:
 # The loop
 # ----------------------------------------------------------------------------------------
 class _LogWindow:
-    """Loss sums and timing since the last log line; time spent in ``paused()`` (evaluations)
-    is left out of the window's seconds, its iterations still count. Each loss is averaged
+    """Loss sums and timing since the last log line; time spent in ``paused()`` (evaluations,
+    checkpoints, debug pictures, the one-time FLOP count) is left out of the window's
+    seconds, its iterations still count. Each loss is averaged
     over the iterations that produced it (the contrast losses start at ``contrast_start``,
     which need not be a multiple of ``log_interval``)."""
 
@@ -364,21 +365,23 @@ def _iterations(run: TrainRun) -> None:
     batches = iter(run.loader)
     bar = ProgressBar(cfg.iters, run.start_it) if run.main else None
     window = _LogWindow(run.start_it)
-    flops_iter, peak = None, device_peak_tflops(run.device)
+    flops_iter, flops_known, peak = None, False, device_peak_tflops(run.device)  # None is also an answer
     t_train0 = time.perf_counter()
     for it in range(run.start_it, run.end_it):
         with profiler.phase("data"):
             src, tgt = next(batches)
-        if flops_iter is None:
-            flops_iter = flops_per_iteration(cfg, tuple(tgt["img"].shape[-2:]))
+        if not flops_known:  # once, on the first batch's target size; not training time
+            with window.paused(run.device):
+                flops_iter, flops_known = flops_per_iteration(cfg, tuple(tgt["img"].shape[-2:])), True
         debug = run.main and cfg.debug_interval > 0 and it % cfg.debug_interval == 0 and cfg.method == "sepico"
         run.in_step = True
         out = train_step(ctx, src, tgt, it, debug=debug)
         run.in_step, run.done = False, it + 1
         profiler.step()
         window.add(out["losses"])
-        if debug:
-            save_debug_images(out["debug"], run.work_dir / "debug" / f"iter_{it:06d}.png")
+        if debug:  # a host sync (the pictures are read back): outside the window's seconds
+            with window.paused(run.device):
+                save_debug_images(out["debug"], run.work_dir / "debug" / f"iter_{it:06d}.png")
         done = it + 1
         if done % cfg.log_interval == 0 or done == run.end_it:
             if ctx.pseudo_diag is not None:
@@ -387,7 +390,8 @@ def _iterations(run: TrainRun) -> None:
             if ctx.pseudo_diag is not None and run.main:
                 run.writer.write(done, ctx.pseudo_diag.collect())
         if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == run.end_it:
-            _checkpoint(run, done)  # before the evaluation: a bad validation file loses nothing
+            with window.paused(run.device):  # writing files is not training time either
+                _checkpoint(run, done)  # before the evaluation: a bad validation file loses nothing
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.iters:
             with window.paused(run.device):  # evaluation time is not training time
                 run.last_eval = _evaluate(run, done)
