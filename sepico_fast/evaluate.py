@@ -76,14 +76,6 @@ def to_label_size(logits: torch.Tensor, out_hw: tuple[int, int], class_weight: t
 
 
 @torch.no_grad()
-def predict_whole(model, img: torch.Tensor, out_hw: tuple[int, int], amp_dtype=None,
-                  class_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores [B,C,H0,W0] fp32 of the whole image: logits → input size → ``out_hw``
-    (weighted probabilities with ``class_weight``)."""
-    return to_label_size(input_size_logits(model, img, amp_dtype), out_hw, class_weight)
-
-
-@torch.no_grad()
 def sliding_logits(model, img: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int] | None = None,
                    amp_dtype=None, num_classes: int = 19) -> torch.Tensor:
     """Overlapping windows (last row/column aligned to the border), each window's logits
@@ -102,14 +94,6 @@ def sliding_logits(model, img: torch.Tensor, crop: tuple[int, int], stride: tupl
             acc[:, :, y1:y1 + ch, x1:x1 + cw] += input_size_logits(model, win, amp_dtype)
             cnt[:, :, y1:y1 + ch, x1:x1 + cw] += 1
     return acc / cnt
-
-
-@torch.no_grad()
-def predict_sliding(model, img: torch.Tensor, out_hw: tuple[int, int], crop: tuple[int, int],
-                    stride: tuple[int, int] | None = None, amp_dtype=None, num_classes: int = 19,
-                    class_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sliding-window scores [B,C,H0,W0]: averaged window logits at the input size → ``out_hw``."""
-    return to_label_size(sliding_logits(model, img, crop, stride, amp_dtype, num_classes), out_hw, class_weight)
 
 
 def evaluate_model(model, batches: Iterable[dict], num_classes: int = 19, *, device=None, amp_dtype=None,
@@ -285,7 +269,8 @@ def resolve_device(text: str) -> torch.device:
 def main(argv=None) -> dict:
     from .checkpoint import num_classes_of, segmentor_from_checkpoint
     from .models import ARCHS
-    from .train.logging import iou_table
+    from .data.labels import CLASSES
+    from .reporting import iou_table
 
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
@@ -331,7 +316,7 @@ def main(argv=None) -> dict:
     print(reweighting_line(result))
     if args.split != "test":
         result.update(iou_summary(cm))
-        print(iou_table(cm.iou().cpu().tolist(), title=dataset))
+        print(iou_table(cm.iou().cpu().tolist(), CLASSES, title=dataset))
     if args.out:
         result["zip"] = str(zip_predictions(args.out))
         Path(args.out, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..reporting import first_line
+
 FORMAT = "sepico_fast/2"
 CKPT_RE = re.compile(r"^iter_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\.(?:iter_\d+|latest)\.pt(?:\.sha256)?\.tmp(\d+)$")
@@ -182,8 +184,7 @@ def _write_error(path: Path, exc: BaseException, needed: int) -> CheckpointWrite
     if _is_disk_full(exc) or 0 <= free < needed:
         return CheckpointWriteError(f"cannot write checkpoint {path}: no space left on its file system (needs about "
                                     f"{needed} bytes = {needed / 2**20:.1f} MiB; {max(free, 0)} bytes free)")
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return CheckpointWriteError(f"cannot write checkpoint {path}: {type(exc).__name__}: {first}")
+    return CheckpointWriteError(f"cannot write checkpoint {path}: {type(exc).__name__}: {first_line(exc)}")
 
 
 def _temp(path: Path) -> Path:
@@ -347,8 +348,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                                     "(sepico_fast/1 files pickled numpy's RNG state: load it with "
                                     "weights_only=False only if you trust it, then save it without 'rng')") from None
     except Exception as exc:  # zip and other read errors come in several types
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(path, f"not a loadable checkpoint ({type(exc).__name__}: {first})") from None
+        raise CheckpointError(path, f"not a loadable checkpoint ({type(exc).__name__}: {first_line(exc, 200)})") \
+            from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "iter" not in (ckpt.get("meta") or {}):
         raise CheckpointError(path, "not a sepico_fast training checkpoint (no 'state_dict' and 'meta.iter')")
     return ckpt

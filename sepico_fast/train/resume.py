@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..reporting import first_line
 from . import checkpointing as ckpt_io
 from .config import TrainConfig, resumed_config
 
@@ -96,6 +97,5 @@ def restore_checkpoint(ctx, ckpt: dict, path: Path, device: torch.device) -> int
     except (RuntimeError, ValueError, KeyError) as exc:
         saved = ckpt["meta"].get("config") or {}
         was = ", ".join(f"{k} {saved.get(k)!r}" for k in ("arch", "proj_dim", "variant", "method", "memory_length"))
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise SystemExit(f"--resume: the state in {path} does not fit this run's model (it was trained with {was}): "
-                         f"{type(exc).__name__}: {first}") from None
+                         f"{type(exc).__name__}: {first_line(exc, 160)}") from None

@@ -24,8 +24,9 @@ from ..contrast import ClassStats
 from ..evaluate import (dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line,
                         reweighting_record)
 from ..models import build_segmentor, param_groups
-from ..reporting import first_line
+from ..reporting import first_line, iou_table
 from ..data.io import DataFileError
+from ..data.labels import CLASSES
 from . import checkpointing as ckpt_io
 from . import faults
 from .config import TrainConfig
@@ -33,7 +34,7 @@ from .curves import update_curves
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
 from .debug_images import save_debug_images
 from .implementations import announce_implementations
-from .logging import ProgressBar, ScalarWriter, iou_table
+from .logging import ProgressBar, ScalarWriter
 from .profiling import Profiler
 from .pseudo_diagnostics import PseudoDiagnostics
 from .resume import resolve_resume, restore_checkpoint
@@ -423,7 +424,7 @@ def _evaluate(run: TrainRun, it: int) -> dict | None:
         result.update(reweighting_record(cfg.dz_test_reweight, report))
         print()
         print(reweighting_line(result))
-        print(iou_table([v / 100.0 for v in result["per_class_iou"]], title=cfg.target))
+        print(iou_table([v / 100.0 for v in result["per_class_iou"]], CLASSES, title=cfg.target))
         run.writer.write(it, {"val/miou": result["miou"]})
         if ctx.pseudo_diag is not None:
             _pseudo_table(run, it)
