@@ -41,19 +41,29 @@ def test_rng_state_survives_weights_only_round_trip(tmp_path):
 
 
 def test_our_checkpoint_is_a_pretrained_file(tmp_path):
-    """--pretrained (load_official, weights_only=True) reads this project's own checkpoints."""
+    """--pretrained (load_official, weights_only=True) reads this project's own checkpoints,
+    as the trainer writes them: ``snapshot()`` of a real step context (optimizer state, class
+    statistics, RNG states, counters, meta), not a hand-built dict."""
     from sepico_fast.checkpoint import load_pretrained
     from sepico_fast.models import build_segmentor
+    from sepico_fast.train.ddp import DistInfo
+    from sepico_fast.train.runner import _step_context
 
-    cfg = make_config({"proj_dim": 16})
-    trained = build_segmentor(cfg.arch, 19, 16)
-    state = _state(3, cfg)
-    state["state_dict"] = ckpt_io.prefixed("model.", trained.state_dict())
+    cfg = make_config({"proj_dim": 16, "variant": "bank", "memory_length": 3})
+    ctx, _ = _step_context(cfg, torch.device("cpu"), DistInfo(), tmp_path, load_pretrained=False)
+    with torch.no_grad():
+        for p in ctx.student.parameters():
+            p.add_(0.25)  # not the initial weights
+        ctx.teacher.load_state_dict(ctx.student.state_dict())
+    ctx.stats.update(torch.randn(8, 16), torch.arange(8) % 3)
+    state = ckpt_io.snapshot(ctx, 3, world_size=1, schedule={"ddp_schedule": "steps"})
+    assert {"optimizer", "class_stats", "rng", "counters"} <= set(state) and state["meta"]["world_size"] == 1
     path = ckpt_io.save_checkpoint(tmp_path, state, 3)
-    loaded = build_segmentor(cfg.arch, 19, 16)
-    load_pretrained(loaded, str(tmp_path / "latest.pt"), verbose=False)
-    for (k, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), k
+    for name in ("iter_000003.pt", "latest.pt"):
+        loaded = build_segmentor(cfg.arch, 19, 16)
+        load_pretrained(loaded, str(tmp_path / name), verbose=False)
+        for (k, a), b in zip(ctx.student.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(a, b), (name, k)
     assert path.name == "iter_000003.pt"
 
 
