@@ -218,3 +218,47 @@ def test_bad_data_file_and_bad_work_dir_at_setup_are_one_line(tmp_path, monkeypa
             runner._work_dir(_cfg(work_dir), DistInfo())
         assert str(exc.value).startswith(f"--work-dir: cannot create the folder {work_dir} (") and \
             "\n" not in str(exc.value)
+
+
+def test_resumes_keep_the_training_time_and_set_aside_a_newer_history(tmp_path, monkeypatch, capsys):
+    """On a fake clock (1 s per iteration): a finished 4-iteration run resumed again keeps
+    train_seconds 4 in metrics.json (it was ~0: only the last process's loop); a resume
+    from iteration 2 moves iter_000004.pt aside and its checkpoint at 3 counts 3 s."""
+    import types
+
+    from sepico_fast.train import checkpointing as ckpt_io
+    from sepico_fast.train import runner
+
+    clock = [0.0]
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_step = runner.train_step
+
+    def step(*args, **kw):
+        clock[0] += 1.0
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(runner, "train_step", step)
+    assert run(_cfg(tmp_path, iters=4, checkpoint_interval=2))["train_seconds"] == 4.0
+    again = run(make_config({"resume": "auto", "work_dir": str(tmp_path)}))
+    assert again["train_seconds"] == 4.0 and json.loads((tmp_path / "metrics.json").read_text())["train_seconds"] == 4.0
+    capsys.readouterr()
+    assert run(make_config({"resume": str(tmp_path / "iter_000002.pt"), "stop_at": 3})) == {"stopped_at": 3}
+    out = capsys.readouterr().out
+    assert f"moved iter_000004.pt, latest.pt (past iteration 2" in out and str(tmp_path / "superseded") in out
+    assert (tmp_path / "superseded" / "iter_000004.pt").is_file()
+    path, ckpt, _ = ckpt_io.load_newest_intact(tmp_path)
+    assert path.name == "iter_000003.pt" and ckpt["counters"]["train_seconds"] == 3.0
+    assert ckpt["meta"]["world_size"] == 1 and ckpt["meta"]["schedule"]["ddp_schedule"] == "steps"
+
+
+def test_resume_from_a_partial_step_checkpoint_warns(tmp_path, capsys):
+    from sepico_fast.train.checkpointing import atomic_save
+    from sepico_fast.train.resume import resolve_resume
+
+    meta = {"iter": 5, "config": _cfg(tmp_path).to_dict(),
+            "emergency": {"reason": "ZeroDivisionError: a bug", "partial_step": True}}
+    atomic_save({"state_dict": {}, "meta": meta}, tmp_path / "iter_000005.pt")
+    resolve_resume(make_config({"resume": "auto", "work_dir": str(tmp_path)}))
+    err = capsys.readouterr().err
+    assert "warning: --resume:" in err and "taken inside iteration 6 (ZeroDivisionError: a bug)" in err
+    assert "not bitwise equal" in err

@@ -92,12 +92,13 @@ def unprefixed(prefix: str, flat: dict) -> dict:
     return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
-def snapshot(ctx, it_done: int, config=None, **meta) -> dict:
+def snapshot(ctx, it_done: int, config=None, counters: dict | None = None, **meta) -> dict:
     """The checkpoint dict of a ``StepContext`` after ``it_done`` completed iterations.
 
     ``config`` is the run's requested config (before ``--ddp-schedule samples`` divides
     its counts; default ``ctx.cfg``): resuming re-applies the schedule to it. ``meta``
-    adds plain values to ``meta`` (the runner's: ``world_size``, ``schedule``)."""
+    adds plain values to ``meta`` (the runner's: ``world_size``, ``schedule``),
+    ``counters`` to ``counters`` (the runner's: ``train_seconds`` so far, over resumes)."""
     state_dict = prefixed("model.", ctx.student.state_dict())
     if ctx.teacher is not None:
         state_dict.update(prefixed("ema_model.", ctx.teacher.state_dict()))
@@ -110,7 +111,7 @@ def snapshot(ctx, it_done: int, config=None, **meta) -> dict:
         "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
         "class_stats": prefixed("", ctx.stats.state_dict()) if ctx.stats is not None else None,
         "rng": rng_state(),
-        "counters": {"skipped": ctx.skipped.detach().cpu()},
+        "counters": {"skipped": ctx.skipped.detach().cpu(), **(counters or {})},
     }
 
 

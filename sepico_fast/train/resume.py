@@ -66,6 +66,12 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
     _check_world_size(ckpt["meta"], path, new_cfg)
     for change in applied:
         _say(f"--resume: applied {change}")
+    emergency = ckpt["meta"].get("emergency") or {}
+    if emergency.get("partial_step"):
+        it = int(ckpt["meta"]["iter"])
+        _say(f"warning: --resume: {path} is an emergency checkpoint taken inside iteration {it + 1} "
+             f"({emergency.get('reason', 'an exception')}): the teacher and the class statistics may include part "
+             "of that iteration, so this run is close to, not bitwise equal to, an uninterrupted one", err=True)
     return new_cfg, ckpt, path
 
 

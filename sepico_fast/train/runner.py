@@ -113,7 +113,8 @@ class TrainRun:
     start_it: int
     end_it: int
     last_eval: dict | None = None
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0         # the loop's wall time, summed over the resumes (metrics.json)
+    loop_t0: float | None = None       # when this process's loop started
     schedule: dict | None = None   # schedule.ddp_schedule record (config.json, metrics.json)
     done: int = 0                      # completed iterations the live state holds
     in_step: bool = False              # inside train_step: the live state is partial
@@ -129,7 +130,11 @@ class TrainRun:
         """The checkpoint of the live state after ``done`` iterations: the requested config,
         the number of processes and the schedule record (a resume compares them)."""
         return ckpt_io.snapshot(self.ctx, done, config=self.requested_cfg, world_size=self.dist_info.world_size,
-                                schedule=self.schedule, **meta)
+                                schedule=self.schedule, counters={"train_seconds": self.loop_seconds()}, **meta)
+
+    def loop_seconds(self) -> float:
+        """Training-loop seconds so far: the checkpoint's (earlier processes) + this loop's."""
+        return self.train_seconds + (time.perf_counter() - self.loop_t0 if self.loop_t0 is not None else 0.0)
 
 
 def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
@@ -234,9 +239,10 @@ def setup(cfg: TrainConfig) -> TrainRun:
     requested_cfg.work_dir, requested_cfg.crop = cfg.work_dir, list(cfg.crop)
     ctx, amp_desc = _step_context(cfg, device, dist_info, work_dir, load_pretrained=ckpt is None)
 
-    start_it = 0
+    start_it, seconds_before = 0, 0.0
     if ckpt is not None:
         start_it = restore_checkpoint(ctx, ckpt, ckpt_path, device)
+        seconds_before = float((ckpt.get("counters") or {}).get("train_seconds", 0.0))
         del ckpt
         if start_it > cfg.iters:  # only with --resume-override and another world size
             raise SystemExit(f"--resume: {ckpt_path} is at iteration {start_it}, past the {cfg.iters} iterations "
@@ -263,7 +269,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
     announce_implementations(cfg, device, main=dist_info.is_main)
     return TrainRun(cfg=cfg, dist_info=dist_info, device=device, work_dir=work_dir, ctx=ctx, amp_desc=amp_desc,
                     val_target=val_target, writer=writer, loader=loader, start_it=start_it, end_it=end_it,
-                    schedule=schedule, requested_cfg=requested_cfg, done=start_it,
+                    schedule=schedule, requested_cfg=requested_cfg, done=start_it, train_seconds=seconds_before,
                     saved_at=start_it if ckpt_path is not None else None)
 
 
@@ -367,7 +373,7 @@ def _iterations(run: TrainRun) -> None:
     bar = ProgressBar(cfg.iters, run.start_it) if run.main else None
     window = _LogWindow(run.start_it)
     flops_iter, flops_known, peak = None, False, device_peak_tflops(run.device)  # None is also an answer
-    t_train0 = time.perf_counter()
+    run.loop_t0 = time.perf_counter()
     for it in range(run.start_it, run.end_it):
         with profiler.phase("data"):
             src, tgt = next(batches)
@@ -399,7 +405,7 @@ def _iterations(run: TrainRun) -> None:
         if run.stop.requested() and done < run.end_it:
             raise faults.Interrupted(run.stop.signum)
     profiler.finish()
-    run.train_seconds = time.perf_counter() - t_train0
+    run.train_seconds, run.loop_t0 = run.loop_seconds(), None
 
 
 def _checkpoint(run: TrainRun, done: int) -> None:
