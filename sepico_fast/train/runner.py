@@ -3,8 +3,9 @@
     run(cfg)  =  setup(cfg) -> TrainRun  ->  train_loop(run)  ->  finish(run)
 
 Host syncs happen only in ``train_loop``'s logging block (every ``log_interval``
-iterations: the accumulated losses and the skipped-step counter), at evaluations and at
-checkpoints. A checkpoint is written before the evaluation of the same iteration; signals,
+iterations: the accumulated losses and the skipped-step counter), at evaluations, at
+checkpoints and when the debug pictures are written (every ``debug_interval``: their
+tensors are read back); all but the log line are left out of the throughput window. A checkpoint is written before the evaluation of the same iteration; signals,
 exceptions and bad files end the loop through ``faults`` (emergency checkpoint, one line);
 ``resume.resolve_resume`` restores a checkpoint's config before anything is built.
 """
