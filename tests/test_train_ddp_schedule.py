@@ -117,3 +117,17 @@ def test_samples_schedule_stores_the_resolved_crop_and_work_dir(tmp_path, monkey
     assert saved["crop"] == want and saved["work_dir"] == str(state.work_dir) and saved["iters"] == 4
     meta = state.snapshot(0)["meta"]
     assert meta["config"]["crop"] == want and meta["config"]["work_dir"] == str(state.work_dir)
+
+
+def test_resume_past_the_divided_iterations_stops_in_one_line(tmp_path, monkeypatch):
+    """With --resume-override and more processes, --ddp-schedule samples can put the
+    checkpoint past the run's last iteration ("3 of 2"): one line, not a silent 'finished'
+    run that only re-evaluates. (Four processes simulated by the schedule of four.)"""
+    from sepico_fast.train import runner
+
+    base = dict(crop=[32, 32], batch_size=1, proj_dim=16, log_interval=1, debug_interval=0, eval_max_images=1,
+                warmup_iters=1, contrast_start=1, ddp_schedule="samples", work_dir=str(tmp_path))
+    assert runner.run(make_config(dict(base, iters=8, stop_at=3))) == {"stopped_at": 3}
+    monkeypatch.setattr(runner, "ddp_schedule", lambda cfg, world: ddp_schedule(cfg, 4))
+    with pytest.raises(SystemExit, match=r"^--resume: .*iter_000003.pt is at iteration 3, past the 2 iterations"):
+        runner.setup(make_config({"resume": "auto", "work_dir": str(tmp_path)}))
