@@ -344,6 +344,11 @@ def _num_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
     return None
 
 
+def num_classes_of(model: nn.Module) -> int | None:
+    """Number of classes a segmentor's decode head predicts (None if not recognised)."""
+    return _num_classes(model.state_dict())
+
+
 def _proj_dim(sd: Mapping[str, torch.Tensor]) -> int | None:
     k = "auxiliary_head.convs.1.bn.weight"
     return int(sd[k].shape[0]) if k in sd else None

@@ -76,14 +76,6 @@ def to_label_size(logits: torch.Tensor, out_hw: tuple[int, int], class_weight: t
 
 
 @torch.no_grad()
-def predict_whole(model, img: torch.Tensor, out_hw: tuple[int, int], amp_dtype=None,
-                  class_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores [B,C,H0,W0] fp32 of the whole image: logits → input size → ``out_hw``
-    (weighted probabilities with ``class_weight``)."""
-    return to_label_size(input_size_logits(model, img, amp_dtype), out_hw, class_weight)
-
-
-@torch.no_grad()
 def sliding_logits(model, img: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int] | None = None,
                    amp_dtype=None, num_classes: int = 19) -> torch.Tensor:
     """Overlapping windows (last row/column aligned to the border), each window's logits
@@ -102,14 +94,6 @@ def sliding_logits(model, img: torch.Tensor, crop: tuple[int, int], stride: tupl
             acc[:, :, y1:y1 + ch, x1:x1 + cw] += input_size_logits(model, win, amp_dtype)
             cnt[:, :, y1:y1 + ch, x1:x1 + cw] += 1
     return acc / cnt
-
-
-@torch.no_grad()
-def predict_sliding(model, img: torch.Tensor, out_hw: tuple[int, int], crop: tuple[int, int],
-                    stride: tuple[int, int] | None = None, amp_dtype=None, num_classes: int = 19,
-                    class_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sliding-window scores [B,C,H0,W0]: averaged window logits at the input size → ``out_hw``."""
-    return to_label_size(sliding_logits(model, img, crop, stride, amp_dtype, num_classes), out_hw, class_weight)
 
 
 def evaluate_model(model, batches: Iterable[dict], num_classes: int = 19, *, device=None, amp_dtype=None,
@@ -204,6 +188,22 @@ def zip_predictions(out_dir: str | Path) -> Path:
     return archive
 
 
+def training_crop(config: dict, fallback: tuple[int, int] = (640, 640)) -> tuple[int, int]:
+    """(H, W) of the training crop a checkpoint's config names: ``[0, 0]`` (``--crop 0``,
+    stored unresolved by runs before it was resolved) is the dataset pair's default crop;
+    no config at all gives ``fallback``."""
+    crop = [int(c) for c in (config.get("crop") or fallback)]
+    crop = crop * 2 if len(crop) == 1 else crop
+    if min(crop) <= 0:
+        from .data import dataset_defaults
+
+        try:
+            crop = list(dataset_defaults(config.get("source", "gta"), config.get("target", "cityscapes"))["crop_size"])
+        except ValueError:
+            crop = list(fallback)
+    return int(crop[0]), int(crop[-1])
+
+
 def iou_summary(cm: ConfusionMatrix) -> dict:
     iou = cm.iou().cpu().tolist()
     miou = float(cm.miou())
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sliding", action="store_true", help="sliding-window instead of whole-image inference")
     p.add_argument("--crop", type=int, nargs="+", default=None, help="sliding window H W (default: training crop)")
     p.add_argument("--out", default=None, help="write labelTrainIds PNGs and a zip here")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--weights", default="model", choices=("model", "ema_model"),
@@ -251,41 +251,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_device(text: str) -> torch.device:
+    """``--device``: auto | cpu | cuda | cuda:N, checked against this machine (one line if not)."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text != "cpu" and text != "cuda" and not (text.startswith("cuda:") and text[5:].isdigit()):
+        raise SystemExit(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}")
+    device = torch.device(text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device: {text} requested but CUDA is not available on this machine; use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device: this machine has {torch.cuda.device_count()} CUDA device(s): cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 def main(argv=None) -> dict:
-    from .checkpoint import load_official, read_checkpoint
-    from .models import build_segmentor
-    from .train.logging import iou_table
+    from .checkpoint import num_classes_of, segmentor_from_checkpoint
+    from .models import ARCHS
+    from .data.labels import CLASSES
+    from .reporting import iou_table
 
     args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    if args.arch is not None and args.arch not in ARCHS:
+        raise SystemExit(f"--arch: expected one of {', '.join(sorted(ARCHS))}, got {args.arch!r}")
     ckpt_path = Path(args.checkpoint)
     if not ckpt_path.exists():
         raise SystemExit(f"--checkpoint: file {str(ckpt_path)!r} does not exist")
-    try:  # torch.save pickle (weights only) or safetensors; a folder: Hugging Face model folder
-        ckpt = read_checkpoint(ckpt_path)
+    try:  # the same reading and model building as export: widths from the config or the weights
+        model, config = segmentor_from_checkpoint(ckpt_path, args.arch, prefix=args.weights + ".")
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--checkpoint: {err}") from None
-    config = (ckpt.get("meta") or {}).get("config") or {} if isinstance(ckpt, dict) else {}
-    arch = args.arch or config.get("arch")
-    if arch is None:
-        raise SystemExit("--arch: the checkpoint carries no config; name the architecture")
+    model = model.to(device)
+    num_classes = int(config.get("num_classes") or num_classes_of(model) or 19)
     dataset = args.dataset or config.get("target") or "cityscapes"
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    model = build_segmentor(arch, config.get("num_classes", 19), config.get("proj_dim", 512)).to(device)
-    try:
-        load_official(model, ckpt, prefix=args.weights + ".")
-    except ValueError as err:
-        raise SystemExit(f"--checkpoint: {err}") from None
     amp_dtype = torch.bfloat16 if (args.amp and device.type == "cuda") else None
-    crop = tuple(args.crop) if args.crop else tuple(config.get("crop", (640, 640)))
-    if len(crop) == 1:
-        crop = crop * 2
+    crop = tuple(args.crop) * (2 if len(args.crop) == 1 else 1) if args.crop else training_crop(config)
 
     from .data import build_val_set, val_loader
     if args.split == "test":
         if dataset != "darkzurich":
             raise SystemExit("--split test: only Dark Zurich has a separate unlabelled test split")
-        from .data.datasets import EVAL_SCALES
-        root = Path(args.data_root or "data") / "dark_zurich"
+        from .data.datasets import EVAL_SCALES, dataset_root
+        root = dataset_root("darkzurich", args.data_root)
         batches = _unlabelled_batches(root, "test", EVAL_SCALES["darkzurich"], device)
     else:
         try:  # only the evaluation set: no source dataset has to be present
@@ -296,7 +305,7 @@ def main(argv=None) -> dict:
     report: dict = {}
     from .data.io import DataFileError
     try:
-        cm = evaluate_model(model, batches, config.get("num_classes", 19), device=device, amp_dtype=amp_dtype,
+        cm = evaluate_model(model, batches, num_classes, device=device, amp_dtype=amp_dtype,
                             sliding=args.sliding, crop=crop, max_images=args.max_images, out_dir=args.out,
                             test_class_weight=dark_zurich_class_weights() if args.dz_test_reweight else None,
                             report=report)
@@ -307,7 +316,7 @@ def main(argv=None) -> dict:
     print(reweighting_line(result))
     if args.split != "test":
         result.update(iou_summary(cm))
-        print(iou_table(cm.iou().cpu().tolist(), title=dataset))
+        print(iou_table(cm.iou().cpu().tolist(), CLASSES, title=dataset))
     if args.out:
         result["zip"] = str(zip_predictions(args.out))
         Path(args.out, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native-stride", action="store_true",
                    help="output logits at the decoder's stride instead of upsampled to the input size")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="example input size used for tracing (default: the training crop, else 512 512)")
+                   help="example input size used for tracing (default: the training crop, its dataset's "
+                        "default for --crop 0, else 512 512)")
     p.add_argument("--onnx-exporter", default="dynamo", choices=EXPORTERS, help="torch.onnx exporter")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip running the exported file once")
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     from .checkpoint import segmentor_from_checkpoint
+    from .evaluate import training_crop
 
     args = build_parser().parse_args(argv)
     ckpt = Path(args.checkpoint)
@@ -129,7 +131,7 @@ def main(argv=None) -> dict:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--checkpoint: {err}") from None
     module = inference_module(segmentor, upsample=not args.native_stride)
-    size = args.size or list(config.get("crop") or (512, 512))
+    size = args.size or list(training_crop(config, fallback=(512, 512)))
     if len(size) != 2 or min(size) < 32:
         raise SystemExit(f"--size: expected H W of at least 32 each, got {size}")
     example = torch.randn(2, 3, int(size[0]), int(size[-1]), generator=torch.Generator().manual_seed(0))

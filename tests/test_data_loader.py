@@ -86,3 +86,32 @@ def test_bad_arguments(sets):
         TrainLoader(src_set, tgt_set, 2, seed=0, rank=2, world_size=2)
     with pytest.raises(ValueError, match="source"):
         build_datasets("kitti", "cityscapes")
+
+
+class _SigintState(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        import signal
+        return int(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+
+
+def test_workers_leave_ctrl_c_to_the_main_process(sets, monkeypatch):
+    """A terminal's Ctrl-C also reaches the DataLoader workers: they ignore it (the main
+    process stops after its iteration with a checkpoint and shuts them down)."""
+    from sepico_fast.data import loader as loader_mod
+
+    got = list(torch.utils.data.DataLoader(_SigintState(), batch_size=None, num_workers=1,
+                                           worker_init_fn=loader_mod.ignore_sigint))
+    assert got == [1]
+    seen = {}
+
+    def fake_loader(*args, **kwargs):
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", fake_loader)
+    src, tgt, _ = sets
+    next(iter(TrainLoader(src, tgt, batch_size=1, seed=0, num_workers=2)), None)
+    assert seen["worker_init_fn"] is loader_mod.ignore_sigint and seen["num_workers"] == 2

@@ -95,3 +95,49 @@ def test_cli_evaluates_cityscapes_without_any_source_dataset(tmp_path):
                        tmp_path / "ckpt.pt")
     result = main(["--checkpoint", str(ckpt), "--dataset", "cityscapes", "--data-root", str(root)])
     assert result["dataset"] == "cityscapes" and 0 <= result["miou"] <= 100
+
+
+def test_unresolved_crop_zero_is_the_dataset_default(tmp_path):
+    """Checkpoints whose config says crop [0, 0] (--crop 0 under --ddp-schedule samples was
+    stored unresolved): --sliding uses the pair's default crop instead of failing in torch."""
+    from sepico_fast.data import dataset_defaults
+    from sepico_fast.evaluate import training_crop
+    from sepico_fast.models import build_segmentor
+    from sepico_fast.train.checkpointing import atomic_save, prefixed
+    from sepico_fast.train.config import make_config
+
+    syn = tuple(dataset_defaults("synthetic", "synthetic")["crop_size"])
+    assert training_crop({"crop": [0, 0], "source": "synthetic", "target": "synthetic"}) == syn
+    assert training_crop({"crop": [0, 0], "source": "gta", "target": "cityscapes"}) == \
+        tuple(dataset_defaults("gta", "cityscapes")["crop_size"])
+    assert training_crop({}) == (640, 640) and training_crop({"crop": [96, 64]}) == (96, 64)
+    cfg = make_config({"proj_dim": 16}).to_dict()
+    cfg["crop"] = [0, 0]
+    model = build_segmentor("dlv2_tiny", 19, 16)
+    ckpt = atomic_save({"state_dict": prefixed("model.", model.state_dict()), "meta": {"iter": 0, "config": cfg}},
+                       tmp_path / "ckpt.pt")
+    result = main(["--checkpoint", str(ckpt), "--max-images", "1", "--sliding"])
+    assert result["sliding"] and 0 <= result["miou"] <= 100
+
+
+def test_cli_builds_the_model_from_the_weights_and_checks_device_and_data_root(tmp_path, monkeypatch):
+    """A bare dlv2_tiny state dict with proj_dim 64 (export read it; evaluate built proj_dim
+    512 and refused it); --device errors in one line; --split test finds Dark Zurich under
+    $SEPICO_FAST_DATA like the datasets do (it looked in ./data)."""
+    from sepico_fast.models import build_segmentor
+
+    bare = tmp_path / "bare.pt"
+    torch.save(build_segmentor("dlv2_tiny", 19, 64).state_dict(), bare)
+    result = main(["--checkpoint", str(bare), "--arch", "dlv2_tiny", "--dataset", "synthetic", "--max-images", "1"])
+    assert 0 <= result["miou"] <= 100
+    for device, why in (("foo", "expected auto, cpu, cuda or cuda:N"), ("cuda:x", "expected auto")):
+        with pytest.raises(SystemExit, match=f"^--device: {why}"):
+            main(["--checkpoint", str(bare), "--arch", "dlv2_tiny", "--device", device])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="^--device: cuda requested but CUDA is not available"):
+            main(["--checkpoint", str(bare), "--arch", "dlv2_tiny", "--device", "cuda"])
+    with pytest.raises(SystemExit, match="^--arch: expected one of"):
+        main(["--checkpoint", str(bare), "--arch", "dlv3"])
+    monkeypatch.setenv("SEPICO_FAST_DATA", str(tmp_path / "datasets"))
+    with pytest.raises(SystemExit, match=f"^--data-root: no images under {tmp_path / 'datasets' / 'dark_zurich'}"):
+        main(["--checkpoint", str(bare), "--arch", "dlv2_tiny", "--dataset", "darkzurich", "--split", "test"])

@@ -83,3 +83,15 @@ def test_export_errors_name_the_flag(tmp_path):
     assert out["arch"] == "dlv2_tiny" and out["check_rel_diff"] < 1e-5
     with pytest.raises(SystemExit, match="--checkpoint: file"):
         main(["--checkpoint", str(tmp_path / "nope.pt"), "--format", "onnx"])
+
+
+def test_unresolved_crop_zero_traces_at_the_dataset_default(tmp_path):
+    """crop [0, 0] in the checkpoint's config: traced at the pair's default crop (it stopped
+    with a misleading '--size: ... got [0, 0]')."""
+    cfg = make_config({"proj_dim": 16}).to_dict()
+    cfg["crop"] = [0, 0]
+    model = build_segmentor("dlv2_tiny", 19, 16)
+    ckpt = atomic_save({"state_dict": prefixed("model.", model.state_dict()), "meta": {"iter": 0, "config": cfg}},
+                       tmp_path / "latest.pt")
+    out = main(["--checkpoint", str(ckpt), "--format", "torchscript"])
+    assert out["check_rel_diff"] < 1e-5 and out["out"] == str(tmp_path / "latest.ts.pt")

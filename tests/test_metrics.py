@@ -67,3 +67,17 @@ def test_validation():
     assert cm.state.sum() == 0
     cm.all_reduce()  # no process group: no-op
     assert cm.state.sum() == 0
+
+
+def test_iou_table_names_rows_and_averages_defined_classes():
+    """reporting.iou_table (moved out of train so evaluate does not import train)."""
+    from sepico_fast.data.labels import CLASSES
+    from sepico_fast.reporting import first_line, iou_table
+
+    table = iou_table([0.5, float("nan"), 1.0, 0.25], CLASSES[:3], title="cityscapes").splitlines()
+    assert table[0].split() == ["class", "IoU", "%"]
+    assert table[1].split() == ["road", "50.00"] and table[2].split() == ["sidewalk", "n/a"]
+    assert table[3].split() == ["building", "100.00"] and table[4].split() == ["class3", "25.00"]
+    assert table[5].split() == ["mIoU", "(cityscapes)", f"{100 * (0.5 + 1.0 + 0.25) / 3:.2f}"]
+    assert first_line(RuntimeError("\n  first\nsecond")) == "first" and first_line(ValueError()) == ""
+    assert first_line(OSError("abcdef"), 3) == "abc"

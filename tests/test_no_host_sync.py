@@ -47,6 +47,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from sepico_fast.contrast import ClassStats, validation
 from sepico_fast.models import build_segmentor
 from sepico_fast.train.config import make_config
+from sepico_fast.train.pseudo_diagnostics import PseudoDiagnostics
 from sepico_fast.train.runner import build_optimizer
 from sepico_fast.train.step import StepContext, train_step
 from sepico_fast.train.uda import log_frequency_class_weights, make_teacher
@@ -243,6 +244,8 @@ CASES = {
     "dark_zurich": dict(variant="dist", source="cityscapes", target="darkzurich"),
     "source_only": dict(method="source_only"),
     "fp16_scaler": dict(variant="dist"),
+    # --pseudo-diagnostics: counts with index_put_(accumulate=True) on the device
+    "pseudo_diagnostics": dict(variant="dist", pseudo_diagnostics=True),
 }
 
 
@@ -256,15 +259,18 @@ def _context(case: str, device: torch.device):
     student = build_segmentor(cfg.arch, C, A, drop_path_rate=0.1).to(device)
     sepico = cfg.method == "sepico"
     amp_dtype, scaler = (torch.float16, torch.amp.GradScaler(device.type)) if case == "fp16_scaler" else (None, None)
-    return StepContext(cfg=cfg, student=student, teacher=make_teacher(student) if sepico else None,
-                       optimizer=build_optimizer(cfg, student, device),
-                       stats=ClassStats(C, A, cfg.memory_length if cfg.variant == "bank" else 0, device=device)
-                       if sepico else None,
-                       device=device, amp_dtype=amp_dtype, scaler=scaler,
-                       class_weight=log_frequency_class_weights().to(device) if cfg.dark_zurich else None)
+    ctx = StepContext(cfg=cfg, student=student, teacher=make_teacher(student) if sepico else None,
+                      optimizer=build_optimizer(cfg, student, device),
+                      stats=ClassStats(C, A, cfg.memory_length if cfg.variant == "bank" else 0, device=device)
+                      if sepico else None,
+                      device=device, amp_dtype=amp_dtype, scaler=scaler,
+                      class_weight=log_frequency_class_weights().to(device) if cfg.dark_zurich else None)
+    if cfg.pseudo_diagnostics:
+        ctx.pseudo_diag = PseudoDiagnostics(C, cfg.pseudo_threshold, device, cfg.ignore_rows())
+    return ctx
 
 
-def _batches(device: torch.device, dark_zurich: bool):
+def _batches(device: torch.device, dark_zurich: bool, target_labels: bool = False):
     g = torch.Generator().manual_seed(1)
     gt = torch.randint(0, 6, (2, 1, 8, 8), generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
     gt[0, :, :4, :4] = 255
@@ -272,6 +278,9 @@ def _batches(device: torch.device, dark_zurich: bool):
     tgt = {"img": torch.randn(2, 3, 32, 48, generator=g)}
     if dark_zurich:
         tgt["ref_img"] = torch.randn(2, 3, 32, 48, generator=g)
+    if target_labels:  # the target crop's labels, for --pseudo-diagnostics
+        tgt["gt"] = torch.randint(0, 6, (2, 1, 32, 48), generator=g)
+        tgt["gt"][1, :, :8] = 255
     move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
     return move(src), move(tgt)
 
@@ -287,12 +296,14 @@ def probe_steps(case: str, iterations=(2,), debug: bool = False) -> list[str]:
     on: lazy state (optimizer moments, GradScaler scale) is built on the device too."""
     device = torch.device("cpu")
     ctx = _context(case, device)
-    src, tgt = _batches(device, ctx.cfg.dark_zurich)
+    src, tgt = _batches(device, ctx.cfg.dark_zurich, ctx.cfg.pseudo_diagnostics)
     with HostSyncProbe(ctx, src, tgt, _device_constants(device)) as probe:
         probe.strict(True)
         for it in iterations:
             out = train_step(ctx, src, tgt, it, debug=debug)
     assert "tgt_contrast" in out["losses"] or ctx.cfg.method == "source_only" or iterations[-1] < 2
+    if ctx.pseudo_diag is not None:  # the counting path really ran
+        assert int(ctx.pseudo_diag.counts[0, :-1].sum()) > 0
     return probe.violations
 
 
@@ -357,7 +368,7 @@ def test_no_host_sync_cuda(case):
     with every synchronising CUDA call turned into an error."""
     device = torch.device("cuda")
     ctx = _context(case, device)
-    src, tgt = _batches(device, ctx.cfg.dark_zurich)
+    src, tgt = _batches(device, ctx.cfg.dark_zurich, ctx.cfg.pseudo_diagnostics)
     for it in (0, 2):
         train_step(ctx, src, tgt, it)
     torch.cuda.synchronize()

@@ -3,6 +3,7 @@ images/s without the evaluation time, and the precision ``--amp`` picks on each 
 from __future__ import annotations
 
 import contextlib
+import json
 import types
 
 import pytest
@@ -182,3 +183,53 @@ def test_amp_picks_fp16_with_grad_scaler_without_bf16_tensor_cores(monkeypatch, 
     assert amp_dtype == dtype
     assert (scaler is not None) == (dtype == torch.float16)
     assert ("GradScaler" in desc) == (dtype == torch.float16)
+
+
+def test_log_averages_each_loss_over_the_iterations_that_produced_it():
+    """Contrast starting inside a window (contrast_start 15, log every 10): src_contrast is
+    the mean of its 5 values, not their sum over all 10 iterations of the window."""
+    run, written = _fake_run(1, make_config(dict(contrast_start=15)))
+    window = runner._LogWindow(10)
+    for it in range(10, 20):
+        losses = {"src_ce": torch.tensor(float(it))}
+        if it >= 15:
+            losses["src_contrast"] = torch.tensor(2.0 + (it - 15))  # 2, 3, 4, 5, 6
+        window.add(losses)
+    runner._log(run, window, 20, types.SimpleNamespace(update=lambda *a: None), None, peak=None)
+    (_, scalars), = written
+    assert scalars["src_contrast"] == pytest.approx(4.0) and scalars["src_ce"] == pytest.approx(14.5)
+
+
+def test_checkpoints_debug_pictures_and_the_flop_count_are_not_training_time(tmp_path, monkeypatch):
+    """A real tiny run on a fake clock: each iteration takes 1 s, each checkpoint write,
+    debug picture and FLOP count 100 s. images/s must count only the iterations; the FLOP
+    count runs once even when it answers None (None was also 'not computed yet')."""
+    from sepico_fast.train import checkpointing as ckpt_io
+
+    clock = _Clock()
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=clock))
+    real_step, real_save = runner.train_step, ckpt_io.save_checkpoint
+    flop_calls = []
+
+    def slow(seconds, fn=None):
+        def wrapped(*a, **k):
+            clock.t += seconds
+            return fn(*a, **k) if fn is not None else None
+        return wrapped
+
+    def flops(*a, **k):
+        flop_calls.append(a)
+        clock.t += 100.0
+
+    monkeypatch.setattr(runner, "train_step", slow(1.0, real_step))
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", slow(100.0, real_save))
+    monkeypatch.setattr(runner, "save_debug_images", slow(100.0))
+    monkeypatch.setattr(runner, "flops_per_iteration", flops)
+    cfg = make_config(dict(iters=4, crop=[32, 32], batch_size=1, proj_dim=16, contrast_start=1, warmup_iters=1,
+                           log_interval=2, checkpoint_interval=1, debug_interval=1, eval_max_images=1,
+                           work_dir=str(tmp_path)))
+    runner.run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    ips = [r["images_per_s"] for r in rows if "images_per_s" in r]
+    assert ips == [pytest.approx(2 * 2 / 2.0)] * 2  # 2 iterations x (1 source + 1 target image) in 2 s
+    assert len(flop_calls) == 1

@@ -41,19 +41,29 @@ def test_rng_state_survives_weights_only_round_trip(tmp_path):
 
 
 def test_our_checkpoint_is_a_pretrained_file(tmp_path):
-    """--pretrained (load_official, weights_only=True) reads this project's own checkpoints."""
+    """--pretrained (load_official, weights_only=True) reads this project's own checkpoints,
+    as the trainer writes them: ``snapshot()`` of a real step context (optimizer state, class
+    statistics, RNG states, counters, meta), not a hand-built dict."""
     from sepico_fast.checkpoint import load_pretrained
     from sepico_fast.models import build_segmentor
+    from sepico_fast.train.ddp import DistInfo
+    from sepico_fast.train.runner import _step_context
 
-    cfg = make_config({"proj_dim": 16})
-    trained = build_segmentor(cfg.arch, 19, 16)
-    state = _state(3, cfg)
-    state["state_dict"] = ckpt_io.prefixed("model.", trained.state_dict())
+    cfg = make_config({"proj_dim": 16, "variant": "bank", "memory_length": 3})
+    ctx, _ = _step_context(cfg, torch.device("cpu"), DistInfo(), tmp_path, load_pretrained=False)
+    with torch.no_grad():
+        for p in ctx.student.parameters():
+            p.add_(0.25)  # not the initial weights
+        ctx.teacher.load_state_dict(ctx.student.state_dict())
+    ctx.stats.update(torch.randn(8, 16), torch.arange(8) % 3)
+    state = ckpt_io.snapshot(ctx, 3, world_size=1, schedule={"ddp_schedule": "steps"})
+    assert {"optimizer", "class_stats", "rng", "counters"} <= set(state) and state["meta"]["world_size"] == 1
     path = ckpt_io.save_checkpoint(tmp_path, state, 3)
-    loaded = build_segmentor(cfg.arch, 19, 16)
-    load_pretrained(loaded, str(tmp_path / "latest.pt"), verbose=False)
-    for (k, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), k
+    for name in ("iter_000003.pt", "latest.pt"):
+        loaded = build_segmentor(cfg.arch, 19, 16)
+        load_pretrained(loaded, str(tmp_path / name), verbose=False)
+        for (k, a), b in zip(ctx.student.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(a, b), (name, k)
     assert path.name == "iter_000003.pt"
 
 
@@ -195,3 +205,88 @@ def _explicit(saved: dict, name: str, value, ckpt) -> TrainConfig:
     setattr(cfg, name, value)
     cfg.explicit = cfg.explicit | {name}
     return cfg
+
+
+@pytest.mark.parametrize("schedule", ["samples", "steps"])
+def test_resume_refuses_another_world_size(tmp_path, monkeypatch, capsys, schedule):
+    """A checkpoint of 2 processes resumed by 1 (WORLD_SIZE unset) or 4: refused in one line
+    naming both numbers, in both schedule modes; --resume-override continues with a warning."""
+    cfg0 = make_config({"proj_dim": 16, "work_dir": str(tmp_path), "ddp_schedule": schedule})
+    state = _state(6, cfg0)
+    state["meta"].update(world_size=2, schedule={"ddp_schedule": schedule, "world_size": 2})
+    ckpt_io.save_checkpoint(tmp_path, state, 6)
+    for world in ("1", "4"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(SystemExit) as exc:
+            resolve_resume(make_config({"resume": "auto", "work_dir": str(tmp_path)}))
+        msg = str(exc.value)
+        assert f"world size 2 -> {world}" in msg and "--resume-override" in msg and "\n" not in msg
+        assert msg.startswith("--resume: ") and f"--ddp-schedule {schedule}" in msg
+    out, ckpt, _ = resolve_resume(make_config({"resume": "auto", "work_dir": str(tmp_path), "resume_override": True}))
+    assert ckpt["meta"]["iter"] == 6 and out.ddp_schedule == schedule
+    assert "warning: --resume-override: world size 2 -> 4" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_resume(make_config({"resume": "auto", "work_dir": str(tmp_path)}))[1]["meta"]["iter"] == 6
+
+
+def test_resume_from_an_older_iteration_moves_the_newer_history_aside(tmp_path):
+    """Run A saves 2 and 4; run B resumes from 2 and saves 3: without moving iter 4 away,
+    retention (by number) deleted B's source and --resume auto took A's iter 4 over B's 3."""
+    cfg = make_config({"proj_dim": 16, "work_dir": str(tmp_path)})
+    for it in (2, 4):
+        ckpt_io.save_checkpoint(tmp_path, _state(it, cfg), it, keep=2)
+    moved = ckpt_io.supersede_newer(tmp_path, 2, source=tmp_path / "iter_000002.pt")
+    sup = tmp_path / "superseded"
+    assert sorted(p.name for p in moved) == ["iter_000004.pt", "latest.pt"]  # latest.pt was a copy of 4
+    assert sorted(p.name for p in sup.iterdir()) == ["iter_000004.pt", "iter_000004.pt.sha256", "latest.pt",
+                                                     "latest.pt.sha256"]
+    assert ckpt_io.load_checkpoint(sup / "iter_000004.pt")["meta"]["iter"] == 4  # intact, checksum included
+    ckpt_io.save_checkpoint(tmp_path, _state(3, cfg), 3, keep=2)
+    assert sorted(p.name for p in ckpt_io.iteration_files(tmp_path)) == ["iter_000002.pt", "iter_000003.pt"]
+    path, ckpt, skipped = ckpt_io.load_newest_intact(tmp_path)
+    assert path.name == "iter_000003.pt" and ckpt["meta"]["iter"] == 3 and not skipped
+    ckpt_io.save_checkpoint(tmp_path, _state(5, cfg), 5, keep=3)
+    again = ckpt_io.supersede_newer(tmp_path, 3)  # names already in superseded/: a numbered folder
+    assert [p.relative_to(tmp_path).as_posix() for p in again] == ["superseded/1/iter_000005.pt",
+                                                                   "superseded/1/latest.pt"]
+    assert ckpt_io.supersede_newer(tmp_path, 3) == []
+
+
+def test_cuda_rng_states_restored_only_for_devices_that_exist(monkeypatch):
+    """A checkpoint from a 2-GPU machine resumed where 1 GPU is visible: only device 0 is
+    set (set_rng_state_all indexed a generator that does not exist: IndexError)."""
+    import torch.cuda.random as cuda_random
+
+    calls = []
+
+    def record(state, device="cuda"):
+        calls.append(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", record)
+    monkeypatch.setattr(cuda_random, "set_rng_state", record)
+    state = {"torch": torch.get_rng_state(), "numpy": ckpt_io.rng_state()["numpy"],
+             "python": ckpt_io.rng_state()["python"], "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    ckpt_io.set_rng_state(state)
+    assert calls == [0]
+
+
+def test_docs_list_every_harmless_field():
+    """README and docs/training.md name every setting a resume applies (they drifted)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    training = (root / "docs" / "training.md").read_text()
+    readme = (root / "README.md").read_text()
+    sections = {"docs/training.md": training.split("harmless settings (`config.HARMLESS_FIELDS`)")[1]
+                .split("everything else")[0],
+                "README.md": readme.split("### Resume, interruptions")[1].split("are\napplied and logged")[0]}
+    for where, text in sections.items():
+        assert "log/eval/checkpoint/debug" in text and "intervals" in text, where
+        for name in sorted(HARMLESS_FIELDS):
+            if name.endswith("_interval"):
+                assert name.split("_")[0] in ("log", "eval", "checkpoint", "debug"), name
+                continue
+            assert f"`--{name.replace('_', '-')}`" in text, (where, name)

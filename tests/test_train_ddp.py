@@ -128,3 +128,50 @@ def test_stalled_rank_times_out_and_stop_requests_are_agreed(tmp_path):
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert r0["agreed"] == (True, 15)  # rank 0 got no signal itself
     assert r0["outcome"] == "timed out" and r0["seconds"] < 3.5
+
+
+def _wait_worker(rank, world, port, out_dir):
+    """An agreed SIGTERM stop: rank 0's emergency checkpoint takes a while; rank 1 must not
+    return (and exit, which makes torchrun kill rank 0) before it is written."""
+    import time
+    import types
+    from pathlib import Path
+
+    from sepico_fast.train import faults
+    from sepico_fast.train.ddp import init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    info = init_distributed("cpu", timeout_s=30)
+    marker = Path(out_dir) / "written"
+    try:
+        def save(run, reason):
+            if not run.main:
+                return "the checkpoint is written by rank 0", False
+            time.sleep(1.5)
+            marker.write_text("3")
+            return f"emergency checkpoint of iteration 3: {marker}", True
+
+        faults._save = save  # this process only
+        run = types.SimpleNamespace(dist_info=info, main=info.is_main, done=3, work_dir=Path(out_dir),
+                                    stop=faults.StopOnSignal(info.control_group, info.world_size))
+        out = faults.emergency_stop(run, faults.Interrupted(15))
+        torch.save({"message": str(out), "code": out.exit_code, "written_when_returned": marker.is_file()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_other_ranks_wait_for_rank0s_emergency_checkpoint(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_wait_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert r1["written_when_returned"] and r1["code"] == r0["code"] == 143
+    assert r1["message"].startswith("rank 1: stopped by SIGTERM: the checkpoint is written by rank 0")
+    assert "emergency checkpoint of iteration 3" in r0["message"]

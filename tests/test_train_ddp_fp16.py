@@ -8,6 +8,7 @@ next collective).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -39,7 +40,7 @@ def _worker(rank, world, store, out_dir):
                           scaler=torch.amp.GradScaler("cpu"), process_group=dist.group.WORLD,
                           world_size=world, rank=rank)
         g = torch.Generator().manual_seed(rank)
-        skipped = []
+        skipped, src_ce = [], []
         for it in range(3):
             gt = torch.randint(0, 5, (1, 1, 8, 8), generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
             src = {"img": torch.randn(1, 3, 32, 32, generator=g), "gt": gt}
@@ -47,7 +48,8 @@ def _worker(rank, world, store, out_dir):
                 src["img"][0, :, 5, 5] = float("nan")
             out = train_step(ctx, src, {"img": torch.randn(1, 3, 32, 48, generator=g)}, it)
             skipped.append(float(ctx.skipped))
-        torch.save({"skipped": skipped, "src_ce": float(out["losses"]["src_ce"]),
+            src_ce.append(float(out["losses"]["src_ce"]))
+        torch.save({"skipped": skipped, "src_ce": src_ce,
                     "student": {k: v.detach() for k, v in student.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -61,6 +63,8 @@ def test_fp16_skipped_steps_agree_across_ranks(tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r1["skipped"] == [0.0, 1.0, 1.0]      # the NaN rank counts its bad step ...
     assert r0["skipped"] == r1["skipped"]        # ... and so does the healthy rank
-    assert r0["src_ce"] == r0["src_ce"]          # training went on with finite losses afterwards
+    assert not math.isfinite(r1["src_ce"][1])     # the NaN pixel really made rank 1's loss NaN
+    for r in (r0, r1):                            # training went on with finite losses afterwards
+        assert math.isfinite(r["src_ce"][0]) and math.isfinite(r["src_ce"][2]), r["src_ce"]
     for k in r0["student"]:                       # and the ranks stayed in lock-step
         assert torch.equal(r0["student"][k], r1["student"][k]), k

@@ -88,7 +88,9 @@ def test_runner_applies_and_records_the_samples_schedule(tmp_path):
     assert config["schedule"]["divided"]["warmup_iters"] == {"requested": 3, "run": 2}
     assert config["schedule"]["divided"]["contrast_start"] == {"requested": 3, "run": 2}
     from sepico_fast.train.checkpointing import load_checkpoint
-    assert load_checkpoint(work_dir / "latest.pt")["meta"]["config"]["iters"] == 5
+    meta = load_checkpoint(work_dir / "latest.pt")["meta"]
+    assert meta["config"]["iters"] == 5  # a resume on another world size is refused: meta.world_size
+    assert meta["world_size"] == 2 and meta["schedule"]["divided"]["iters"] == {"requested": 5, "run": 3}
     metrics = json.loads((work_dir / "metrics.json").read_text())
     assert metrics["iters"] == 3 and metrics["schedule"]["ddp_schedule"] == "samples"
     assert metrics["schedule"]["world_size"] == 2
@@ -96,3 +98,36 @@ def test_runner_applies_and_records_the_samples_schedule(tmp_path):
              if "src_ce" in line]
     assert steps == [1, 2, 3]
     assert metrics["dz_test_reweight"]["enabled"] and metrics["dz_test_reweight"]["reweighted_images"] == 0
+
+
+def test_samples_schedule_stores_the_resolved_crop_and_work_dir(tmp_path, monkeypatch):
+    """Under --ddp-schedule samples the run's config is a copy: --crop 0 and the work dir
+    were resolved on the copy only, so config.json and every checkpoint stored crop [0, 0]
+    (evaluate --sliding then failed) and work_dir ''. One process, the schedule of two."""
+    from sepico_fast.data import dataset_defaults
+    from sepico_fast.train import runner
+
+    monkeypatch.setattr(runner, "ddp_schedule", lambda cfg, world: ddp_schedule(cfg, 2))
+    monkeypatch.chdir(tmp_path)  # the default work dir is relative
+    state = runner.setup(make_config(dict(crop=[0], iters=4, ddp_schedule="samples", proj_dim=16)))
+    state.writer.close()
+    assert state.cfg is not state.requested_cfg and state.cfg.iters == 2
+    want = list(dataset_defaults("synthetic", "synthetic")["crop_size"])
+    saved = json.loads((state.work_dir / "config.json").read_text())
+    assert saved["crop"] == want and saved["work_dir"] == str(state.work_dir) and saved["iters"] == 4
+    meta = state.snapshot(0)["meta"]
+    assert meta["config"]["crop"] == want and meta["config"]["work_dir"] == str(state.work_dir)
+
+
+def test_resume_past_the_divided_iterations_stops_in_one_line(tmp_path, monkeypatch):
+    """With --resume-override and more processes, --ddp-schedule samples can put the
+    checkpoint past the run's last iteration ("3 of 2"): one line, not a silent 'finished'
+    run that only re-evaluates. (Four processes simulated by the schedule of four.)"""
+    from sepico_fast.train import runner
+
+    base = dict(crop=[32, 32], batch_size=1, proj_dim=16, log_interval=1, debug_interval=0, eval_max_images=1,
+                warmup_iters=1, contrast_start=1, ddp_schedule="samples", work_dir=str(tmp_path))
+    assert runner.run(make_config(dict(base, iters=8, stop_at=3))) == {"stopped_at": 3}
+    monkeypatch.setattr(runner, "ddp_schedule", lambda cfg, world: ddp_schedule(cfg, 4))
+    with pytest.raises(SystemExit, match=r"^--resume: .*iter_000003.pt is at iteration 3, past the 2 iterations"):
+        runner.setup(make_config({"resume": "auto", "work_dir": str(tmp_path)}))

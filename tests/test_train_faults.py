@@ -130,3 +130,135 @@ def test_unknown_exception_keeps_its_traceback_after_the_emergency_checkpoint(tm
     assert "ZeroDivisionError after iteration 1" in err and str(tmp_path / "iter_000001.pt") in err
     meta = torch.load(tmp_path / "iter_000001.pt", weights_only=True)["meta"]
     assert meta["iter"] == 1 and meta["emergency"]["partial_step"] is True
+
+
+def test_a_signal_during_the_emergency_checkpoint_does_not_cut_it(tmp_path, monkeypatch):
+    """SIGTERM in iteration 2, then another SIGTERM while the emergency checkpoint is being
+    written (torchrun passing the signal on, or stopping the workers): the checkpoint is
+    written all the same and the run ends in the one-line 143 stop, not a KeyboardInterrupt."""
+    from sepico_fast.train import checkpointing as ckpt_io
+    from sepico_fast.train import faults, runner
+
+    monkeypatch.setattr(faults, "DUPLICATE_S", 0.0)  # not a duplicate: only the shield may save it
+    real_step, real_save = runner.train_step, ckpt_io.save_checkpoint
+
+    def step(ctx, src, tgt, it, debug=False):
+        if it == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(ctx, src, tgt, it, debug=debug)
+
+    def save(*args, **kw):
+        signal.raise_signal(signal.SIGTERM)
+        return real_save(*args, **kw)
+
+    monkeypatch.setattr(runner, "train_step", step)
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", save)
+    state = setup(_cfg(tmp_path, iters=5, checkpoint_interval=0))
+    with pytest.raises(RunStopped) as exc:
+        try:
+            train_loop(state)
+        finally:
+            state.writer.close()
+    assert exc.value.exit_code == 143 and "emergency checkpoint of iteration 3" in str(exc.value)
+    assert state.stop.ignored == 1
+    assert ckpt_io.load_checkpoint(tmp_path / "iter_000003.pt")["meta"]["iter"] == 3
+
+
+def test_second_signal_rules(monkeypatch):
+    """The handler alone, on a fake clock: the same request twice within DUPLICATE_S is one
+    request; a later one stops at once; once the stop is under way nothing raises."""
+    import types
+
+    from sepico_fast.train import faults
+
+    clock = [100.0]
+    monkeypatch.setattr(faults, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    stop = faults.StopOnSignal()
+    stop._handler(signal.SIGINT, None)
+    clock[0] += faults.DUPLICATE_S / 2
+    stop._handler(signal.SIGINT, None)  # torchrun forwarding the terminal's Ctrl-C
+    assert (stop.signum, stop.ignored, stop.forced) == (signal.SIGINT, 1, False) and stop.requested()
+    clock[0] += faults.DUPLICATE_S
+    with pytest.raises(KeyboardInterrupt):
+        stop._handler(signal.SIGINT, None)
+    assert stop.forced
+    shielded = faults.StopOnSignal()
+    shielded._handler(signal.SIGTERM, None)
+    shielded.shield()
+    clock[0] += 10 * faults.DUPLICATE_S
+    shielded._handler(signal.SIGTERM, None)
+    assert shielded.ignored == 1 and not shielded.forced
+
+
+def test_bad_data_file_and_bad_work_dir_at_setup_are_one_line(tmp_path, monkeypatch):
+    """The first target image header is read in setup: a bad file there, and a --work-dir
+    that cannot be created, end in one line naming the flag (tracebacks before)."""
+    import types
+
+    import sepico_fast.data as data
+    from sepico_fast.data.io import DataFileError
+    from sepico_fast.train import runner
+    from sepico_fast.train.ddp import DistInfo
+
+    bad = "/data/cityscapes/leftImg8bit/train/x_leftImg8bit.png"
+
+    def resized_size(i):
+        raise DataFileError(bad, "OSError: cannot identify image file")
+
+    fake = types.SimpleNamespace(resized_size=resized_size)
+    monkeypatch.setattr(data, "build_datasets", lambda *a, **k: (fake, fake, fake))
+    with pytest.raises(SystemExit) as exc:
+        runner._datasets(_cfg(tmp_path))
+    msg = str(exc.value)
+    assert msg.startswith("--data-root: cannot read " + bad) and "\n" not in msg
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    for work_dir in (a_file, a_file / "sub", Path("/proc/x")):
+        with pytest.raises(SystemExit) as exc:
+            runner._work_dir(_cfg(work_dir), DistInfo())
+        assert str(exc.value).startswith(f"--work-dir: cannot create the folder {work_dir} (") and \
+            "\n" not in str(exc.value)
+
+
+def test_resumes_keep_the_training_time_and_set_aside_a_newer_history(tmp_path, monkeypatch, capsys):
+    """On a fake clock (1 s per iteration): a finished 4-iteration run resumed again keeps
+    train_seconds 4 in metrics.json (it was ~0: only the last process's loop); a resume
+    from iteration 2 moves iter_000004.pt aside and its checkpoint at 3 counts 3 s."""
+    import types
+
+    from sepico_fast.train import checkpointing as ckpt_io
+    from sepico_fast.train import runner
+
+    clock = [0.0]
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_step = runner.train_step
+
+    def step(*args, **kw):
+        clock[0] += 1.0
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(runner, "train_step", step)
+    assert run(_cfg(tmp_path, iters=4, checkpoint_interval=2))["train_seconds"] == 4.0
+    again = run(make_config({"resume": "auto", "work_dir": str(tmp_path)}))
+    assert again["train_seconds"] == 4.0 and json.loads((tmp_path / "metrics.json").read_text())["train_seconds"] == 4.0
+    capsys.readouterr()
+    assert run(make_config({"resume": str(tmp_path / "iter_000002.pt"), "stop_at": 3})) == {"stopped_at": 3}
+    out = capsys.readouterr().out
+    assert f"moved iter_000004.pt, latest.pt (past iteration 2" in out and str(tmp_path / "superseded") in out
+    assert (tmp_path / "superseded" / "iter_000004.pt").is_file()
+    path, ckpt, _ = ckpt_io.load_newest_intact(tmp_path)
+    assert path.name == "iter_000003.pt" and ckpt["counters"]["train_seconds"] == 3.0
+    assert ckpt["meta"]["world_size"] == 1 and ckpt["meta"]["schedule"]["ddp_schedule"] == "steps"
+
+
+def test_resume_from_a_partial_step_checkpoint_warns(tmp_path, capsys):
+    from sepico_fast.train.checkpointing import atomic_save
+    from sepico_fast.train.resume import resolve_resume
+
+    meta = {"iter": 5, "config": _cfg(tmp_path).to_dict(),
+            "emergency": {"reason": "ZeroDivisionError: a bug", "partial_step": True}}
+    atomic_save({"state_dict": {}, "meta": meta}, tmp_path / "iter_000005.pt")
+    resolve_resume(make_config({"resume": "auto", "work_dir": str(tmp_path)}))
+    err = capsys.readouterr().err
+    assert "warning: --resume:" in err and "taken inside iteration 6 (ZeroDivisionError: a bug)" in err
+    assert "not bitwise equal" in err

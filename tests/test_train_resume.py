@@ -95,8 +95,11 @@ def _assert_same_run(straight, resumed):
     a = torch.load(straight / "latest.pt", weights_only=True)
     b = torch.load(resumed / "latest.pt", weights_only=True)
     assert a["meta"]["iter"] == b["meta"]["iter"] == K + M
-    for key in ("state_dict", "optimizer", "class_stats", "counters"):
+    for key in ("state_dict", "optimizer", "class_stats"):
         _assert_same(a[key], b[key], key)
+    seconds = (a["counters"].pop("train_seconds"), b["counters"].pop("train_seconds"))  # wall time, not state
+    assert min(seconds) > 0
+    _assert_same(a["counters"], b["counters"], "counters")
     assert any(k.startswith("ema_model.") for k in a["state_dict"])
     ma = json.loads((straight / "metrics.json").read_text())
     mb = json.loads((resumed / "metrics.json").read_text())
@@ -198,5 +201,7 @@ def test_resume_on_cuda_within_tolerance(tmp_path):
             assert lb[it][k] == pytest.approx(v, rel=CUDA_LOSS_RTOL, abs=1e-6), (it, k)
     a = torch.load(straight / "latest.pt", weights_only=False, map_location="cpu")
     b = torch.load(resumed / "latest.pt", weights_only=False, map_location="cpu")
+    for ckpt in (a, b):
+        ckpt["counters"].pop("train_seconds")  # wall time, not state
     for key in ("state_dict", "class_stats", "counters"):
         _assert_close(a[key], b[key], CUDA_PARAM_ATOL, key)

@@ -240,11 +240,15 @@ def dataset_defaults(source: str, target: str) -> dict:
     return out
 
 
-def _root(name: str, data_root, override) -> Path:
-    if override is not None:
-        return Path(override)
+def dataset_root(name: str, data_root=None) -> Path:
+    """Folder of dataset ``name``: ``<data_root>/<folder>``, the data root defaulting to
+    ``$SEPICO_FAST_DATA`` or ``./data``."""
     base = Path(data_root if data_root is not None else os.environ.get("SEPICO_FAST_DATA", "data"))
     return base / FOLDERS[name]
+
+
+def _root(name: str, data_root, override) -> Path:
+    return Path(override) if override is not None else dataset_root(name, data_root)
 
 
 def _require_prepared(name: str, root: Path, entries: list[Entry]) -> None:
@@ -349,5 +353,5 @@ def build_val_set(target: str, data_root=None, *, target_root=None, eval_scale=N
     return ValSet(entries, name=target, scale=tuple(eval_scale or scale), in_memory=mem, root=root)
 
 
-__all__ = ["EVAL_SCALES", "TRAIN_SCALES", "build_val_set", "SourceSet", "TargetSet", "ValSet", "SourcePlan",
+__all__ = ["EVAL_SCALES", "TRAIN_SCALES", "build_val_set", "dataset_root", "SourceSet", "TargetSet", "ValSet", "SourcePlan",
            "TargetPlan", "build_datasets", "dataset_defaults", "val_loader", "LayoutError"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 
 import numpy as np
 import torch
@@ -53,6 +54,14 @@ class _CountFrom(torch.utils.data.Sampler):
 
     def __iter__(self):
         return iter(range(self.start, self.stop)) if self.stop is not None else itertools.count(self.start)
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a terminal's Ctrl-C reaches the worker processes too;
+    they leave it to the main process, which finishes the iteration, writes its checkpoint
+    and shuts them down (a worker ending on it made the stop a 'worker exited unexpectedly'
+    traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _split(batch: dict, device: torch.device, non_blocking: bool) -> tuple[dict, dict]:
@@ -144,7 +153,7 @@ class TrainLoader:
         cuda = self.device.type == "cuda"
         kwargs = dict(num_workers=self.num_workers, pin_memory=cuda)
         if self.num_workers > 0:
-            kwargs.update(prefetch_factor=self.prefetch, persistent_workers=False)
+            kwargs.update(prefetch_factor=self.prefetch, persistent_workers=False, worker_init_fn=ignore_sigint)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size,
                                              sampler=_CountFrom(self.start_iter * self.batch_size, stop),
                                              drop_last=True, collate_fn=collate, **kwargs)

@@ -8,7 +8,7 @@
     resume.py         --resume: newest intact checkpoint, the checkpoint's config, restore
     faults.py         signals, emergency checkpoints, one-line stops (RunStopped)
     profiling.py      NVTX ranges / torch.profiler per phase
-    logging.py        progress bar, scalar logs, IoU tables
+    logging.py        progress bar, scalar logs (IoU tables: sepico_fast.reporting)
     ddp.py            torchrun / process-group helpers
     runner.py         setup(), train_loop(), finish(): logging, evaluation, checkpoints
     throughput.py     FLOP count of one iteration, device peaks (MFU)

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..reporting import first_line
+
 FORMAT = "sepico_fast/2"
 CKPT_RE = re.compile(r"^iter_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\.(?:iter_\d+|latest)\.pt(?:\.sha256)?\.tmp(\d+)$")
@@ -76,7 +78,10 @@ def set_rng_state(state: dict) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Only the devices this machine has: a checkpoint of an 8-GPU node resumed on 1 GPU
+        # (or the reverse) is fine; the data RNG is a function of (seed, iteration) anyway.
+        for index in range(min(len(state["cuda"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(state["cuda"][index], index)
 
 
 def prefixed(prefix: str, state_dict: dict) -> dict:
@@ -87,11 +92,13 @@ def unprefixed(prefix: str, flat: dict) -> dict:
     return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
-def snapshot(ctx, it_done: int, config=None, **meta) -> dict:
+def snapshot(ctx, it_done: int, config=None, counters: dict | None = None, **meta) -> dict:
     """The checkpoint dict of a ``StepContext`` after ``it_done`` completed iterations.
 
     ``config`` is the run's requested config (before ``--ddp-schedule samples`` divides
-    its counts; default ``ctx.cfg``): resuming re-applies the schedule to it."""
+    its counts; default ``ctx.cfg``): resuming re-applies the schedule to it. ``meta``
+    adds plain values to ``meta`` (the runner's: ``world_size``, ``schedule``),
+    ``counters`` to ``counters`` (the runner's: ``train_seconds`` so far, over resumes)."""
     state_dict = prefixed("model.", ctx.student.state_dict())
     if ctx.teacher is not None:
         state_dict.update(prefixed("ema_model.", ctx.teacher.state_dict()))
@@ -104,7 +111,7 @@ def snapshot(ctx, it_done: int, config=None, **meta) -> dict:
         "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
         "class_stats": prefixed("", ctx.stats.state_dict()) if ctx.stats is not None else None,
         "rng": rng_state(),
-        "counters": {"skipped": ctx.skipped.detach().cpu()},
+        "counters": {"skipped": ctx.skipped.detach().cpu(), **(counters or {})},
     }
 
 
@@ -178,8 +185,7 @@ def _write_error(path: Path, exc: BaseException, needed: int) -> CheckpointWrite
     if _is_disk_full(exc) or 0 <= free < needed:
         return CheckpointWriteError(f"cannot write checkpoint {path}: no space left on its file system (needs about "
                                     f"{needed} bytes = {needed / 2**20:.1f} MiB; {max(free, 0)} bytes free)")
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return CheckpointWriteError(f"cannot write checkpoint {path}: {type(exc).__name__}: {first}")
+    return CheckpointWriteError(f"cannot write checkpoint {path}: {type(exc).__name__}: {first_line(exc)}")
 
 
 def _temp(path: Path) -> Path:
@@ -249,6 +255,41 @@ def save_checkpoint(work_dir: str | os.PathLike, state: dict, it: int, keep: int
     return path
 
 
+def _digest(path: Path) -> str | None:
+    side = path.with_name(path.name + ".sha256")
+    return (side.read_text().split() or [None])[0] if side.is_file() else None
+
+
+def supersede_newer(work_dir: str | os.PathLike, it: int, source: str | os.PathLike | None = None) -> list[Path]:
+    """Move ``iter_<t>.pt`` with t > ``it`` (and ``latest.pt`` when it is a copy of one of
+    them), each with its ``.sha256``, into ``<work_dir>/superseded/`` (a numbered subfolder
+    when names are taken there): after a resume from iteration ``it`` they are another
+    history, which ``--resume auto`` (highest number first) and the retention (by number)
+    would otherwise take for this run's. Never deletes; never moves ``source``. Returns the
+    new paths of the moved checkpoint files."""
+    work_dir = Path(work_dir)
+    source = Path(source).resolve() if source is not None else None
+    newer = [p for p in iteration_files(work_dir) if int(CKPT_RE.match(p.name).group(1)) > it]
+    latest = work_dir / "latest.pt"
+    if newer and latest.is_file() and _digest(latest) in {_digest(p) for p in newer} - {None}:
+        newer.append(latest)
+    newer = [p for p in newer if source is None or p.resolve() != source]
+    if not newer:
+        return []
+    dest, n = work_dir / "superseded", 0
+    while any((dest / p.name).exists() for p in newer):
+        n += 1
+        dest = work_dir / "superseded" / str(n)
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for p in newer:
+        for f in (p, p.with_name(p.name + ".sha256")):
+            if f.exists():
+                os.replace(f, dest / f.name)
+        moved.append(dest / p.name)
+    return moved
+
+
 def remove_stale_temp_files(work_dir: str | os.PathLike) -> list[Path]:
     """Delete temp files a crashed or killed writer left in ``work_dir``; returns them."""
     work_dir = Path(work_dir)
@@ -308,8 +349,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                                     "(sepico_fast/1 files pickled numpy's RNG state: load it with "
                                     "weights_only=False only if you trust it, then save it without 'rng')") from None
     except Exception as exc:  # zip and other read errors come in several types
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(path, f"not a loadable checkpoint ({type(exc).__name__}: {first})") from None
+        raise CheckpointError(path, f"not a loadable checkpoint ({type(exc).__name__}: {first_line(exc, 200)})") \
+            from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "iter" not in (ckpt.get("meta") or {}):
         raise CheckpointError(path, "not a sepico_fast training checkpoint (no 'state_dict' and 'meta.iter')")
     return ckpt

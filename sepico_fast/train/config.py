@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..data.loader import PIPELINES
 from ..models import ARCHS
 
 DATASETS = ("gta", "synthia", "cityscapes", "darkzurich", "synthetic")
 METHODS = ("sepico", "source_only")
 VARIANTS = ("dist", "bank", "proto")
-PIPELINES = ("auto", "torch", "dali")
 DDP_SCHEDULES = ("steps", "samples")
 
 
@@ -152,17 +152,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
-
     @property
     def crop_hw(self) -> tuple[int, int]:
         """(H, W) of the training crop (resolved by the runner when --crop 0)."""
         return int(self.crop[0]), int(self.crop[-1])
-
-    @property
-    def uses_contrast(self) -> bool:
-        return self.method == "sepico"
 
     @property
     def dark_zurich(self) -> bool:
@@ -418,14 +411,6 @@ def _validate_device(cfg: TrainConfig, bad) -> None:
     if dev.startswith("cuda:") and int(dev[5:]) >= torch.cuda.device_count():
         bad("device", f"this machine has {torch.cuda.device_count()} CUDA device(s): cuda:0 .. "
                       f"cuda:{torch.cuda.device_count() - 1}")
-
-
-def config_from_dict(values: dict) -> TrainConfig:
-    """Rebuild a config saved by ``TrainConfig.to_dict`` (checkpoint / config.json)."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = _build({k: v for k, v in values.items() if k in known})
-    validate(cfg)
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,9 +3,16 @@
 * SIGINT / SIGTERM (Ctrl-C, ``kill``, a cluster preempting the job, torchrun stopping its
   workers): ``StopOnSignal`` only records the signal; the loop finishes the iteration it is
   in, writes a checkpoint of it and stops with exit status 128 + signal (130, 143). A
-  second signal stops at once, without a checkpoint. Under DDP the ranks agree on the
-  iteration to stop after (one tiny all-reduce over a gloo group per iteration, on the
-  host: no device sync), so rank 0's checkpoint never waits for a rank that stopped.
+  second signal stops at once, without a checkpoint -- unless it comes within
+  ``DUPLICATE_S`` seconds of the first (torchrun forwards the signal it got to its
+  workers, and a terminal's Ctrl-C or Slurm's scancel signal the agent and the workers
+  alike, so each worker gets the same request twice) or once the stop is under way: from
+  the agreed stop to the exit (the emergency checkpoint, the wait for rank 0) further
+  signals are only counted. Under DDP the ranks agree on the iteration to stop after
+  (one tiny all-reduce over a gloo group per iteration, on the host: no device sync), and
+  after an agreed stop the other ranks wait on that group for rank 0 to finish writing
+  its checkpoint (at most ``--ddp-timeout``) before they exit: torchrun stops every
+  worker once one has exited.
 * An exception: ``emergency_stop`` writes an emergency checkpoint of the last completed
   iteration (rank 0), then turns a known fault (bad data file, NaN limit, full disk) into
   ``RunStopped`` — one line naming the fault and the checkpoint — and re-raises anything
@@ -19,10 +26,12 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 
 import torch
 
 from ..data.io import DataFileError
+from ..reporting import first_line
 from . import checkpointing as ckpt_io
 
 
@@ -46,6 +55,10 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+# A second signal this soon after the first is the same request delivered twice (seconds).
+DUPLICATE_S = 2.0
+
+
 class StopOnSignal:
     """Context manager: SIGINT/SIGTERM set a flag that ``requested()`` reports (agreed over ranks)."""
 
@@ -55,13 +68,25 @@ class StopOnSignal:
         self.group, self.world_size = control_group, world_size
         self.signum: int | None = None
         self.forced = False
+        self.stopping = False   # the stop is under way: later signals are only counted
+        self.ignored = 0        # signals counted, not acted on
+        self._first_at = 0.0
         self._old: dict = {}
 
     def _handler(self, signum, frame) -> None:
-        if self.signum is not None:  # the second one: stop now
-            self.forced = True
-            raise KeyboardInterrupt
-        self.signum = signum
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+            return
+        if self.stopping or now - self._first_at < DUPLICATE_S:
+            self.ignored += 1
+            return
+        self.forced = True  # a second request, well after the first: stop now
+        raise KeyboardInterrupt
+
+    def shield(self) -> None:
+        """From now on signals never raise (the emergency checkpoint is being written)."""
+        self.stopping = True
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -83,8 +108,26 @@ class StopOnSignal:
         flag = torch.tensor([self.signum or 0], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         if flag.item() and self.signum is None:
-            self.signum = int(flag.item())
+            self.signum, self._first_at = int(flag.item()), time.monotonic()
         return bool(flag.item())
+
+    def wait_for_rank0(self) -> str:
+        """After a stop every rank agreed on: block until every rank, rank 0 after its
+        checkpoint, gets here (at most the group's ``--ddp-timeout``). "" or why not."""
+        if self.world_size <= 1 or self.group is None:
+            return ""
+        import torch.distributed as dist
+
+        try:
+            dist.barrier(group=self.group)
+        except Exception as exc:  # noqa: BLE001 - a timeout or a rank that died: say so, keep going
+            return f"; did not see every rank finish ({first_line(exc)})"
+        return ""
+
+
+# Stops every rank reaches at the same iteration (the signal flag and the skipped-step
+# counter are agreed over the ranks): only then may the ranks wait for each other.
+AGREED_STOPS = (Interrupted, NonFiniteLimit)
 
 
 def _save(run, reason: str) -> tuple[str, bool]:
@@ -96,10 +139,9 @@ def _save(run, reason: str) -> tuple[str, bool]:
     if run.saved_at == run.done:
         return f"checkpoint of iteration {run.done}: {run.work_dir / f'iter_{run.done:06d}.pt'}", False
     if not run.main:
-        return "checkpoints are written by rank 0", False
+        return "the checkpoint is written by rank 0", False
     extra = {"emergency": {"reason": reason, "partial_step": bool(run.in_step)}}
-    path = ckpt_io.save_checkpoint(run.work_dir, ckpt_io.snapshot(run.ctx, run.done, config=run.requested_cfg, **extra), run.done,
-                                   run.cfg.keep_checkpoints)
+    path = ckpt_io.save_checkpoint(run.work_dir, run.snapshot(run.done, **extra), run.done, run.cfg.keep_checkpoints)
     run.saved_at = run.done
     note = " (taken inside the next iteration: teacher and class statistics may include part of it)" \
         if run.in_step else ""
@@ -119,14 +161,18 @@ def _emergency_stop(run, exc: BaseException) -> BaseException:
     if isinstance(exc, KeyboardInterrupt) and stop is not None and stop.forced:
         return RunStopped(f"stopped by a second signal inside iteration {run.done + 1}; no checkpoint written "
                           f"(the last one: {run.saved_at if run.saved_at is not None else 'none'})", 130)
+    if stop is not None:
+        stop.shield()  # a signal now (torchrun passing one on, stopping the workers) must not cut the save
     resume = f"resume with --resume auto --work-dir {run.work_dir}"
     if isinstance(exc, ckpt_io.CheckpointWriteError):
         return RunStopped(f"error: {exc}; free space and {resume}", 1)
-    reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    reason = f"{type(exc).__name__}: {first_line(exc)}"
     try:
         where, _ = _save(run, reason)
-    except Exception as save_exc:  # noqa: BLE001 - report both, keep the original
-        where = f"the emergency checkpoint failed too ({save_exc})"
+    except BaseException as save_exc:  # noqa: BLE001 - report both, keep the original
+        where = f"the emergency checkpoint failed too ({type(save_exc).__name__}: {first_line(save_exc)})"
+    if stop is not None and isinstance(exc, AGREED_STOPS):
+        where += stop.wait_for_rank0()
     if isinstance(exc, Interrupted):
         return RunStopped(f"stopped by {exc}: {where}; {resume}", 128 + exc.signum)
     if isinstance(exc, KeyboardInterrupt):

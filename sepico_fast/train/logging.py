@@ -1,6 +1,6 @@
-"""Console progress bar with ETA, scalar logs (TensorBoard if importable, JSONL always),
-per-class IoU tables. TensorBoard is optional (the ``tb`` extra); a run without it says so
-in one line.
+"""Console progress bar with ETA, scalar logs (TensorBoard if importable, JSONL always).
+TensorBoard is optional (the ``tb`` extra); a run without it says so in one line. (IoU
+tables: ``sepico_fast.reporting``.)
 """
 from __future__ import annotations
 
@@ -9,11 +9,6 @@ import math
 import sys
 import time
 from pathlib import Path
-
-CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-                      "truck", "bus", "train", "motorcycle", "bicycle")
-
 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -98,15 +93,3 @@ class ScalarWriter:
         if self._tb is not None:
             self._tb.close()
 
-
-def iou_table(iou, class_names=CITYSCAPES_CLASSES, title: str = "target") -> str:
-    """Per-class IoU (%) table; NaN (class absent from prediction and ground truth) shown as n/a."""
-    vals = [float(v) for v in iou]
-    names = list(class_names) + [f"class{i}" for i in range(len(class_names), len(vals))]
-    lines = [f"{'class':<16}{'IoU %':>8}"]
-    for name, v in zip(names, vals):
-        lines.append(f"{name:<16}{'n/a' if v != v else f'{100 * v:.2f}':>8}")
-    valid = [v for v in vals if v == v]
-    miou = 100 * sum(valid) / len(valid) if valid else float("nan")
-    lines.append(f"{'mIoU (' + title + ')':<16}{miou:>8.2f}")
-    return "\n".join(lines)

@@ -24,9 +24,8 @@ import math
 import numpy as np
 import torch
 
-from .logging import CITYSCAPES_CLASSES
+from ..data.labels import CLASSES
 
-IGNORE = 255
 METRICS = ("precision", "coverage", "precision_thr", "coverage_thr")
 
 
@@ -52,7 +51,7 @@ def metrics_from_counts(cm_all: np.ndarray, cm_thr: np.ndarray) -> dict[str, np.
 
 
 def _class_names(num_classes: int) -> list[str]:
-    names = list(CITYSCAPES_CLASSES)[:num_classes]
+    names = list(CLASSES)[:num_classes]
     return names + [f"class{i}" for i in range(len(names), num_classes)]
 
 

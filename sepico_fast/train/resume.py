@@ -7,7 +7,10 @@
   so the same command serves the first start and every restart of a preemptible job;
 * ``--resume PATH`` takes that file (and, without ``--work-dir``, its folder);
 * the run continues with the checkpoint's config: flags given now are checked against it
-  by ``config.resumed_config`` (method/data changes refused unless ``--resume-override``).
+  by ``config.resumed_config`` (method/data changes refused unless ``--resume-override``);
+* so is the number of processes (``meta.world_size``): with another one ``--ddp-schedule
+  samples`` would divide the step counts by the new number and ``steps`` would change the
+  batch of every step, so it is refused too unless ``--resume-override``.
 
 Messages are printed by rank 0 only (``RANK`` is read from the environment: the process
 group does not exist yet).
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..reporting import first_line
 from . import checkpointing as ckpt_io
 from .config import TrainConfig, resumed_config
 
@@ -59,9 +63,36 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
         new_cfg, applied = resumed_config(ckpt["meta"].get("config") or {}, cfg, path)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    _check_world_size(ckpt["meta"], path, new_cfg)
     for change in applied:
         _say(f"--resume: applied {change}")
+    emergency = ckpt["meta"].get("emergency") or {}
+    if emergency.get("partial_step"):
+        it = int(ckpt["meta"]["iter"])
+        _say(f"warning: --resume: {path} is an emergency checkpoint taken inside iteration {it + 1} "
+             f"({emergency.get('reason', 'an exception')}): the teacher and the class statistics may include part "
+             "of that iteration, so this run is close to, not bitwise equal to, an uninterrupted one", err=True)
     return new_cfg, ckpt, path
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_world_size(meta: dict, path: Path, cfg: TrainConfig) -> None:
+    """Refuse another number of processes than the checkpoint's (unless --resume-override)."""
+    saved, now = meta.get("world_size"), _world_size()
+    if saved is None or int(saved) == now:  # files from before the world size was recorded: unknown
+        return
+    effect = ("--ddp-schedule samples would divide the step counts by the new number (another schedule)"
+              if cfg.ddp_schedule == "samples" else
+              f"--ddp-schedule steps would train on {cfg.batch_size} x {now} images per step instead of "
+              f"{cfg.batch_size} x {saved}")
+    change = f"world size {saved} -> {now}"
+    if not cfg.resume_override:
+        raise SystemExit(f"--resume: {path} was trained by {saved} process(es), this run has {now} ({change}): "
+                         f"{effect}; start it with {saved} process(es), or add --resume-override to continue anyway")
+    _say(f"warning: --resume-override: {change}: {effect}", err=True)
 
 
 def restore_checkpoint(ctx, ckpt: dict, path: Path, device: torch.device) -> int:
@@ -72,6 +103,5 @@ def restore_checkpoint(ctx, ckpt: dict, path: Path, device: torch.device) -> int
     except (RuntimeError, ValueError, KeyError) as exc:
         saved = ckpt["meta"].get("config") or {}
         was = ", ".join(f"{k} {saved.get(k)!r}" for k in ("arch", "proj_dim", "variant", "method", "memory_length"))
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise SystemExit(f"--resume: the state in {path} does not fit this run's model (it was trained with {was}): "
-                         f"{type(exc).__name__}: {first}") from None
+                         f"{type(exc).__name__}: {first_line(exc, 160)}") from None

@@ -3,8 +3,9 @@
     run(cfg)  =  setup(cfg) -> TrainRun  ->  train_loop(run)  ->  finish(run)
 
 Host syncs happen only in ``train_loop``'s logging block (every ``log_interval``
-iterations: the accumulated losses and the skipped-step counter), at evaluations and at
-checkpoints. A checkpoint is written before the evaluation of the same iteration; signals,
+iterations: the accumulated losses and the skipped-step counter), at evaluations, at
+checkpoints and when the debug pictures are written (every ``debug_interval``: their
+tensors are read back); all but the log line are left out of the throughput window. A checkpoint is written before the evaluation of the same iteration; signals,
 exceptions and bad files end the loop through ``faults`` (emergency checkpoint, one line);
 ``resume.resolve_resume`` restores a checkpoint's config before anything is built.
 """
@@ -24,7 +25,9 @@ from ..contrast import ClassStats
 from ..evaluate import (dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line,
                         reweighting_record)
 from ..models import build_segmentor, param_groups
+from ..reporting import first_line, iou_table
 from ..data.io import DataFileError
+from ..data.labels import CLASSES
 from . import checkpointing as ckpt_io
 from . import faults
 from .config import TrainConfig
@@ -32,7 +35,7 @@ from .curves import update_curves
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
 from .debug_images import save_debug_images
 from .implementations import announce_implementations
-from .logging import ProgressBar, ScalarWriter, iou_table
+from .logging import ProgressBar, ScalarWriter
 from .profiling import Profiler
 from .pseudo_diagnostics import PseudoDiagnostics
 from .resume import resolve_resume, restore_checkpoint
@@ -111,7 +114,8 @@ class TrainRun:
     start_it: int
     end_it: int
     last_eval: dict | None = None
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0         # the loop's wall time, summed over the resumes (metrics.json)
+    loop_t0: float | None = None       # when this process's loop started
     schedule: dict | None = None   # schedule.ddp_schedule record (config.json, metrics.json)
     done: int = 0                      # completed iterations the live state holds
     in_step: bool = False              # inside train_step: the live state is partial
@@ -123,6 +127,16 @@ class TrainRun:
     def main(self) -> bool:
         return self.dist_info.is_main
 
+    def snapshot(self, done: int, **meta) -> dict:
+        """The checkpoint of the live state after ``done`` iterations: the requested config,
+        the number of processes and the schedule record (a resume compares them)."""
+        return ckpt_io.snapshot(self.ctx, done, config=self.requested_cfg, world_size=self.dist_info.world_size,
+                                schedule=self.schedule, counters={"train_seconds": self.loop_seconds()}, **meta)
+
+    def loop_seconds(self) -> float:
+        """Training-loop seconds so far: the checkpoint's (earlier processes) + this loop's."""
+        return self.train_seconds + (time.perf_counter() - self.loop_t0 if self.loop_t0 is not None else 0.0)
+
 
 def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
     work_dir = cfg.work_dir or default_work_dir(cfg)
@@ -132,11 +146,23 @@ def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
         work_dir = box[0]
     cfg.work_dir = str(work_dir)
     if dist_info.is_main:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # an existing file, a read-only or unreachable place
+            raise SystemExit(f"--work-dir: cannot create the folder {work_dir} "
+                             f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
         stale = ckpt_io.remove_stale_temp_files(work_dir)
         if stale:
             print(f"removed {len(stale)} stale temp file(s) of an interrupted checkpoint write in {work_dir}")
     return Path(work_dir)
+
+
+def _supersede_newer(work_dir: Path, start_it: int, ckpt_path: Path) -> None:
+    """Checkpoints past the resumed iteration belong to the abandoned continuation: moved aside."""
+    moved = ckpt_io.supersede_newer(work_dir, start_it, source=ckpt_path)
+    if moved:
+        print(f"--resume: moved {', '.join(p.name for p in moved)} (past iteration {start_it}, from the run this "
+              f"resume abandons) to {moved[0].parent}; not deleted")
 
 
 def _datasets(cfg: TrainConfig):
@@ -144,15 +170,19 @@ def _datasets(cfg: TrainConfig):
     from ..data import build_datasets, dataset_defaults
 
     crop = tuple(cfg.crop) if min(cfg.crop) > 0 else None
+    where = cfg.data_root or "$SEPICO_FAST_DATA or ./data"
     try:
         datasets = build_datasets(cfg.source, cfg.target, cfg.data_root or None, crop_size=crop,
                                   target_labels=cfg.pseudo_diagnostics)
+        th, tw = datasets[1].resized_size(0)  # reads the first target image's header
+    except DataFileError as err:
+        raise SystemExit(f"--data-root: {err} (data root {where}; fix or remove the file; python -m "
+                         "sepico_fast.prepare DATASET ROOT --check lists every bad file)") from None
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--data-root / --source / --target: cannot load {cfg.source} -> {cfg.target} "
-                         f"from {cfg.data_root or '$SEPICO_FAST_DATA or ./data'}: {err}") from None
+                         f"from {where}: {err}") from None
     if crop is None:  # dataset default crop (synthetic pair)
         cfg.crop = list(dataset_defaults(cfg.source, cfg.target)["crop_size"])
-    th, tw = datasets[1].resized_size(0)
     if cfg.crop_hw[0] > th or cfg.crop_hw[1] > tw:  # the target crop is cut from these images
         raise SystemExit(f"--crop: {cfg.crop_hw[0]} {cfg.crop_hw[1]} is larger than the {cfg.target} training "
                          f"images ({th}x{tw} after resizing); use at most {th} {tw}")
@@ -205,14 +235,22 @@ def setup(cfg: TrainConfig) -> TrainRun:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     train_source, train_target, val_target = _datasets(cfg)
+    # Resolved on the run's config above; under --ddp-schedule samples that is a copy, and the
+    # requested config is what config.json and the checkpoints store.
+    requested_cfg.work_dir, requested_cfg.crop = cfg.work_dir, list(cfg.crop)
     ctx, amp_desc = _step_context(cfg, device, dist_info, work_dir, load_pretrained=ckpt is None)
 
-    start_it = 0
+    start_it, seconds_before = 0, 0.0
     if ckpt is not None:
         start_it = restore_checkpoint(ctx, ckpt, ckpt_path, device)
+        seconds_before = float((ckpt.get("counters") or {}).get("train_seconds", 0.0))
         del ckpt
+        if start_it > cfg.iters:  # only with --resume-override and another world size
+            raise SystemExit(f"--resume: {ckpt_path} is at iteration {start_it}, past the {cfg.iters} iterations "
+                             f"of this run (--ddp-schedule {cfg.ddp_schedule}, {dist_info.world_size} process(es))")
         if dist_info.is_main:
             print(f"resumed from {ckpt_path} at iteration {start_it}")
+            _supersede_newer(work_dir, start_it, ckpt_path)
     if cfg.compile:
         _compile_models(ctx)
     if dist_info.is_main:
@@ -232,7 +270,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
     announce_implementations(cfg, device, main=dist_info.is_main)
     return TrainRun(cfg=cfg, dist_info=dist_info, device=device, work_dir=work_dir, ctx=ctx, amp_desc=amp_desc,
                     val_target=val_target, writer=writer, loader=loader, start_it=start_it, end_it=end_it,
-                    schedule=schedule, requested_cfg=requested_cfg, done=start_it,
+                    schedule=schedule, requested_cfg=requested_cfg, done=start_it, train_seconds=seconds_before,
                     saved_at=start_it if ckpt_path is not None else None)
 
 
@@ -240,22 +278,29 @@ def setup(cfg: TrainConfig) -> TrainRun:
 # The loop
 # ----------------------------------------------------------------------------------------
 class _LogWindow:
-    """Loss sums and timing since the last log line; time spent in ``paused()`` (evaluations)
-    is left out of the window's seconds, its iterations still count."""
+    """Loss sums and timing since the last log line; time spent in ``paused()`` (evaluations,
+    checkpoints, debug pictures, the one-time FLOP count) is left out of the window's
+    seconds, its iterations still count. Each loss is averaged
+    over the iterations that produced it (the contrast losses start at ``contrast_start``,
+    which need not be a multiple of ``log_interval``)."""
 
     def __init__(self, start_it: int):
         self.acc: dict[str, torch.Tensor] = {}
-        self.n = 0
+        self.count: dict[str, int] = {}
         self.reset(start_it)
 
     def reset(self, it: int) -> None:
-        self.acc, self.n = {}, 0
+        self.acc, self.count = {}, {}
         self.t0, self.it0, self.excluded = time.perf_counter(), it, 0.0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for k, v in losses.items():
             self.acc[k] = self.acc[k] + v if k in self.acc else v.clone()
-        self.n += 1
+            self.count[k] = self.count.get(k, 0) + 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """Per-loss averages, still on the device (read by the log line's one sync)."""
+        return {k: self.acc[k].float() / self.count[k] for k in sorted(self.acc)}
 
     @contextlib.contextmanager
     def paused(self, device: torch.device):
@@ -279,8 +324,9 @@ def _log(run: TrainRun, window: _LogWindow, done: int, bar: ProgressBar | None, 
     """
     cfg, ctx = run.cfg, run.ctx
     world = run.dist_info.world_size
-    names = sorted(window.acc)
-    values = torch.stack([window.acc[k].float() / window.n for k in names] + [ctx.skipped.float()]).tolist()
+    means = window.means()
+    names = list(means)
+    values = torch.stack([means[k] for k in names] + [ctx.skipped.float()]).tolist()
     skipped = int(values.pop())
     seconds = window.seconds()
     iters = done - window.it0
@@ -327,21 +373,23 @@ def _iterations(run: TrainRun) -> None:
     batches = iter(run.loader)
     bar = ProgressBar(cfg.iters, run.start_it) if run.main else None
     window = _LogWindow(run.start_it)
-    flops_iter, peak = None, device_peak_tflops(run.device)
-    t_train0 = time.perf_counter()
+    flops_iter, flops_known, peak = None, False, device_peak_tflops(run.device)  # None is also an answer
+    run.loop_t0 = time.perf_counter()
     for it in range(run.start_it, run.end_it):
         with profiler.phase("data"):
             src, tgt = next(batches)
-        if flops_iter is None:
-            flops_iter = flops_per_iteration(cfg, tuple(tgt["img"].shape[-2:]))
+        if not flops_known:  # once, on the first batch's target size; not training time
+            with window.paused(run.device):
+                flops_iter, flops_known = flops_per_iteration(cfg, tuple(tgt["img"].shape[-2:])), True
         debug = run.main and cfg.debug_interval > 0 and it % cfg.debug_interval == 0 and cfg.method == "sepico"
         run.in_step = True
         out = train_step(ctx, src, tgt, it, debug=debug)
         run.in_step, run.done = False, it + 1
         profiler.step()
         window.add(out["losses"])
-        if debug:
-            save_debug_images(out["debug"], run.work_dir / "debug" / f"iter_{it:06d}.png")
+        if debug:  # a host sync (the pictures are read back): outside the window's seconds
+            with window.paused(run.device):
+                save_debug_images(out["debug"], run.work_dir / "debug" / f"iter_{it:06d}.png")
         done = it + 1
         if done % cfg.log_interval == 0 or done == run.end_it:
             if ctx.pseudo_diag is not None:
@@ -350,20 +398,20 @@ def _iterations(run: TrainRun) -> None:
             if ctx.pseudo_diag is not None and run.main:
                 run.writer.write(done, ctx.pseudo_diag.collect())
         if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == run.end_it:
-            _checkpoint(run, done)  # before the evaluation: a bad validation file loses nothing
+            with window.paused(run.device):  # writing files is not training time either
+                _checkpoint(run, done)  # before the evaluation: a bad validation file loses nothing
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.iters:
             with window.paused(run.device):  # evaluation time is not training time
                 run.last_eval = _evaluate(run, done)
         if run.stop.requested() and done < run.end_it:
             raise faults.Interrupted(run.stop.signum)
     profiler.finish()
-    run.train_seconds = time.perf_counter() - t_train0
+    run.train_seconds, run.loop_t0 = run.loop_seconds(), None
 
 
 def _checkpoint(run: TrainRun, done: int) -> None:
     if run.main:
-        ckpt_io.save_checkpoint(run.work_dir, ckpt_io.snapshot(run.ctx, done, config=run.requested_cfg), done,
-                                run.cfg.keep_checkpoints)
+        ckpt_io.save_checkpoint(run.work_dir, run.snapshot(done), done, run.cfg.keep_checkpoints)
     run.saved_at = done
     barrier()
 
@@ -383,7 +431,7 @@ def _evaluate(run: TrainRun, it: int) -> dict | None:
         result.update(reweighting_record(cfg.dz_test_reweight, report))
         print()
         print(reweighting_line(result))
-        print(iou_table([v / 100.0 for v in result["per_class_iou"]], title=cfg.target))
+        print(iou_table([v / 100.0 for v in result["per_class_iou"]], CLASSES, title=cfg.target))
         run.writer.write(it, {"val/miou": result["miou"]})
         if ctx.pseudo_diag is not None:
             _pseudo_table(run, it)
