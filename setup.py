@@ -10,7 +10,8 @@ The Triton kernels live in the top-level ``kernels/`` folder but are installed a
 The CUDA C++ kernels in ``csrc/`` are compiled into the optional extension
 ``sepico_fast.ops._C`` (sm_75, sm_80, sm_90 + PTX) only when the installed torch is a CUDA
 build and a CUDA toolkit is found (``sepico_fast/_cuda_toolkit.py``: ``$CUDA_HOME``, the
-toolkit behind ``nvcc``, /usr/local/cuda*, each checked for ``include/cuda_runtime.h``);
+toolkit behind ``nvcc``, /usr/local/cuda*, each checked for ``include/cuda_runtime.h``,
+``bin/nvcc`` and ``lib64/`` or ``lib/`` with ``libcudart.so``);
 otherwise, or when ``SEPICO_FAST_NO_EXT=1``, the package installs without it and
 ``sepico_fast.ops`` uses its torch implementations. A skipped or failed build is printed
 and recorded in ``sepico_fast/ops/_ext_build.json`` (pip hides setup output without

@@ -21,7 +21,7 @@ def pytest_configure(config):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = rec.SESSION_ROWS
-    where = (f"appended to {rec.RESULTS_DIR}" if rec.recording()
+    where = (f"appended to {rec.results_folder()}" if rec.recording()
              else "not recorded (pytest bench/ --record or SEPICO_FAST_BENCH_RECORD=1 appends them to bench/results/)")
     terminalreporter.section("benchmark summary")
     terminalreporter.write_line(rec.summary_table(rows))

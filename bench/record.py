@@ -23,6 +23,9 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RECORD_ENV = "SEPICO_FAST_BENCH_RECORD"
+# Where recorded rows go instead of bench/results/ (scripts/gpu_check.sh collects its own
+# run's rows there, so the checkout's records stay untouched).
+RESULTS_DIR_ENV = "SEPICO_FAST_BENCH_RESULTS_DIR"
 # Set by ``pytest --record`` (bench/conftest.py); the environment variable works without pytest.
 RECORD = False
 # Every row measured in this process, in order (the conftest prints them as one table).
@@ -34,6 +37,11 @@ def recording() -> bool:
     return RECORD or os.environ.get(RECORD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def results_folder() -> Path:
+    """The folder recorded rows are appended to: ``$SEPICO_FAST_BENCH_RESULTS_DIR`` or bench/results/."""
+    return Path(os.environ.get(RESULTS_DIR_ENV, "").strip() or RESULTS_DIR)
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -41,7 +49,14 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()})"
 
 
+COMMIT_ENV = "GPU_CHECK_COMMIT"
+
+
 def git_commit() -> str:
+    """``$GPU_CHECK_COMMIT`` when set (a tree copied without .git, e.g. onto the GPU
+    machine by scripts/gpu_check.sh's caller), else ``git rev-parse --short HEAD``."""
+    if os.environ.get(COMMIT_ENV, "").strip():
+        return os.environ[COMMIT_ENV].strip()
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=10)
@@ -115,9 +130,15 @@ def graph_time_ms(fn: Callable[[int], object], device: torch.device | str, *, ca
     torch.cuda.current_stream(device).wait_stream(side)
     _sync(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(warmup + i)
+    before = torch.cuda.current_stream(device)
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fn(warmup + i)
+    finally:
+        # A failed capture (e.g. a host sync in fn) raises in torch.cuda.graph's __exit__
+        # before it restores the stream: every later op would run on the capture stream.
+        torch.cuda.set_stream(before)
     graph.replay()
     _sync(device)
     times = []
@@ -228,10 +249,11 @@ def record(bench: str, impl: str, device: torch.device | str, shape: dict, media
 
 
 def append_row(row: dict, results_dir: Path | None = None) -> Path:
-    """Append ``row`` to ``<results_dir>/<bench>.json`` atomically."""
-    results_dir = Path(results_dir or RESULTS_DIR)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{row['bench']}.json"
+    """Append ``row`` to ``<results_dir>/<bench>.json`` atomically (default: ``bench/results/``,
+    or ``$SEPICO_FAST_BENCH_RESULTS_DIR`` when set)."""
+    folder = Path(results_dir) if results_dir else results_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{row['bench']}.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     rows.append(row)
     tmp = path.with_suffix(".json.tmp")
@@ -309,5 +331,5 @@ def cpu_peak_memory_mb(fn: Callable[[], object]) -> float:
 
 __all__: Sequence[str] = ["median_time_ms", "calls_per_event", "graph_time_ms", "kernel_timings",
                           "peak_memory_mb", "copy_bandwidth_gbps", "record", "device_name", "git_commit",
-                          "cpu_peak_memory_mb", "recording", "append_row", "summary_table",
+                          "cpu_peak_memory_mb", "recording", "results_folder", "append_row", "summary_table",
                           "speedup_vs_upstream", "SESSION_ROWS"]

@@ -62,7 +62,7 @@ def _upstream_module():
         pytest.skip(f"bench/upstream.py is not available: {exc}")
 
 
-def _skip_reason(device: str, impl: str, n: int) -> str | None:
+def _skip_reason(bench: str, device: str, impl: str, n: int) -> str | None:
     if device == "cuda" and not GPU:
         return "no CUDA GPU on this machine: GPU rows not measured"
     if device == "cpu":
@@ -218,7 +218,7 @@ def _first_call(impl: str, thunk):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bench", BENCHES)
 def test_bench(bench, impl, n, device):
-    reason = _skip_reason(device, impl, n)
+    reason = _skip_reason(bench, device, impl, n)
     if reason:
         pytest.skip(reason)
     dev = torch.device(device)

@@ -15,20 +15,28 @@ Default size (SPEC §6, §8): DAFormer MiT-B5 (random init: no download), source
 Per variant: the implementation each contrast op and pixel op took (from the one-time
 log records of the dispatchers), host synchronisations per step (CUDA sync debug mode
 "warn", counted), ms per iteration (median of synchronised steps, and the mean of
-back-to-back steps), peak memory, and MFU from the FLOPs that ``FlopCounterMode``
-counts in one step (matmuls/convolutions; the Triton kernels' few GFLOPs are not
-counted) and from the trainer's documented count. JSON to ``--out``, a table on stdout.
+back-to-back steps), images per second (source + target), peak memory, a per-phase
+table (``train_step``'s phases, each synchronised at its boundaries: their sum is above
+the back-to-back time), and MFU from the FLOPs that ``FlopCounterMode`` counts in one
+step (matmuls/convolutions; the Triton kernels' few GFLOPs are not counted) and from the
+trainer's documented count.
+
+``--out`` is rewritten after every variant and one table line is printed as each one
+ends, so a probe stopped by a time limit keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import statistics
 import sys
 import time
 import traceback
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -127,6 +135,46 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+class PhaseTimer:
+    """Stands in for the trainer's Profiler (``train_step`` only calls ``.phase(name)``):
+    times each phase between two device synchronisations."""
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.seconds[name] += time.perf_counter() - t0
+            self.calls[name] += 1
+
+    def rows(self, steps: int) -> list[dict]:
+        total = sum(self.seconds.values()) or 1.0
+        return [{"phase": name, "calls": self.calls[name], "ms_per_step": round(1e3 * secs / steps, 2),
+                 "share": round(secs / total, 3)}
+                for name, secs in sorted(self.seconds.items(), key=lambda kv: -kv[1])]
+
+
+def phase_table(ctx, src, tgt, it0, steps, device) -> list[dict]:
+    if steps < 1:
+        return []
+    timer, before = PhaseTimer(device), ctx.profiler
+    ctx.profiler = timer
+    try:
+        for k in range(steps):
+            train_step(ctx, src, tgt, it0 + k)
+    finally:
+        ctx.profiler = before
+    return timer.rows(steps)
+
+
 def count_flops(ctx, src, tgt, it) -> float | None:
     try:
         from torch.utils.flop_counter import FlopCounterMode
@@ -210,6 +258,8 @@ def probe_variant(args, name, spec, device, models, records) -> dict:
     _sync(device)
     back_to_back_ms = (time.perf_counter() - t) * 1e3 / args.steps
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    phases = phase_table(ctx, src, tgt, it, args.phase_steps, device)
+    it += args.phase_steps
     counted = count_flops(ctx, src, tgt, it) if args.flops else None
     documented = documented_flops(cfg, tuple(tgt["img"].shape[-2:]), it)
     peak = peak_tflops(device)
@@ -227,6 +277,8 @@ def probe_variant(args, name, spec, device, models, records) -> dict:
         "ms_per_iter_median": round(ms, 2),
         "ms_per_iter_all": [round(x, 2) for x in times],
         "ms_per_iter_back_to_back": round(back_to_back_ms, 2),
+        "images_per_s": round(2 * args.batch / (ms * 1e-3), 2),  # source + target images
+        "phases": phases,
         "warmup_s": round(warmup_s, 1),
         "host_syncs_per_step": syncs,
         "host_sync_sites": sites,
@@ -249,12 +301,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--sync-steps", type=int, default=2)
+    p.add_argument("--phase-steps", type=int, default=3, help="steps of the per-phase table")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     args = p.parse_args(argv)
     if args.tiny:  # checks the script, measures nothing: one step of each kind per variant
         args.arch, args.crop, args.target, args.batch, args.proj_dim, args.memory = \
             "daformer_tiny", (32, 32), (32, 64), 2, 16, 8
-        args.warmup, args.steps, args.sync_steps, args.flops = 0, 1, 0, False
+        args.warmup, args.steps, args.sync_steps, args.phase_steps, args.flops = 0, 1, 0, 1, False
     else:
         args.arch, args.crop, args.target, args.batch, args.proj_dim, args.memory = \
             "daformer_mitb5", (640, 640), (640, 1280), 2, 512, 200
@@ -262,6 +315,28 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     return args
+
+
+HEADER = (f"{'variant':<18} {'ms/iter':>8} {'b2b ms':>8} {'img/s':>7} {'syncs/step':>10} "
+          f"{'peak GB':>8} {'MFU':>6}")
+
+
+def table_line(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"{name:<18} ERROR {r['error'][:100]}"
+    mfu = r["mfu_counted"] if r["mfu_counted"] is not None else r["mfu_documented"]
+    return (f"{name:<18} {r['ms_per_iter_median']:>8} {r['ms_per_iter_back_to_back']:>8} {r['images_per_s']:>7} "
+            f"{str(r['host_syncs_per_step']):>10} {str(r['peak_mem_gb']):>8} "
+            f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%':>6}")
+
+
+def write_json(path: str, result: dict) -> None:
+    """Whole file or nothing: a reader (or a kill) never sees half a JSON."""
+    if not path:
+        return
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -273,7 +348,11 @@ def main(argv=None) -> int:
     package_log.setLevel(logging.DEBUG)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "cuda": torch.version.cuda,
+              "commit": os.environ.get("GPU_CHECK_COMMIT") or None,
               "implementations": implementation_lines(device), "variants": {}}
+    write_json(args.out, result)
+    print("\n".join(result["implementations"]))
+    print(HEADER, flush=True)
     failed = 0
     models: dict = {}  # one student/teacher pair for every variant (weights do not matter)
     for name in args.variants.split(","):
@@ -287,18 +366,16 @@ def main(argv=None) -> int:
             print(traceback.format_exc())
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("\n".join(result["implementations"]))
-    print(f"{'variant':<18} {'ms/iter':>8} {'b2b ms':>8} {'syncs/step':>10} {'peak GB':>8} {'MFU':>6}")
+        write_json(args.out, result)
+        print(table_line(name, result["variants"][name]), flush=True)
+    first = next((r for r in result["variants"].values() if r.get("phases")), None)
+    if first:
+        print(f"phases of {first['config']['variant']} {first['config']['amp']} (ms per step, synchronised):")
+        for row in first["phases"]:
+            print(f"  {row['phase']:<20} {row['ms_per_step']:>9} {100 * row['share']:>5.1f}%")
+    print(HEADER)
     for name, r in result["variants"].items():
-        if "error" in r:
-            print(f"{name:<18} ERROR {r['error'][:100]}")
-            continue
-        mfu = r["mfu_counted"] if r["mfu_counted"] is not None else r["mfu_documented"]
-        print(f"{name:<18} {r['ms_per_iter_median']:>8} {r['ms_per_iter_back_to_back']:>8} "
-              f"{str(r['host_syncs_per_step']):>10} {str(r['peak_mem_gb']):>8} "
-              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%':>6}")
+        print(table_line(name, r))
     return 1 if failed else 0
 
 

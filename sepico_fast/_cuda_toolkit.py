@@ -56,10 +56,23 @@ def archs_text() -> str:
 # ---------------------------------------------------------------------------------------
 # Toolkit resolution
 # ---------------------------------------------------------------------------------------
+# The extension links ``-lcudart``: torch's build looks in ``lib64/`` (else ``lib/``).
+CUDART_DIRS = ("lib64", "lib")
+
+
+def missing_parts(root: str) -> list[str]:
+    """What a CUDA toolkit root lacks to build and link the extension (empty: nothing)."""
+    missing = [rel for rel in (os.path.join("include", "cuda_runtime.h"), os.path.join("bin", "nvcc"))
+               if not os.path.isfile(os.path.join(root, rel))]
+    if not any(os.path.isfile(os.path.join(root, d, "libcudart.so")) for d in CUDART_DIRS):
+        missing.append(" or ".join(os.path.join(d, "libcudart.so") for d in CUDART_DIRS))
+    return missing
+
+
 def is_toolkit(root: str | None) -> bool:
-    """A CUDA toolkit root: has ``include/cuda_runtime.h`` and ``bin/nvcc``."""
-    return bool(root) and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) \
-        and os.path.isfile(os.path.join(root, "bin", "nvcc"))
+    """A CUDA toolkit root: ``include/cuda_runtime.h``, ``bin/nvcc`` and ``libcudart.so``
+    in ``lib64/`` or ``lib/`` (headers to compile, nvcc to build, cudart to link)."""
+    return bool(root) and not missing_parts(root)
 
 
 def toolkit_version(root: str) -> tuple[int, int] | None:
@@ -125,7 +138,8 @@ def find_cuda_home(environ: Mapping[str, str] | None = None,
                    prefixes: Sequence[str] = ("/usr/local",),
                    torch_cuda: str | None = None,
                    run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> ToolkitChoice:
-    """The CUDA toolkit to build with, checked to have ``include/cuda_runtime.h``.
+    """The CUDA toolkit to build with, checked to have ``include/cuda_runtime.h``,
+    ``bin/nvcc`` and ``lib64/`` or ``lib/`` with ``libcudart.so`` (:func:`missing_parts`).
 
     In order: ``$CUDA_HOME`` / ``$CUDA_PATH``; the toolkit behind the ``nvcc`` on PATH (its
     folder, the target of a symlink, an absolute ``.../bin/nvcc`` named in a wrapper
@@ -138,9 +152,10 @@ def find_cuda_home(environ: Mapping[str, str] | None = None,
     def check(root: str | None, how: str) -> ToolkitChoice | None:
         if not root:
             return None
-        if is_toolkit(root):
+        missing = missing_parts(root)
+        if not missing:
             return ToolkitChoice(os.path.abspath(root), how, rejected)
-        rejected.append(f"{root} ({how}: no include/cuda_runtime.h or bin/nvcc)")
+        rejected.append(f"{root} ({how}: no {', no '.join(missing)})")
         return None
 
     for var in ("CUDA_HOME", "CUDA_PATH"):

@@ -1,7 +1,7 @@
 """Finding the CUDA toolkit for the extension build (sepico_fast/_cuda_toolkit.py, setup.py).
 
 Fake toolkit trees in a temporary folder stand in for real installs: a toolkit is a folder
-with ``include/cuda_runtime.h`` and ``bin/nvcc``. The setup.py tests run it in a subprocess
+with ``include/cuda_runtime.h``, ``bin/nvcc`` and ``lib64/libcudart.so`` (or ``lib/``). The setup.py tests run it in a subprocess
 on a copy of the files it reads, with ``torch.version.cuda`` faked, so they need no GPU and
 no CUDA build of torch.
 """
@@ -18,9 +18,13 @@ from sepico_fast import _cuda_toolkit as tk
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_toolkit(root: Path, version: int = 13000) -> Path:
+def make_toolkit(root: Path, version: int = 13000, lib: str | None = "lib64") -> Path:
     (root / "include").mkdir(parents=True)
     (root / "bin").mkdir()
+    if lib:
+        (root / lib).mkdir()
+        (root / lib / "libcudart.so.13").write_bytes(b"\x7fELF fake")
+        (root / lib / "libcudart.so").symlink_to("libcudart.so.13")
     (root / "include" / "cuda_runtime.h").write_text("// fake\n")
     (root / "include" / "cuda.h").write_text(f"#define CUDA_VERSION {version}\n")
     nvcc = root / "bin" / "nvcc"
@@ -70,6 +74,28 @@ def test_bad_cuda_home_is_rejected_and_named(tmp_path):
     assert choice.home == str(home)
     assert "$CUDA_HOME" in choice.rejected[0] and "cuda_runtime.h" in choice.rejected[0]
     assert "rejected" in choice.describe()
+
+
+def test_toolkit_without_libcudart_is_rejected_and_lib_folder_is_accepted(tmp_path):
+    """Headers and nvcc alone do not link: libcudart.so must be in lib64/ or lib/."""
+    headers_only = make_toolkit(tmp_path / "cuda-13.0", lib=None)
+    assert not tk.is_toolkit(str(headers_only))
+    assert tk.missing_parts(str(headers_only)) == ["lib64/libcudart.so or lib/libcudart.so"]
+    (headers_only / "lib64").mkdir()
+    (headers_only / "lib64" / "libcudart_static.a").write_bytes(b"!<arch>")  # not what -lcudart links
+    choice = tk.find_cuda_home({"CUDA_HOME": str(headers_only)}, which_from(None), prefixes=(), run=no_run)
+    assert choice.home is None and "libcudart.so" in choice.rejected[0] and "$CUDA_HOME" in choice.rejected[0]
+    conda_like = make_toolkit(tmp_path / "env", lib="lib")
+    assert tk.is_toolkit(str(conda_like)) and tk.missing_parts(str(conda_like)) == []
+    no_nvcc = make_toolkit(tmp_path / "cuda-12.8", 12080)
+    (no_nvcc / "bin" / "nvcc").unlink()
+    assert tk.missing_parts(str(no_nvcc)) == ["bin/nvcc"]
+    # the standard prefix skips the broken trees and takes the complete one
+    make_toolkit(tmp_path / "prefix" / "cuda-12.4", 12040)
+    (tmp_path / "prefix" / "cuda-13.0").symlink_to(headers_only)
+    choice = tk.find_cuda_home({}, which_from(None), prefixes=(str(tmp_path / "prefix"),),
+                               torch_cuda="13.0", run=no_run)
+    assert choice.home == str(tmp_path / "prefix" / "cuda-12.4")
 
 
 def test_symlinked_nvcc(tmp_path):
