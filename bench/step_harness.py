@@ -115,6 +115,8 @@ def run(args) -> dict:
     amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
     cfg = bench_config(args.arch, args.crop, args.batch)
     flows = ["fast", "upstream"] if args.dataflow == "both" else [args.dataflow]
+    if args.compile and args.with_eager and "fast" in flows:
+        flows.append("fast_eager")  # the same fast step without compilation, interleaved too
     torch.manual_seed(cfg.seed)
     base = build_segmentor(cfg.arch, cfg.num_classes, cfg.proj_dim, drop_path_rate=cfg.drop_path_rate).to(device)
     steps = {}
@@ -122,8 +124,10 @@ def run(args) -> dict:
     for name in flows:
         student = copy.deepcopy(base)
         # The upstream baseline is always what the authors ran: fp32, eager.
-        steps[name] = (build_fast(cfg, device, student, amp_dtype, args.compile) if name == "fast"
-                       else build_upstream(cfg, device, student))
+        if name == "upstream":
+            steps[name] = build_upstream(cfg, device, student)
+        else:
+            steps[name] = build_fast(cfg, device, student, amp_dtype, args.compile and name == "fast")
     setup_s = time.perf_counter() - t0
     del base
     src, tgt = synthetic_batches(args.batch, args.crop, device)
@@ -132,21 +136,25 @@ def run(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = {n: [] for n in flows}
+    cpu_times = {n: [] for n in flows}  # process CPU time: less sensitive to other processes' load
     for k, it in enumerate(its):
         order = flows if k % 2 == 0 else flows[::-1]
         for name in order:
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             steps[name](src, tgt, it)
             _sync(device)
             times[name].append((time.perf_counter() - t) * 1e3)
+            cpu_times[name].append((time.process_time() - c) * 1e3)
     out = {"arch": args.arch, "crop": args.crop, "batch": args.batch, "precision": args.precision,
            "compile": bool(args.compile), "device": str(device), "threads": torch.get_num_threads(),
            "setup_s": round(setup_s, 2), "iterations": its}
     for name in flows:
         warm, meas = times[name][:args.warmup], times[name][args.warmup:]
+        cpu = cpu_times[name][args.warmup:]
         out[name] = {"median_ms": statistics.median(meas) if meas else None,
-                     "times_ms": [round(t, 1) for t in meas], "warmup_ms": [round(t, 1) for t in warm]}
+                     "times_ms": [round(t, 1) for t in meas], "warmup_ms": [round(t, 1) for t in warm],
+                     "cpu_median_ms": statistics.median(cpu) if cpu else None}
     if args.memory:
         if device.type == "cuda":
             out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -189,6 +197,7 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the fast dataflow's models")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--with-eager", action="store_true", help="with --compile: also time the eager fast step")
     p.add_argument("--memory", action="store_true", help="report the process's peak memory")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     print(json.dumps(run(p.parse_args(argv))))
