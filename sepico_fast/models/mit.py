@@ -75,11 +75,12 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), h, w
 
 
-# CPU: attention maps up to this many elements (64 MB in fp32) are computed explicitly
-# (matmul, softmax, matmul): for MiT's short key sequences (N' = 64..400) that is several
-# times faster forward + backward than the flash kernel (bench/NOTES.md). Larger maps use
-# the flash kernel, which never materialises them.
-CPU_EXPLICIT_ATTENTION_MAX = 1 << 24
+# CPU: attention maps up to this many elements (8 MB in fp32) are computed explicitly
+# (matmul, softmax, matmul): for MiT's short key sequences (stage 1 at crop 256: N = 4096,
+# N' = 64) that is ~6x faster forward + backward than the flash kernel; at N' = 256 both
+# are about equal (bench/NOTES.md). Larger maps use the flash kernel, which never
+# materialises them.
+CPU_EXPLICIT_ATTENTION_MAX = 1 << 21
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
