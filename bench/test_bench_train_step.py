@@ -64,7 +64,8 @@ def _record(bench: str, device: str, result: dict, mode: str) -> None:
         assert ms is not None and math.isfinite(ms) and ms > 0, (name, res)
         assert res["peak_mem_mb"] is not None and res["peak_mem_mb"] > 0, (name, res)
         extra = {"images_per_s": round(images / (ms * 1e-3), 3), "times_ms": res["times_ms"],
-                 "warmup_ms": res["warmup_ms"], "rss_setup_mb": res.get("rss_setup_mb"),
+                 "warmup_ms": res["warmup_ms"], "cpu_median_ms": round(res["cpu_median_ms"], 1),
+                 "rss_setup_mb": res.get("rss_setup_mb"),
                  "threads": result["threads"], "interleaved_with": "fast" if name == "upstream" else "upstream"}
         if name == "fast":
             extra["speedup_vs_upstream"] = round(up["median_ms"] / ms, 3)

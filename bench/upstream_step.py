@@ -31,7 +31,6 @@ come from the same ``iteration_rng`` as the fast step, so both take the same bra
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -233,6 +232,3 @@ def upstream_train_step(u: UpstreamStep, src: dict, tgt: dict, it: int) -> dict[
     u.optimizer.step()
     return log
 
-
-def finite_losses(log: dict[str, float]) -> bool:
-    return all(math.isfinite(v) for v in log.values())

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-from bench.upstream_step import build_upstream_step, upstream_train_step
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:  # bench/ is a folder of the checkout, not an installed package
+    sys.path.insert(0, ROOT)
+
+from bench.upstream_step import build_upstream_step, upstream_train_step  # noqa: E402
 from sepico_fast.contrast import ClassStats
 from sepico_fast.models import build_segmentor
 from sepico_fast.train.config import make_config
@@ -81,7 +88,5 @@ def test_upstream_source_losses_equal_fast_step():
 
 
 def test_upstream_step_rejects_unimplemented_variants():
-    import pytest
-
     with pytest.raises(ValueError, match="variant 'dist'"):
         build_upstream_step(config(variant="bank"), "cpu", tiny_student())

@@ -101,9 +101,7 @@ class _DepthwiseTaps(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         centre = (k * k) // 2
         gx = gy * w_flat[:, centre].view(1, c, 1, 1) if need_x else None
-        gw = torch.empty(c, k * k, dtype=weight.dtype, device=weight.device) if need_w else None
-        if need_w:
-            gw.zero_()
+        gw = torch.zeros(c, k * k, dtype=weight.dtype, device=weight.device) if need_w else None
         for t, dy, dx in ctx.taps:
             out, inp = _slices(dy, dx, h, w)
             if need_x and t != centre:
