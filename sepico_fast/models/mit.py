@@ -75,8 +75,24 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), h, w
 
 
+# CPU: attention maps up to this many elements (8 MB in fp32) are computed explicitly
+# (matmul, softmax, matmul): for MiT's short key sequences (stage 1 at crop 256: N = 4096,
+# N' = 64) that is ~6x faster forward + backward than the flash kernel; at N' = 256 both
+# are about equal (bench/NOTES.md). Larger maps use the flash kernel, which never
+# materialises them.
+CPU_EXPLICIT_ATTENTION_MAX = 1 << 21
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d)) v with the attention map materialised (the authors' formulation)."""
+    attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    return attn.softmax(dim=-1) @ v
+
+
 class EfficientAttention(nn.Module):
     """Multi-head attention whose keys/values come from a map reduced by ``sr_ratio``."""
+
+    upstream_layout = False  # see models/layout.py
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int):
         super().__init__()
@@ -102,7 +118,12 @@ class EfficientAttention(nn.Module):
             x = self.norm(self.sr(grid).flatten(2).transpose(1, 2))
         kv = self.kv(x).reshape(b, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as upstream
+        explicit = self.upstream_layout or (
+            q.device.type == "cpu" and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_EXPLICIT_ATTENTION_MAX)
+        if explicit:
+            out = explicit_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as upstream
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -146,6 +167,8 @@ class Block(nn.Module):
 
 class MixVisionTransformer(nn.Module):
     """Four-stage MiT encoder: returns maps at strides 4, 8, 16, 32 (NCHW)."""
+
+    upstream_layout = False  # see models/layout.py
 
     def __init__(self, config: MiTConfig, in_channels: int = 3, drop_path_rate: float = 0.1):
         super().__init__()
@@ -195,6 +218,9 @@ class MixVisionTransformer(nn.Module):
                 tokens = blk(tokens, h, w)
             tokens = getattr(self, f"norm{s}")(tokens)
             # Tokens [B,N,C] viewed as [B,C,H,W] have channels_last strides; no copy here.
+            # (The authors copy each stage output to contiguous NCHW.)
             x = tokens.transpose(1, 2).reshape(b, -1, h, w)
+            if self.upstream_layout:
+                x = x.contiguous()
             outs.append(x)
         return outs

@@ -43,6 +43,15 @@ class Segmentor(nn.Module):
                     m.training = False
         return self
 
+    def use_upstream_layout(self, enabled: bool = True) -> "Segmentor":
+        """Run with the authors' dataflow inside the network (benchmark baseline, models/layout.py):
+        ``F.conv2d`` for every convolution, explicit attention, and contiguous NCHW copies where
+        their code makes them. Same parameters and the same mathematics."""
+        for m in self.modules():
+            if hasattr(type(m), "upstream_layout"):
+                m.upstream_layout = bool(enabled)
+        return self
+
     def extract(self, img: torch.Tensor) -> list[torch.Tensor]:
         """Backbone feature maps (4 levels) for a normalised image batch [B,3,H,W]."""
         return self.backbone(img)

@@ -214,11 +214,23 @@ def _step_context(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, w
     return ctx, amp_desc
 
 
-def _compile_models(ctx: StepContext) -> None:
+def _compile_models(ctx: StepContext, backend="inductor") -> None:
+    """``torch.compile`` the three pieces of each network: ``extract``, ``decode``, ``project``.
+
+    ``predict`` and ``forward`` call those pieces, so one graph exists per (network, piece,
+    input shape, grad mode) and nothing recompiles after the first iteration (and the
+    first evaluation): the teacher's backbone and decoder see the full target image and the
+    crop, its backbone and projection head the source crop; the student's pieces see the
+    training crop (and the evaluation size). ``dynamic=False``: static shapes give the
+    fastest kernels, and there are only a few of them. Compile times: bench/NOTES.md."""
+    # Inductor's layout optimisation turns convolution inputs to channels_last: on the CPU
+    # that makes oneDNN's weight gradients several times slower (bench/NOTES.md), so it is
+    # off there; on CUDA channels_last is what cuDNN wants.
+    options = {"layout_optimization": False} if (backend == "inductor" and ctx.device.type == "cpu") else None
     for m in (ctx.student, ctx.teacher):
         if m is not None:
-            for name in ("extract", "decode", "project", "predict"):
-                setattr(m, name, torch.compile(getattr(m, name)))
+            for name in ("extract", "decode", "project"):
+                setattr(m, name, torch.compile(getattr(m, name), dynamic=False, backend=backend, options=options))
 
 
 def setup(cfg: TrainConfig) -> TrainRun:

@@ -1,0 +1,23 @@
+"""Per-device choice of kernels and memory formats in the segmentors.
+
+The choices were measured on the CPU (bench/NOTES.md, "Whole iteration"); on CUDA the
+modules keep ``F.conv2d`` (cuDNN) until the GPU benchmark measures otherwise.
+
+Every module that makes such a choice has the attribute ``upstream_layout`` (False by
+default). ``Segmentor.use_upstream_layout()`` sets it on the whole model to reproduce the
+authors' dataflow for the benchmark baseline (``bench/upstream_step.py``): ``F.conv2d``
+for every convolution and contiguous NCHW copies exactly where their code makes them.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def use_cpu_taps(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """True where the shifted-tap convolutions of ``conv_taps`` replace ``F.conv2d``: on the CPU."""
+    return x.device.type == "cpu" and not module.upstream_layout
+
+
+def use_cpu_nchw(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """True where a map is made contiguous NCHW for the layers after it: on the CPU."""
+    return x.device.type == "cpu" and not module.upstream_layout
