@@ -13,9 +13,16 @@ from __future__ import annotations
 import torch
 
 
+def exporting() -> bool:
+    """True while TorchScript tracing or an ONNX / ``torch.export`` export records the model:
+    an exported graph runs on any device, so it gets the portable ``F.conv2d``."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def use_cpu_taps(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """True where the shifted-tap convolutions of ``conv_taps`` replace ``F.conv2d``: on the CPU."""
-    return x.device.type == "cpu" and not module.upstream_layout
+    """True where the shifted-tap convolutions of ``conv_taps`` replace ``F.conv2d``: on the
+    CPU, in eager mode and under ``torch.compile``, not in an exported graph."""
+    return x.device.type == "cpu" and not module.upstream_layout and not exporting()
 
 
 def use_cpu_nchw(module: torch.nn.Module, x: torch.Tensor) -> bool:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import exporting
+
 
 @dataclass(frozen=True)
 class MiTConfig:
@@ -119,7 +121,8 @@ class EfficientAttention(nn.Module):
         kv = self.kv(x).reshape(b, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
         explicit = self.upstream_layout or (
-            q.device.type == "cpu" and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_EXPLICIT_ATTENTION_MAX)
+            q.device.type == "cpu" and not exporting()
+            and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_EXPLICIT_ATTENTION_MAX)
         if explicit:
             out = explicit_attention(q, k, v)
         else:
