@@ -64,9 +64,11 @@ def test_bad_validation_file_keeps_the_checkpoint(tmp_path):
     assert torch.load(tmp_path / "iter_000002.pt", weights_only=True)["meta"]["iter"] == 2
 
 
-def test_sigterm_subprocess_exit_status_and_one_line(tmp_path):
-    """A real SIGTERM to ``python -m sepico_fast.train``: exit 143, the last stderr line says
-    where the checkpoint is, and the checkpoint loads with weights_only=True."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_subprocess_exit_status_and_one_line(tmp_path, sig):
+    """A real SIGTERM (``kill``) or SIGINT (Ctrl-C) to ``python -m sepico_fast.train``: exit
+    128 + signal (143, 130), the last stderr line says where the checkpoint is, and the
+    checkpoint loads with weights_only=True."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "sepico_fast.train", "--crop", "32", "--proj-dim", "16", "--batch-size", "1",
            "--iters", "500", "--log-interval", "1", "--debug-interval", "0", "--work-dir", str(tmp_path)]
@@ -77,14 +79,14 @@ def test_sigterm_subprocess_exit_status_and_one_line(tmp_path):
         while not (scalars.is_file() and scalars.read_text().strip()) and time.time() < deadline:
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + sig, err
     last = err.strip().splitlines()[-1]
-    assert "stopped by SIGTERM" in last and "--resume auto --work-dir" in last and "Traceback" not in err
+    assert f"stopped by {sig.name}" in last and "--resume auto --work-dir" in last and "Traceback" not in err
     path = Path(last.split("checkpoint of iteration ")[1].split(": ", 1)[1].split(";")[0])
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["meta"]["iter"] >= 1 and path.parent == tmp_path

@@ -205,3 +205,66 @@ def test_resume_on_cuda_within_tolerance(tmp_path):
         ckpt["counters"].pop("train_seconds")  # wall time, not state
     for key in ("state_dict", "class_stats", "counters"):
         _assert_close(a[key], b[key], CUDA_PARAM_ATOL, key)
+
+
+_SLOW_AFTER_CHECKPOINT = """
+import os, sys, time
+from pathlib import Path
+from sepico_fast.train import runner
+real_step = runner.train_step
+
+def step(ctx, src, tgt, it, debug=False):
+    if it == {k}:  # the checkpoint of iteration {k} is written: tell the parent, wait for kill -9
+        Path(os.environ["KILL_ME_MARKER"]).touch()
+        time.sleep(120)
+    return real_step(ctx, src, tgt, it, debug=debug)
+
+runner.train_step = step
+from sepico_fast.train.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def _cli_flags(work_dir):
+    """The command line of ``_cfg(work_dir)``."""
+    return ["--iters", str(K + M), "--crop", "32", "32", "--batch-size", "1", "--contrast-start", "2",
+            "--warmup-iters", "2", "--log-interval", "1", "--checkpoint-interval", str(K), "--debug-interval", "0",
+            "--eval-interval", "0", "--eval-max-images", "1", "--num-workers", "0", "--work-dir", str(work_dir),
+            "--deterministic", "--variant", "bank", "--memory-length", "4", "--proj-dim", "16", "--seed", "3",
+            "--device", "cpu"]
+
+
+def test_kill_9_then_resume_auto_is_exact(straight, tmp_path):
+    """A real SIGKILL (no handler, no emergency checkpoint) of ``python -m sepico_fast.train``
+    in iteration K + 1, after the periodic checkpoint of iteration K; ``--resume auto`` in a
+    new process continues from it and ends bitwise equal to the uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1",  # one thread, as the straight run (see one_thread)
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    resumed, marker = tmp_path / "resumed", tmp_path / "in_iteration_k"
+    env["KILL_ME_MARKER"] = str(marker)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_AFTER_CHECKPOINT.format(k=K), *_cli_flags(resumed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        assert marker.exists() and (resumed / f"iter_{K:06d}.pt").exists(), "not in iteration K within 240 s"
+        proc.kill()  # SIGKILL
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, err
+    assert not (resumed / f"iter_{K + 1:06d}.pt").exists() and not (resumed / "metrics.json").exists()
+    out = subprocess.run([sys.executable, "-m", "sepico_fast.train", *_cli_flags(resumed), "--resume", "auto"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same_run(straight, resumed)
