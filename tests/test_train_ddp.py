@@ -117,14 +117,20 @@ def _stall_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_stalled_rank_times_out_and_stop_requests_are_agreed(tmp_path):
+def _spawn_on_a_free_port(worker, tmp_path) -> None:
+    """Two processes of ``worker(rank, world, port, out_dir)`` meeting on a free local TCP port
+    (the workers use env:// initialisation, as torchrun does)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_stall_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_stalled_rank_times_out_and_stop_requests_are_agreed(tmp_path):
+    _spawn_on_a_free_port(_stall_worker, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert r0["agreed"] == (True, 15)  # rank 0 got no signal itself
     assert r0["outcome"] == "timed out" and r0["seconds"] < 3.5
@@ -164,12 +170,7 @@ def _wait_worker(rank, world, port, out_dir):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_other_ranks_wait_for_rank0s_emergency_checkpoint(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_wait_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    _spawn_on_a_free_port(_wait_worker, tmp_path)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert r1["written_when_returned"] and r1["code"] == r0["code"] == 143
