@@ -3,8 +3,9 @@
 Runs the real training loop (runner, data loader, checkpoints) on the synthetic pair with
 a tiny crop. On the CPU everything is compared bitwise: per-iteration losses, student and
 teacher parameters and buffers, the optimizer state and the class statistics. The run is
-stopped by --stop-at, by a SIGTERM (emergency checkpoint) and by a bad data file (emergency
-checkpoint, one line naming the file); each resume must equal the uninterrupted run. The
+stopped by --stop-at, by a SIGTERM (emergency checkpoint), by a bad data file (emergency
+checkpoint, one line naming the file) and by a real SIGKILL of a trainer subprocess (only
+the periodic checkpoint survives); each resume must equal the uninterrupted run. The
 bitwise tests are pinned to the CPU: on a GPU the step is not bit-reproducible (atomics in
 the scatter-adds, cuDNN/cuBLAS algorithm choice, Triton reductions), so the CUDA variant
 compares with a stated tolerance instead.
@@ -13,7 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,12 +244,6 @@ def test_kill_9_then_resume_auto_is_exact(straight, tmp_path):
     """A real SIGKILL (no handler, no emergency checkpoint) of ``python -m sepico_fast.train``
     in iteration K + 1, after the periodic checkpoint of iteration K; ``--resume auto`` in a
     new process continues from it and ends bitwise equal to the uninterrupted run."""
-    import os
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1",  # one thread, as the straight run (see one_thread)
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
