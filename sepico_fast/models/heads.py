@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv_taps import depthwise_conv_taps, summed_conv_taps
-from .layout import use_cpu_nchw, use_cpu_taps
+from .layout import use_cpu_kernels, use_cpu_nchw
 
 
 class ConvModule(nn.Module):
@@ -34,7 +34,7 @@ class ConvModule(nn.Module):
         self.dilated_depthwise = groups > 1 and groups == in_channels == out_channels and dilation > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dilated_depthwise and use_cpu_taps(self, x):
+        if self.dilated_depthwise and use_cpu_kernels(self, x):
             x = depthwise_conv_taps(x, self.conv.weight, self.conv.bias, self.conv.dilation[0],
                                     self.conv.padding[0])
         else:
@@ -148,7 +148,7 @@ class DLV2Head(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         x = feats[-1]
-        if use_cpu_taps(self, x):  # one GEMM for all 36 taps instead of four im2col convs
+        if use_cpu_kernels(self, x):  # one GEMM for all 36 taps instead of four im2col convs
             return summed_conv_taps(x, [m.conv.weight for m in self.aspp_modules],
                                     [m.conv.bias for m in self.aspp_modules], self.dilations)
         out = self.aspp_modules[0](x)

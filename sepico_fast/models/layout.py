@@ -19,8 +19,9 @@ def exporting() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
-def use_cpu_taps(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """True where the shifted-tap convolutions of ``conv_taps`` replace ``F.conv2d``: on the
+def use_cpu_kernels(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """True where the CPU's own kernel choices apply (the shifted-tap convolutions of
+    ``conv_taps`` instead of ``F.conv2d``, explicit attention for short key maps): on the
     CPU, in eager mode and under ``torch.compile``, not in an exported graph."""
     return x.device.type == "cpu" and not module.upstream_layout and not exporting()
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import exporting
+from .layout import use_cpu_kernels
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,8 @@ class EfficientAttention(nn.Module):
             x = self.norm(self.sr(grid).flatten(2).transpose(1, 2))
         kv = self.kv(x).reshape(b, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
-        explicit = self.upstream_layout or (
-            q.device.type == "cpu" and not exporting()
-            and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_EXPLICIT_ATTENTION_MAX)
+        explicit = self.upstream_layout or (  # map size only read where the CPU choice applies
+            use_cpu_kernels(self, q) and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_EXPLICIT_ATTENTION_MAX)
         if explicit:
             out = explicit_attention(q, k, v)
         else:
