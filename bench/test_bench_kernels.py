@@ -2,13 +2,13 @@
 
     pytest bench/test_bench_kernels.py -s
 
-Shapes (SPEC §9): N ∈ {12,800, 51,200, 204,800} prepared pixels (10 % ignore), A = 512,
+Shapes (method §9): N ∈ {12,800, 51,200, 204,800} prepared pixels (10 % ignore), A = 512,
 C = 19, M = 200 bank rows per class; bf16 features on the GPU (the AMP training path),
 fp32 statistics. Bench names (one JSON file each under bench/results/):
 
 * ``dist_contrast_fwd_bwd``, ``proto_contrast_fwd_bwd``, ``bank_contrast_fwd_bwd``:
   loss with the regulariser, forward + backward w.r.t. the features;
-* ``class_stats_update``: one ``ClassStats.update`` (batch moments + SPEC §4 merge).
+* ``class_stats_update``: one ``ClassStats.update`` (batch moments + method §4 merge).
 
 Impls: ``triton`` (``sepico_fast.contrast`` with impl="triton"; dL/dz stored by the forward
 kernel), ``triton_recompute`` (DistCL/ProtoCL kernels with grad_mode="recompute": dL/dz
@@ -16,7 +16,7 @@ recomputed by the backward kernel), ``torch`` (impl="torch"),
 ``torch_compile`` (``torch.compile`` of the reference functions), ``upstream``
 (``bench/upstream.py``: dense N×C×A statistics, DistCL as separate ops; ProtoCL is the same
 code with σ² = 0; BankCL: a direct separate-ops formulation, one class at a time with a
-boolean mask each and a product with every bank entry — SPEC §9 does not describe
+boolean mask each and a product with every bank entry — method §9 does not describe
 upstream's own BankCL). ``gbps`` uses the *minimum* traffic of the op — read z
 once, write dL/dz once (losses), plus labels and the small [C,A] / [C,M,A] tensors — so
 ``roofline_pct`` (against the measured device copy bandwidth) says how close an impl is to a

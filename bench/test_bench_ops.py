@@ -1,6 +1,6 @@
 """Self-training pixel ops: upstream Python loops vs batched torch vs the CUDA extension.
 
-Training sizes (SPEC §6): 2 target images 640×1280, 10 crop windows of 640×640, 19 classes;
+Training sizes (method §6): 2 target images 640×1280, 10 crop windows of 640×640, 19 classes;
 ClassMix on 2 crops of 3×640×640; pseudo labels from [2,19,640,1280] logits.
 
     pytest bench/test_bench_ops.py -s          # CPU rows always; CUDA rows need a GPU

@@ -1,6 +1,6 @@
-"""The upstream formulation of the statistics update and of DistCL (SPEC §9), as a baseline.
+"""The upstream formulation of the statistics update and of DistCL (method §9), as a baseline.
 
-Written from the SPEC's description of what the original implementation does, so that
+Written from the method description (docs/method.md) of what the original implementation does, so that
 every benchmark can report "how much faster / leaner than upstream":
 
 * ignore pixels are dropped with a boolean mask (a host sync) before anything else;
@@ -8,7 +8,7 @@ every benchmark can report "how much faster / leaner than upstream":
   a one-hot label map, the per-class sums and the centred squares all at full N x C x A;
 * DistCL runs as separate ops: the squared features, two matmuls, a gather of σ²_{y_i}
   as an N x A tensor, softmax cross-entropy, the variance term and the regulariser;
-* BankCL (not described by the SPEC: a direct separate-ops formulation, see its docstring).
+* BankCL (not described in docs/method.md: a direct separate-ops formulation, see its docstring).
 
 Same mathematics as ``sepico_fast.contrast`` (the benchmark asserts it), not the same cost.
 """
@@ -60,7 +60,7 @@ class UpstreamStats:
 
 def upstream_dist_contrast_loss(feat, labels, mean, var, temperature=100.0, ratio=1.0,
                                 reg_weight=1.0, ignore_index=255):
-    """DistCL as separate ops over the valid pixels, plus the regulariser (SPEC §5)."""
+    """DistCL as separate ops over the valid pixels, plus the regulariser (method §5)."""
     feat, labels = drop_ignore(feat, labels, ignore_index)
     mean, var = mean.detach(), var.detach()
     logits = feat.mm(mean.t())  # N x C
@@ -81,7 +81,7 @@ def upstream_dist_contrast_loss(feat, labels, mean, var, temperature=100.0, rati
 
 def upstream_bank_contrast_loss(feat, labels, bank, bank_len, temperature=100.0, mean=None,
                                 reg_weight=1.0, ignore_index=255):
-    """BankCL (SPEC §5) as separate ops. SPEC §9 does not describe upstream's BankCL, so
+    """BankCL (method §5) as separate ops. method §9 does not describe upstream's BankCL, so
     this is the direct formulation in the style of the other baselines, not upstream's
     code: one class at a time (a boolean mask each, a host sync), the product of its
     pixels with every bank entry [n_c, C·M], the per-class means of the negatives, the

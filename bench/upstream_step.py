@@ -3,7 +3,7 @@
 Built from this package's modules (same networks, same parameters, same mathematics) but
 arranged as the authors' ``SePiCo.forward_train`` + mmcv's optimizer step run it, so that
 "fast vs upstream" measures the dataflow and the kernels, not a different model. Each
-choice below is the authors' (SPEC §6, §9), noted next to the code:
+choice below is the authors' (method §6, §9), noted next to the code:
 
 * float32 only (their code had no mixed precision);
 * networks in ``Segmentor.use_upstream_layout()``: ``F.conv2d`` for every convolution,
@@ -107,7 +107,7 @@ def _encode_decode(model: nn.Module, img: torch.Tensor) -> torch.Tensor:
 
 
 def _downscale_onehot(label: torch.Tensor, scale: int, min_ratio: float, num_classes: int) -> torch.Tensor:
-    """SPEC §3 the authors' way: ignore -> C, one-hot to C+1 channels, average pool, arg-max."""
+    """method §3 the authors' way: ignore -> C, one-hot to C+1 channels, average pool, arg-max."""
     if scale == 1:
         return label.clone()
     out = label.clone()

@@ -1,4 +1,4 @@
-// Class-balanced crop scoring: histogram of every candidate window, SPEC §6.3 score and the
+// Class-balanced crop scoring: histogram of every candidate window, method §6.3 score and the
 // per-sample arg-max, in one launch.
 //
 // Work split: block = (sample b, window k, strip of kRowsPerBlock window rows). Each warp

@@ -23,7 +23,7 @@ enum class FloatType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kMaxCropClasses = 1024;
 
 // ---------------------------------------------------------------------------------
-// Class-balanced crop scoring (SPEC §6 step 3).
+// Class-balanced crop scoring (method §6 step 3).
 //
 //   labels   [B,H,W]   (uint8 / int32 / int64)
 //   offsets  [B,K,2]   int64 (y0, x0); each is clamped into [0,H-h] x [0,W-w] first
@@ -47,7 +47,7 @@ cudaError_t crop_scores(const void* labels, LabelType label_type, int64_t batch,
                         float* scores, int64_t* best, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
-// ClassMix in one pass (SPEC §6 step 8).
+// ClassMix in one pass (method §6 step 8).
 //
 //   src_img, tgt_img [B,C,H,W] (fp32 / fp16 / bf16, same type), mixed_img likewise
 //   src_lbl, tgt_lbl [B,H,W] int64; tgt_weight [B,H,W] fp32
@@ -63,7 +63,7 @@ cudaError_t classmix(const void* src_img, const void* tgt_img, FloatType img_typ
                      void* mixed_img, int64_t* mixed_lbl, float* mixed_weight, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
-// Pseudo labels (SPEC §6 step 2): softmax over classes, max and arg-max, confidence ratio.
+// Pseudo labels (method §6 step 2): softmax over classes, max and arg-max, confidence ratio.
 //
 //   logits [B,C,H,W] (fp32 / fp16 / bf16)
 //   prob   [B,H,W] fp32 = max_c softmax(logits)_c = 1 / Σ_c exp(l_c - max_c l_c)

@@ -1,4 +1,4 @@
-"""Fused BankCL memory-bank contrast loss (SPEC §5), forward + backward.
+"""Fused BankCL memory-bank contrast loss (method §5), forward + backward.
 
 Math. Bank b_{c,j} (j < L_c valid entries of class c, fp32 [C, M, A], no gradient), bank
 means b̄_c = Σ_{j<L_c} b_{c,j} / L_c, temperature τ. For a valid pixel i of class y:
@@ -257,7 +257,7 @@ def bank_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, bank: torch.Ten
                        mean: torch.Tensor | None = None, reg_weight: float = 0.0,
                        ignore_index: int = 255, *, sort: bool = True,
                        block_n: int | None = None, block_a: int | None = None) -> torch.Tensor:
-    """BankCL of SPEC §5 (see the module docstring); 0-d fp32, differentiable w.r.t. ``feat``.
+    """BankCL of method §5 (see the module docstring); 0-d fp32, differentiable w.r.t. ``feat``.
 
     feat [N, A], labels [N], bank [C, M, A] with entries 0..bank_len[c]-1 valid, ``mean``
     [C, A] the class means for the regulariser (needed when reg_weight != 0). ``sort=False``

@@ -1,4 +1,4 @@
-"""Fused DistCL / ProtoCL pixel-to-centroid contrast loss (SPEC §5), forward + backward.
+"""Fused DistCL / ProtoCL pixel-to-centroid contrast loss (method §5), forward + backward.
 
 Math. Features z_i ∈ R^A (rows of ``feat``, L2-normalised upstream), labels y_i, class means
 μ_c and diagonal variances σ²_c (c < C, fp32 statistics without gradient), temperature τ
@@ -329,7 +329,7 @@ def dist_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Ten
                        reg_weight: float = 0.0, ignore_index: int = 255, *,
                        grad_mode: str = "stored", block_n: int | None = None,
                        block_a: int | None = None) -> torch.Tensor:
-    """DistCL of SPEC §5 (see the module docstring); 0-d fp32, differentiable w.r.t. ``feat``.
+    """DistCL of method §5 (see the module docstring); 0-d fp32, differentiable w.r.t. ``feat``.
 
     feat [N, A] fp32/fp16/bf16 (any strides), labels [N] integer, mean/var [C, A] (used as
     fp32 statistics, no gradient); arguments are assumed validated by ``sepico_fast.contrast``.
@@ -353,7 +353,7 @@ def proto_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Te
                         temperature: float = 100.0, reg_weight: float = 0.0,
                         ignore_index: int = 255, *, grad_mode: str = "stored",
                         block_n: int | None = None, block_a: int | None = None) -> torch.Tensor:
-    """ProtoCL of SPEC §5: the DistCL kernel compiled without the variance term (σ² = 0)."""
+    """ProtoCL of method §5: the DistCL kernel compiled without the variance term (σ² = 0)."""
     check_device(feat, labels, mean)
     check_blocks(block_n, block_a)
     return _DistContrastFunction.apply(feat, labels, mean, None, float(temperature), 1.0,

@@ -1,4 +1,4 @@
-"""Fused per-class batch moments for ``ClassStats.update`` (SPEC §4).
+"""Fused per-class batch moments for ``ClassStats.update`` (method §4).
 
 Math. For class c with pixel set S_c = {i : y_i = c} (``ignore_index`` and labels outside
 [0, C) are skipped):

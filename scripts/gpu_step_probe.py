@@ -3,7 +3,7 @@
     python scripts/gpu_step_probe.py --out probe.json              # GPU: DAFormer MiT-B5
     python scripts/gpu_step_probe.py --tiny --out probe.json       # CPU smoke run (CI dry run)
 
-Default size (SPEC §6, §8): DAFormer MiT-B5 (random init: no download), source crop
+Default size (method §6, §8): DAFormer MiT-B5 (random init: no download), source crop
 640×640, target image 640×1280 (the class-balanced crop is searched in it), batch 2+2,
 19 classes, projection dim 512, contrast on from the first step. Variants:
 

@@ -1,4 +1,4 @@
-"""Strong augmentation of SPEC §6.4, batched on the device: colour jitter then Gaussian blur.
+"""Strong augmentation of method §6.4, batched on the device: colour jitter then Gaussian blur.
 
 Images come in ImageNet-normalised (mean/std on the 0..255 scale). Jitter works on the
 de-normalised 0..1 image with per-image factors (s = strength), clamping to [0, 1] after
@@ -49,7 +49,7 @@ _HSV_SECTORS = ((0, 3, 2), (1, 0, 2), (2, 0, 3), (2, 1, 0), (3, 2, 0), (0, 2, 1)
 
 @dataclass(frozen=True)
 class StrongParams:
-    """Per-iteration decisions (drawn once, SPEC §6.4)."""
+    """Per-iteration decisions (drawn once, method §6.4)."""
     jitter: bool
     blur: bool
     strength: float = 0.2

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §7): ``python -m sepico_fast.evaluate --checkpoint CKPT``.
+"""Evaluation (method §7): ``python -m sepico_fast.evaluate --checkpoint CKPT``.
 
 Whole-image inference at the eval scale (the data layer resizes to fit 1280×640, Dark
 Zurich 1280×720), logits bilinearly upsampled to the network input size and then to the
@@ -34,13 +34,13 @@ def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
-# Dark Zurich test-time class re-weighting (SPEC §7): scale of the log-frequency weights.
+# Dark Zurich test-time class re-weighting (method §7): scale of the log-frequency weights.
 DZ_TEST_WEIGHT_SCALE = 0.16
 
 
 def dark_zurich_class_weights(scale: float = DZ_TEST_WEIGHT_SCALE) -> torch.Tensor:
     """float32 [19] log-frequency class weights w_c = (mean(l) - l_c) / std(l) · scale + 1,
-    l = log of the Cityscapes class frequencies: scale 0.16 at test time (SPEC §7), 0.05 in
+    l = log of the Cityscapes class frequencies: scale 0.16 at test time (method §7), 0.05 in
     training (``train.uda.log_frequency_class_weights``, the same function)."""
     from .data.labels import log_frequency_weights
 
@@ -65,7 +65,7 @@ def input_size_logits(model, img: torch.Tensor, amp_dtype=None) -> torch.Tensor:
 
 
 def to_label_size(logits: torch.Tensor, out_hw: tuple[int, int], class_weight: torch.Tensor | None = None):
-    """Second resize of SPEC §7: input-size scores to the label size ``out_hw`` (bilinear).
+    """Second resize of method §7: input-size scores to the label size ``out_hw`` (bilinear).
 
     With ``class_weight`` (Dark Zurich test-time re-weighting) the soft-max probabilities at
     the input size are multiplied by the weights first; the arg-max of the result is the

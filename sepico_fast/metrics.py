@@ -1,4 +1,4 @@
-"""Segmentation metrics (SPEC §7): a confusion matrix accumulated on the device."""
+"""Segmentation metrics (method §7): a confusion matrix accumulated on the device."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Strong augmentation (SPEC §6.4): colour jitter and Gaussian blur, batched."""
+"""Strong augmentation (method §6.4): colour jitter and Gaussian blur, batched."""
 from __future__ import annotations
 
 import colorsys
@@ -81,7 +81,7 @@ def test_strong_augment_decisions():
 
 
 # ---------------------------------------------------------------------------------------
-# Jitter order (SPEC §6.4): a fresh permutation of the four ops on each call
+# Jitter order (method §6.4): a fresh permutation of the four ops on each call
 # ---------------------------------------------------------------------------------------
 def _clamp01(v):
     return min(max(v, 0.0), 1.0)

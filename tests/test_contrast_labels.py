@@ -9,7 +9,7 @@ IGNORE = 255
 
 
 def recipe(label, s, min_ratio, num_classes):
-    """SPEC §3 literally: 255 -> C, one-hot C+1, average pool (k = stride = s), arg-max and
+    """method §3 literally: 255 -> C, one-hot C+1, average pool (k = stride = s), arg-max and
     its fraction, 255 where the arg-max is the ignore channel or the fraction < min_ratio."""
     x = label[:, 0].clone()
     x[x == IGNORE] = num_classes
@@ -79,7 +79,7 @@ def test_scale_one_is_identity():
 
 @pytest.mark.parametrize("h, w, s", [(37, 50, 4), (48, 40, 8), (45, 43, 8), (9, 30, 2)])
 def test_sizes_not_multiple_of_scale_drop_trailing_rows(h, w, s):
-    """SPEC §3: the trailing rows/columns that do not fill an s x s window are dropped
+    """method §3: the trailing rows/columns that do not fill an s x s window are dropped
     (average pooling's floor), as the upstream one-hot + avg_pool2d recipe does."""
     full = blocky_labels(2, -(-h // s) * s, -(-w // s) * s, s, 19, seed=h * w)
     label = full[:, :, :h, :w].contiguous()
@@ -136,7 +136,7 @@ def test_prepare_contrast_order_and_labels():
 
 
 def test_prepare_contrast_label_not_multiple_of_features():
-    """s = label width // feature width (SPEC §3): a 15x22 label over 3x5 features has s = 4
+    """s = label width // feature width (method §3): a 15x22 label over 3x5 features has s = 4
     and its downscaled 3x5 map (trailing rows/columns dropped) lines up with the features."""
     g = torch.Generator().manual_seed(6)
     proj = torch.randn(2, 4, 3, 5, generator=g)

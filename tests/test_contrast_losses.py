@@ -1,6 +1,6 @@
 """ProtoCL / DistCL / BankCL against independent float64 formulations written here.
 
-The formulations below follow SPEC §5 literally (explicit softmax, DistCL in its
+The formulations below follow method §5 literally (explicit softmax, DistCL in its
 "CE + gathered variance term" form, BankCL with per-entry similarities averaged for
 the negatives and an explicit loop over pixels), so they share no code or algebra
 shortcut with the implementation under test.

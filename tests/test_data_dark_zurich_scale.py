@@ -1,4 +1,4 @@
-"""Dark Zurich is resized to fit 1280x720 (SPEC §1), for training (night and day reference),
+"""Dark Zurich is resized to fit 1280x720 (method §1), for training (night and day reference),
 evaluation, the DALI pipeline and the ``prepare --cache`` copies; Cityscapes stays 1280x640.
 
 Expected sizes come from mmcv's rescale rule written here: factor

@@ -1,4 +1,4 @@
-"""Per-sample transforms (SPEC §1) and rare class sampling (SPEC §6.9)."""
+"""Per-sample transforms (method §1) and rare class sampling (method §6.9)."""
 import numpy as np
 import pytest
 import torch

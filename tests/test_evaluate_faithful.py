@@ -1,4 +1,4 @@
-"""Evaluation as the authors' code does it (SPEC §7), each against a formulation written here:
+"""Evaluation as the authors' code does it (method §7), each against a formulation written here:
 
 * two resizes: logits to the network input size, then to the label size;
 * Dark Zurich test-time class re-weighting (softmax at the input size × log-frequency
@@ -21,7 +21,7 @@ from PIL import Image
 
 from sepico_fast.evaluate import dark_zurich_class_weights, evaluate_model, is_dark_zurich_image, main
 
-# SPEC §7: Cityscapes class frequencies behind the Dark Zurich weights.
+# method §7: Cityscapes class frequencies behind the Dark Zurich weights.
 FREQ = (0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0.01227341, 0.00207795, 0.0055127,
         0.15928651, 0.01157818, 0.04018982, 0.01218957, 0.00135122, 0.06994545, 0.00267456, 0.00235192,
         0.00232904, 0.00098658, 0.00413907)

@@ -1,4 +1,4 @@
-"""Segmentor structure, numerics and training-friendliness (SPEC §2, shared/reference/README.md).
+"""Segmentor structure, numerics and training-friendliness (method §2, shared/reference/README.md).
 
 Big architectures (MiT-B5, ResNet-101) are only built on the meta device; forward passes run
 on the tiny variants, MiT-B0 and ResNet-50 at small inputs.

@@ -1,4 +1,4 @@
-"""Head initialisation (SPEC §2) and float64 models.
+"""Head initialisation (method §2) and float64 models.
 
 Expected statistics are written out here from the init rules themselves (N(0, 0.01²);
 kaiming-normal fan_out/ReLU std = sqrt(2 / (out_channels · kh · kw)); PyTorch's Linear

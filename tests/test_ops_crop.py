@@ -10,7 +10,7 @@ from sepico_fast.ops.upstream import upstream_class_balanced_crop
 
 
 def slow_window_score(label_map, y0, x0, h, w, num_classes=19, ratio=0.75, ignore=255):
-    """SPEC §6.3 score of one window, counting pixel by pixel in Python."""
+    """method §6.3 score of one window, counting pixel by pixel in Python."""
     counts = {}
     for y in range(y0, y0 + h):
         for x in range(x0, x0 + w):

@@ -1,10 +1,10 @@
 """One full SePiCo iteration (after contrast_start) against a slow step-by-step reference.
 
-The reference below recomputes every part of SPEC §6 with plain torch / Python: EMA by
+The reference below recomputes every part of method §6 with plain torch / Python: EMA by
 the formula, pseudo labels by softmax + max, the class-balanced crop by looping over the
 windows with ``torch.unique``, colour jitter through ``colorsys`` pixel by pixel, blur
 with a dense 2-D Gaussian kernel, label downscaling with a one-hot average pool, the
-SPEC §4 statistics merge in float64, the three contrast losses written from the SPEC §5
+method §4 statistics merge in float64, the three contrast losses written from the method §5
 formulas, cross-entropy from log_softmax, ClassMix with Python sets, and the AdamW update
 by hand. Only the random draws (same generators, same order) and the network forward
 passes are shared with the implementation.
@@ -87,7 +87,7 @@ def ref_prepare(proj, label):
 
 
 def ref_stats_update(st, feat, labels):
-    """SPEC §4 merge, float64, class by class."""
+    """method §4 merge, float64, class by class."""
     mean, var, count = st["mean"], st["var"], st["count"]
     for c in range(C):
         z = feat[labels == c].double()
@@ -188,7 +188,7 @@ def ref_blur(img, sigmas):
 
 
 def ref_strong(img, jitter, blur, rng, gen, per_image=False):
-    """Draws as SPEC §6.4 / augment.strong_augment: op order(s) from the host rng, then
+    """Draws as method §6.4 / augment.strong_augment: op order(s) from the host rng, then
     jitter factors and blur σ ~ U(0.15, 1.15) from the device generator."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

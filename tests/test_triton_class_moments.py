@@ -1,4 +1,4 @@
-"""Triton class_moments (ClassStats.update batch moments, SPEC §4) vs float64 and torch.
+"""Triton class_moments (ClassStats.update batch moments, method §4) vs float64 and torch.
 
 Runs in Triton's interpreter on the CPU; block sizes and the number of row groups are
 forced small so that the in-kernel Chan merge of row blocks and the cross-program merge

@@ -1,4 +1,4 @@
-"""Triton DistCL / ProtoCL / BankCL kernels vs independent float64 formulations (SPEC §5).
+"""Triton DistCL / ProtoCL / BankCL kernels vs independent float64 formulations (method §5).
 
 Runs in Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1 before
 triton is imported), so sizes stay tiny; block sizes are forced small so that several
@@ -27,7 +27,7 @@ def _reg64(zv, mean, tau):
 
 
 def dist_ref(z, y, mean, var, tau=100.0, lam=1.0, w=0.0):
-    """Float64 DistCL written from SPEC §5 as −log softmax + the cancelling positive term."""
+    """Float64 DistCL written from method §5 as −log softmax + the cancelling positive term."""
     z, mean, var = z.double(), mean.double(), var.double()
     v = y != IGNORE
     if not bool(v.any()):
@@ -215,7 +215,7 @@ def test_out_of_range_label_poisons_loss():
 
 # ----------------------------------------------------------------------------- BankCL
 def bank_ref(z, y, bank, bank_len, tau=100.0, mean=None, w=0.0):
-    """Float64 BankCL written literally from SPEC §5, one class at a time.
+    """Float64 BankCL written literally from method §5, one class at a time.
 
     Negatives are the mean over the other class's entries of the individual similarities
     (not a dot with a mean row); pixels whose own bank is empty are left out of the mean.

@@ -1,4 +1,4 @@
-"""Pixel-contrast mathematics of SePiCo (SPEC §3-5, public API of §10).
+"""Pixel-contrast mathematics of SePiCo (method §3-5, public API of §10).
 
     downscale_label_ratio   labels at feature resolution (majority vote with min ratio)
     prepare_contrast        proj [B,A,h,w] + label [B,1,H,W] -> feat [N,A], labels [N]

@@ -1,4 +1,4 @@
-"""Labels at feature resolution (SPEC §3) and contrast preparation."""
+"""Labels at feature resolution (method §3) and contrast preparation."""
 from __future__ import annotations
 
 import operator
@@ -82,7 +82,7 @@ def prepare_contrast(proj: torch.Tensor, label: torch.Tensor, *, min_ratio: floa
                      num_classes: int = 19, ignore_index: int = 255):
     """Features and labels of every feature pixel, ready for the losses and ClassStats.
 
-    ``proj [B,A,h,w]`` and ``label [B,1,H,W]`` with s = W // w (SPEC §3) and
+    ``proj [B,A,h,w]`` and ``label [B,1,H,W]`` with s = W // w (method §3) and
     H // s = h, W // s = w, i.e. the downscaled label has the feature size (trailing label
     rows/columns that do not fill an s x s window are dropped, as upstream's pooling).
     Returns ``feat [N,A]`` (N = B*h*w, pixel order b, h, w) and ``labels [N]`` int64.

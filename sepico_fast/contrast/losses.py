@@ -1,4 +1,4 @@
-"""The three pixel-contrast losses of SePiCo (SPEC §5) with the shared regulariser.
+"""The three pixel-contrast losses of SePiCo (method §5) with the shared regulariser.
 
 Public functions validate their arguments and dispatch on ``impl``; the ``*_torch``
 functions are the reference implementations in plain PyTorch. Conventions shared by
@@ -6,7 +6,7 @@ all three (z_i = feat[i], y_i = labels[i], τ = temperature, V = pixels whose la
 not ``ignore_index``):
 
 * loss = mean_{i∈V} ℓ_i + reg_weight · r · [V non-empty], with
-  r = Σ_c log softmax_c(z̄·μ_c/τ) / (C ln C) and z̄ = mean_{i∈V} z_i (SPEC §5). The
+  r = Σ_c log softmax_c(z̄·μ_c/τ) / (C ln C) and z̄ = mean_{i∈V} z_i (method §5). The
   upstream runs add r with weight +1 (quirk: it pushes z̄ *away* from a uniform class
   assignment); a negative ``reg_weight`` gives the opposite, "as described" sign.
 * With no valid pixel (N = 0 included) the loss is an exact 0 that is still connected
@@ -161,7 +161,7 @@ def _as_float32_scalar(loss: torch.Tensor) -> torch.Tensor:
 
 def proto_contrast_loss(feat, labels, mean, *, temperature=100.0, reg_weight=0.0,
                         ignore_index=255, impl=None):
-    """ProtoCL loss (SPEC §5), 0-d float32. ``mean [C,A]`` are the class means μ."""
+    """ProtoCL loss (method §5), 0-d float32. ``mean [C,A]`` are the class means μ."""
     check_features(feat)
     check_statistic(mean, "mean", feat)
     temperature, reg_weight = _check_common(feat, labels, mean.shape[0], ignore_index,
@@ -176,7 +176,7 @@ def proto_contrast_loss(feat, labels, mean, *, temperature=100.0, reg_weight=0.0
 
 def dist_contrast_loss(feat, labels, mean, var, *, temperature=100.0, ratio=1.0, reg_weight=0.0,
                        ignore_index=255, impl=None):
-    """DistCL loss (SPEC §5), 0-d float32. ``mean, var [C,A]``: class means μ and diagonal
+    """DistCL loss (method §5), 0-d float32. ``mean, var [C,A]``: class means μ and diagonal
     variances σ²; ``ratio`` is λ."""
     check_features(feat)
     check_statistic(mean, "mean", feat)
@@ -195,7 +195,7 @@ def dist_contrast_loss(feat, labels, mean, var, *, temperature=100.0, ratio=1.0,
 
 def bank_contrast_loss(feat, labels, bank, bank_len, *, temperature=100.0, mean=None,
                        reg_weight=0.0, ignore_index=255, impl=None):
-    """BankCL loss (SPEC §5), 0-d float32. ``bank [C,M,A]`` with ``bank_len [C]`` valid rows
+    """BankCL loss (method §5), 0-d float32. ``bank [C,M,A]`` with ``bank_len [C]`` valid rows
     per class (rows 0..bank_len-1); ``mean [C,A]`` (the class means) is only used by the
     regulariser and is required when ``reg_weight != 0``."""
     check_features(feat)

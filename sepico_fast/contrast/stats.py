@@ -1,8 +1,8 @@
-"""Per-class feature statistics (SPEC §4): mean, diagonal variance, count and FIFO bank.
+"""Per-class feature statistics (method §4): mean, diagonal variance, count and FIFO bank.
 
 The batch moments are segment sums over the N pixels (``index_add_`` or a one-hot
 matmul), so an update reads N x A features about twice and never builds the N x C x A
-tensors of the upstream formulation (SPEC §9). The variance is the centred second
+tensors of the upstream formulation (method §9). The variance is the centred second
 moment Σ (z - m_c)^2 of the batch, computed after the class means are known, so it does
 not suffer the cancellation of E[z^2] - E[z]^2 in float32; batches, ranks and the
 running state are combined with Chan's exact merge.
@@ -96,7 +96,7 @@ def all_gather_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
 
 
 def merge_batch(count, mean, var, k, m, m2):
-    """The SPEC §4 update of (count n, mean μ, var σ²) by batch (k, m, m2), in the given order:
+    """The method §4 update of (count n, mean μ, var σ²) by batch (k, m, m2), in the given order:
 
         w = k / (k + n)  (0 when both are 0),  v = m2 / k
         σ² <- (1 - w) σ² + w v + w (1 - w) (μ - m)²
@@ -174,7 +174,7 @@ class ClassStats:
 
     @torch.no_grad()
     def update(self, feat: torch.Tensor, labels: torch.Tensor, process_group=None) -> None:
-        """Merge one batch of prepared features into the state (SPEC §4), no host sync.
+        """Merge one batch of prepared features into the state (method §4), no host sync.
 
         Under torch.distributed (initialised with world size > 1, or an explicit
         ``process_group``) the batch moments of all ranks are gathered and merged first,

@@ -1,4 +1,4 @@
-"""Training and validation datasets (SPEC §1) and :func:`build_datasets`.
+"""Training and validation datasets (method §1) and :func:`build_datasets`.
 
 Sources (``SourceSet``) yield cropped, flipped, normalised image/label pairs, optionally
 drawn by rare class sampling; targets (``TargetSet``) yield whole resized, flipped images
@@ -219,7 +219,7 @@ def val_loader(val_set: ValSet, device: str | torch.device = "cpu", num_workers:
 # ----------------------------------------------------------------------------- building
 
 def dataset_defaults(source: str, target: str) -> dict:
-    """Resize scales, crop and eval scale of a source/target pair (SPEC §1; synthetic: 1/5 scale)."""
+    """Resize scales, crop and eval scale of a source/target pair (method §1; synthetic: 1/5 scale)."""
     from .synthetic import SYNTHETIC_DEFAULTS
 
     if source not in SOURCES:

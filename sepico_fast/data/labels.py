@@ -1,4 +1,4 @@
-"""Class names, palette and the label-id → train-id tables of SPEC §1.
+"""Class names, palette and the label-id → train-id tables of method §1.
 
 Train ids 0..18 are the 19 Cityscapes evaluation classes; 255 is "ignore".
 Every table is a dense lookup array so that a whole label map converts with one
@@ -20,7 +20,7 @@ PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 
            (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
            (0, 80, 100), (0, 0, 230), (119, 11, 32))
 
-# ImageNet statistics on 0..255 RGB (SPEC §1).
+# ImageNet statistics on 0..255 RGB (method §1).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
@@ -34,8 +34,8 @@ SYNTHIA_ID_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1
 SYNTHIA_MISSING_CLASSES = (9, 14, 16)
 
 
-# Cityscapes train-set class pixel frequencies (SPEC §7): the authors' Dark Zurich code turns
-# them into class weights, with scale 0.05 for training (SPEC §6) and 0.16 at test time.
+# Cityscapes train-set class pixel frequencies (method §7): the authors' Dark Zurich code turns
+# them into class weights, with scale 0.05 for training (method §6) and 0.16 at test time.
 CITYSCAPES_CLASS_FREQ = (0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0.01227341,
                          0.00207795, 0.0055127, 0.15928651, 0.01157818, 0.04018982, 0.01218957,
                          0.00135122, 0.06994545, 0.00267456, 0.00235192, 0.00232904, 0.00098658,

@@ -1,4 +1,4 @@
-"""The official on-disk layouts of the four datasets (SPEC §1) and their file listings.
+"""The official on-disk layouts of the four datasets (method §1) and their file listings.
 
 Each ``*_files`` function returns one :class:`Entry` per sample, sorted by name, and
 raises :class:`LayoutError` (a ``ValueError``) naming the missing folder and the layout
@@ -24,7 +24,7 @@ LAYOUTS = {
 }
 
 
-# Training resize scales (long side, short side) of each dataset (SPEC §1). Dark Zurich
+# Training resize scales (long side, short side) of each dataset (method §1). Dark Zurich
 # (1920x1080) fits 1280x720 for training and evaluation, its day references too (the
 # authors' Dark Zurich configs).
 TRAIN_SCALES = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1280, 640), "darkzurich": (1280, 720)}

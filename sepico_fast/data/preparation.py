@@ -1,9 +1,9 @@
 """One-time dataset preparation (``python -m sepico_fast.prepare`` is its command line).
 
 ``prepare(dataset, root)`` writes the 8-bit train-id map ``*_labelTrainIds.png`` next to
-every label (SPEC §1 tables; Dark Zurich labels already are train ids and are only
+every label (method §1 tables; Dark Zurich labels already are train ids and are only
 checked) and collects the class pixel counts into ``ROOT/sample_class_stats.json`` (rare
-class sampling, SPEC §6.9). Every image is decoded in full, every label value checked, in
+class sampling, method §6.9). Every image is decoded in full, every label value checked, in
 a pool of worker processes; all bad files are reported together (``BadFilesError``) and the
 statistics are then not written, so a rerun checks them again. Re-running is idempotent: a
 train-id map newer than its label, with an entry in the stats file, is skipped.
@@ -164,7 +164,7 @@ def prepare(dataset: str, root: str | os.PathLike, workers: int | None = None, p
     """Convert labels and write the class statistics; returns a summary dict.
 
     ``cache`` ("png" | "jpeg") also writes images pre-resized to ``cache_scale`` (default: the
-    dataset's training scale, SPEC §1) and resized training labels (see ``data/cache.py``).
+    dataset's training scale, method §1) and resized training labels (see ``data/cache.py``).
     Raises LayoutError for a wrong layout and BadFilesError listing every bad file.
     """
     root = Path(root)

@@ -1,4 +1,4 @@
-"""Rare class sampling (SPEC §6 step 9, DAFormer's RCS).
+"""Rare class sampling (method §6 step 9, DAFormer's RCS).
 
 Class c is drawn with probability softmax((1 − f_c) / T) over the classes that occur in
 the source set (f_c = pixel frequency of c over the whole set, T = 0.01); then a file

@@ -1,4 +1,4 @@
-"""Per-sample training/evaluation transforms of SPEC §1, split into *plan* and *render*.
+"""Per-sample training/evaluation transforms of method §1, split into *plan* and *render*.
 
 A plan holds every random decision of one sample (file, crop window, flip); it is drawn
 on the host from an explicit ``numpy.random.Generator`` so that the PyTorch and the DALI

@@ -1,4 +1,4 @@
-"""Segmentors of SePiCo (SPEC §2): DAFormer (MiT-B0..B5) and DeepLab-v2 (ResNet-V1c 50/101).
+"""Segmentors of SePiCo (method §2): DAFormer (MiT-B0..B5) and DeepLab-v2 (ResNet-V1c 50/101).
 
 ``build_segmentor(arch)`` returns a :class:`Segmentor` whose ``state_dict`` keys, order,
 dtypes and shapes equal the upstream SePiCo checkpoints (``shared/reference/keys_*.txt``).

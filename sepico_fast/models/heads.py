@@ -140,7 +140,7 @@ class DLV2Head(nn.Module):
             ConvModule(in_channels, num_classes, 3, padding=d, dilation=d, norm=False, act=False)
             for d in dilations
         )
-        # Upstream init_cfg (SPEC §2): Normal(std 0.01) over aspp_modules overrides the
+        # Upstream init_cfg (method §2): Normal(std 0.01) over aspp_modules overrides the
         # ConvModule kaiming init; kaiming here would be ~10x larger logits at the start.
         for m in self.aspp_modules:
             nn.init.normal_(m.conv.weight, 0.0, 0.01)

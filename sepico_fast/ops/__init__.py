@@ -1,4 +1,4 @@
-"""Per-iteration pixel ops of self-training (SPEC §6 steps 2, 3, 8): batched, no host syncs.
+"""Per-iteration pixel ops of self-training (method §6 steps 2, 3, 8): batched, no host syncs.
 
 Each op has a torch implementation that runs anywhere and, for CUDA tensors, a CUDA kernel
 from ``csrc/`` (the optional extension ``sepico_fast.ops._C``, exposed as

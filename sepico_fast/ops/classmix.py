@@ -1,4 +1,4 @@
-"""ClassMix (SPEC §6 step 8) for the whole batch at once, without host syncs.
+"""ClassMix (method §6 step 8) for the whole batch at once, without host syncs.
 
 Upstream loops over the samples, takes ``torch.unique`` of the *whole* source label batch
 for every sample (quirk: the class set is shared by the batch and may contain the ignore

@@ -1,4 +1,4 @@
-"""Class-balanced pseudo-label crop (SPEC §6 step 3), batched and free of host syncs.
+"""Class-balanced pseudo-label crop (method §6 step 3), batched and free of host syncs.
 
 Upstream draws a window, copies its class counts to the host, scores it and repeats ten
 times per image. Here all B×K candidate windows are drawn at once
@@ -121,7 +121,7 @@ def window_class_counts(labels: torch.Tensor, offsets: torch.Tensor, crop_hw: tu
 
 
 def scores_from_counts(counts: torch.Tensor, cat_max_ratio: float) -> torch.Tensor:
-    """[...,C] int class counts -> [...] fp32 SPEC §6.3 scores (see module docstring)."""
+    """[...,C] int class counts -> [...] fp32 method §6.3 scores (see module docstring)."""
     counts = counts.long()
     total = counts.sum(-1)
     largest = counts.amax(-1)

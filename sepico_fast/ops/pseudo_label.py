@@ -1,4 +1,4 @@
-"""Pseudo labels from teacher logits (SPEC §6 step 2), without the host round trip.
+"""Pseudo labels from teacher logits (method §6 step 2), without the host round trip.
 
     prob[b,y,x]  = max_c softmax(logits[b,:,y,x])_c          (fp32)
     label[b,y,x] = arg-max_c logits[b,c,y,x]                 (first class wins ties)

@@ -1,4 +1,4 @@
-"""SePiCo training (SPEC §5-7): ``python -m sepico_fast.train --amp``.
+"""SePiCo training (method §5-7): ``python -m sepico_fast.train --amp``.
 
     config.py         TrainConfig dataclass, presets, generated CLI, validation
     step.py           train_step(): one iteration, top to bottom

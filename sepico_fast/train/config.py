@@ -171,7 +171,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------
-# Presets. The six paper configurations (SPEC §6, §8) and the CPU-sized synthetic default.
+# Presets. The six paper configurations (method §6, §8) and the CPU-sized synthetic default.
 # Seeds: upstream's released GTA/SYNTHIA runs use seed 76, Dark Zurich seed 42.
 # ----------------------------------------------------------------------------------------
 _PAPER = dict(iters=40000, batch_size=2, crop=[640, 640], lr=6e-5, warmup_iters=1500,
@@ -241,7 +241,7 @@ def _shown(value) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m sepico_fast.train",
-        description="SePiCo training (SPEC §5-7). A bare run (no flags) is --preset synthetic: dlv2_tiny "
+        description="SePiCo training (method §5-7). A bare run (no flags) is --preset synthetic: dlv2_tiny "
                     "trained from scratch on the built-in synthetic pair; the defaults below are that run's. "
                     "--preset NAME starts from a paper configuration instead (--list-presets prints what each "
                     "changes); explicit flags win over both. Boolean flags: --amp / --no-amp / --amp=false.",

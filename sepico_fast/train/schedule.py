@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warm-up, then polynomial decay (SPEC §6).
+"""Learning-rate schedule: linear warm-up, then polynomial decay (method §6).
 
 The factor multiplies each parameter group's base learning rate (``initial_lr``):
 

@@ -1,4 +1,4 @@
-"""One SePiCo training iteration (SPEC §6), readable top to bottom: ``train_step``.
+"""One SePiCo training iteration (method §6), readable top to bottom: ``train_step``.
 
 Upstream semantics without upstream waste:
 

@@ -1,4 +1,4 @@
-"""UDA building blocks of the SePiCo iteration (SPEC §6 steps 1-3, 8).
+"""UDA building blocks of the SePiCo iteration (method §6 steps 1-3, 8).
 
 Everything here runs on the device without host syncs: the teacher EMA is one fused
 ``torch._foreach_lerp_`` over all parameters, pseudo labels and their weight q stay
@@ -17,12 +17,12 @@ from ..data.labels import CITYSCAPES_CLASS_FREQ, log_frequency_weights
 IGNORE = 255
 
 # Dark Zurich: classes whose appearance changes little between day and night
-# (road..fence, vegetation..sky), SPEC §6.
+# (road..fence, vegetation..sky), method §6.
 SHIFT_INSENSITIVE = ((0, 5), (8, 11))
 
 
 def log_frequency_class_weights(freq=CITYSCAPES_CLASS_FREQ, std: float = 0.05) -> torch.Tensor:
-    """Training-time Dark Zurich class weights (SPEC §6): the log-frequency weights of
+    """Training-time Dark Zurich class weights (method §6): the log-frequency weights of
     ``data.labels.log_frequency_weights`` with scale ``std`` (0.05), as float32. The same
     function gives the test-time weights (``evaluate.dark_zurich_class_weights``, 0.16)."""
     return torch.from_numpy(log_frequency_weights(std, freq)).float()
@@ -93,7 +93,7 @@ def probs_to_pseudo(prob_map: torch.Tensor, threshold: float):
 
 def fuse_day_night(day_prob: torch.Tensor, night_prob: torch.Tensor, class_weight: torch.Tensor | None,
                    day_ratio: float = 0.8, ranges=SHIFT_INSENSITIVE) -> torch.Tensor:
-    """Dark Zurich fusion (SPEC §6): shift-insensitive classes take the day probability with
+    """Dark Zurich fusion (method §6): shift-insensitive classes take the day probability with
     weight day_ratio where it exceeds 0.4 (else 1 − day_ratio); the others the night one."""
     day_prob = day_prob.float()
     night_prob = night_prob.float()
