@@ -21,14 +21,13 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # as sepico_fast.train (before torch loads)
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-import copy  # noqa: E402
 
 import torch  # noqa: E402
 

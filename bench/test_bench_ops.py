@@ -17,8 +17,7 @@ import torch
 
 from bench.record import kernel_timings, record
 from sepico_fast import ops
-from sepico_fast.ops.upstream import (upstream_class_balanced_crop, upstream_classmix,
-                                      upstream_pseudo_label)
+from sepico_fast.ops.upstream import upstream_class_balanced_crop, upstream_classmix, upstream_pseudo_label
 
 B, H, W, CROP, K, C = 2, 640, 1280, 640, 10, 19
 IMPLS = ["upstream", "torch", "cuda"]

@@ -42,8 +42,7 @@ from torch import nn
 from bench.upstream import UpstreamStats, drop_ignore, upstream_dist_contrast_loss
 from sepico_fast import augment
 from sepico_fast.models import build_segmentor, param_groups
-from sepico_fast.ops.upstream import (upstream_class_balanced_crop, upstream_classmix,
-                                      upstream_pseudo_label)
+from sepico_fast.ops.upstream import upstream_class_balanced_crop, upstream_classmix, upstream_pseudo_label
 from sepico_fast.train.config import TrainConfig
 from sepico_fast.train.schedule import lr_factor, set_lr
 from sepico_fast.train.step import iteration_rng, iteration_seed, seg_ce

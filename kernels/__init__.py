@@ -6,8 +6,8 @@ Run on CUDA tensors, or on CPU tensors with ``TRITON_INTERPRET=1`` set before tr
 imported (Triton's interpreter: slow, for tests only).
 """
 from .bank_contrast import bank_contrast_loss
-from .moments import class_moments
 from .dist_contrast import dist_contrast_loss, proto_contrast_loss
+from .moments import class_moments
 
 __all__ = ["dist_contrast_loss", "proto_contrast_loss", "bank_contrast_loss",
            "class_moments"]

@@ -34,8 +34,15 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import (check_blocks, check_device, device_capability, device_guard, dot_dtype,
-                      dot_precision, pow2_at_least)
+from ._common import (
+    check_blocks,
+    check_device,
+    device_capability,
+    device_guard,
+    dot_dtype,
+    dot_precision,
+    pow2_at_least,
+)
 from .dist_contrast import _needs_grad, finish_loss, regulariser, scale_grad_
 
 

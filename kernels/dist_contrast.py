@@ -39,8 +39,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import (check_blocks, check_device, device_guard, dot_dtype, dot_precision,
-                      pow2_at_least)
+from ._common import check_blocks, check_device, device_guard, dot_dtype, dot_precision, pow2_at_least
 
 
 @triton.jit

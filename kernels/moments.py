@@ -36,8 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_blocks, check_device, device_guard, dot_dtype, dot_precision,
-                      pow2_at_least)
+from ._common import check_blocks, check_device, device_guard, dot_dtype, dot_precision, pow2_at_least
 
 _TARGET_PROGRAMS = 256  # device-independent so that the reduction tree never changes
 

@@ -23,7 +23,6 @@ import zipfile
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -268,8 +267,8 @@ def resolve_device(text: str) -> torch.device:
 
 def main(argv=None) -> dict:
     from .checkpoint import num_classes_of, segmentor_from_checkpoint
-    from .models import ARCHS
     from .data.labels import CLASSES
+    from .models import ARCHS
     from .reporting import iou_table
 
     args = build_parser().parse_args(argv)

@@ -10,8 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sepico_fast.augment import (StrongParams, blur_kernel_size, color_jitter, denormalize, draw_jitter_order,
-                                 draw_strong_params, gaussian_blur, hsv_to_rgb, renormalize, rgb_to_hsv, strong_augment)
+from sepico_fast.augment import (
+    StrongParams,
+    blur_kernel_size,
+    color_jitter,
+    denormalize,
+    draw_jitter_order,
+    draw_strong_params,
+    gaussian_blur,
+    hsv_to_rgb,
+    renormalize,
+    rgb_to_hsv,
+    strong_augment,
+)
 
 
 def test_hsv_round_trip_and_colorsys():

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sepico_fast.contrast import bank_contrast_loss, dist_contrast_loss, proto_contrast_loss
-from sepico_fast.contrast.losses import (bank_contrast_loss_torch, dist_contrast_loss_torch,
-                                         proto_contrast_loss_torch)
+from sepico_fast.contrast.losses import bank_contrast_loss_torch, dist_contrast_loss_torch, proto_contrast_loss_torch
 
 IGNORE = 255
 

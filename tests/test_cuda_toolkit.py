@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from sepico_fast import _cuda_toolkit as tk
 
 ROOT = Path(__file__).resolve().parents[1]

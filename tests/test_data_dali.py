@@ -38,7 +38,7 @@ def test_dali_cpu_matches_torch_on_synthetic(tmp_path_factory):
     cache = tmp_path_factory.mktemp("synthetic")
     src, tgt, _ = build_datasets("synthetic", "synthetic", synthetic_cache=cache,
                                  synthetic_options={"num_source": 12, "num_target_train": 6, "num_target_val": 2})
-    batches = _compare((src, tgt, 4, 7))
+    _compare((src, tgt, 4, 7))
     flips = [p[0].flip for t in range(3) for p in TrainLoader(src, tgt, 4, 7).plans(t)]
     assert any(flips) and not all(flips)  # both branches were compared
 
@@ -61,8 +61,9 @@ def _gta_like(root, n=3):
 
 
 def test_dali_cpu_matches_torch_with_padding_odd_sizes_and_day_refs(tmp_path):
-    from sepico_fast.prepare import prepare
     from test_prepare import make_darkzurich
+
+    from sepico_fast.prepare import prepare
 
     _gta_like(tmp_path / "gta")
     make_darkzurich(tmp_path / "dz")

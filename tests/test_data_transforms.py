@@ -6,8 +6,17 @@ import torch.nn.functional as F
 
 from sepico_fast.data import rcs as rcs_mod
 from sepico_fast.data.labels import MEAN, STD
-from sepico_fast.data.transforms import (CropWindow, crop_is_balanced, fit_size, normalize, plan_crop, render_source,
-                                         render_target, resize_image, resize_label)
+from sepico_fast.data.transforms import (
+    CropWindow,
+    crop_is_balanced,
+    fit_size,
+    normalize,
+    plan_crop,
+    render_source,
+    render_target,
+    resize_image,
+    resize_label,
+)
 
 
 def test_fit_size_matches_spec():

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sepico_fast.models import ARCHS, UPSTREAM_ARCHS, build_segmentor, param_groups
+from sepico_fast.models import build_segmentor, param_groups
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 if not REF.is_dir():  # checkout elsewhere: fall back to the documented location

@@ -15,8 +15,7 @@ from sepico_fast.models import build_segmentor
 from sepico_fast.train import runner
 from sepico_fast.train.config import make_config
 from sepico_fast.train.step import StepContext, train_step
-from sepico_fast.train.throughput import (IterationFlops, flops_per_iteration, mfu, peak_tflops_for,
-                                          device_peak_tflops)
+from sepico_fast.train.throughput import IterationFlops, device_peak_tflops, flops_per_iteration, mfu, peak_tflops_for
 from sepico_fast.train.uda import log_frequency_class_weights, make_teacher
 
 C, A = 19, 16

@@ -246,7 +246,7 @@ def test_resumes_keep_the_training_time_and_set_aside_a_newer_history(tmp_path, 
     capsys.readouterr()
     assert run(make_config({"resume": str(tmp_path / "iter_000002.pt"), "stop_at": 3})) == {"stopped_at": 3}
     out = capsys.readouterr().out
-    assert f"moved iter_000004.pt, latest.pt (past iteration 2" in out and str(tmp_path / "superseded") in out
+    assert "moved iter_000004.pt, latest.pt (past iteration 2" in out and str(tmp_path / "superseded") in out
     assert (tmp_path / "superseded" / "iter_000004.pt").is_file()
     path, ckpt, _ = ckpt_io.load_newest_intact(tmp_path)
     assert path.name == "iter_000003.pt" and ckpt["counters"]["train_seconds"] == 3.0

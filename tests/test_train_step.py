@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sepico_fast import ops
 from sepico_fast.augment import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size
 from sepico_fast.contrast import ClassStats
 from sepico_fast.models import build_segmentor
@@ -26,7 +27,6 @@ from sepico_fast.train.config import make_config
 from sepico_fast.train.runner import build_optimizer
 from sepico_fast.train.step import StepContext, iteration_rng, train_step
 from sepico_fast.train.uda import make_teacher
-from sepico_fast import ops
 
 C = 19
 A = 16

@@ -76,7 +76,6 @@ def _compile(kernel, ptr_types: dict, float_args: set, config: dict, cc: int = 9
 def compile_all() -> dict:
     """Every kernel at its launcher configuration; run in a process without TRITON_INTERPRET."""
     import torch
-
     from sepico_fast.kernels import bank_contrast, dist_contrast, moments
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

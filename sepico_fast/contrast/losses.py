@@ -23,8 +23,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .validation import (check_features, check_labels, check_scalar, check_statistic,
-                         check_value, resolve_impl, triton_kernel)
+from .validation import (
+    check_features,
+    check_labels,
+    check_scalar,
+    check_statistic,
+    check_value,
+    resolve_impl,
+    triton_kernel,
+)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .validation import (check_features, check_ignore_index, check_labels, resolve_impl,
-                         triton_kernel)
+from .validation import check_features, check_ignore_index, check_labels, resolve_impl, triton_kernel
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

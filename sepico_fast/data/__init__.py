@@ -1,6 +1,5 @@
 """Datasets, per-sample pipelines, rare class sampling and the training input pipelines (method §1, §6.9)."""
-from .datasets import (SourceSet, TargetSet, ValSet, build_datasets, build_val_set, dataset_defaults,
-                       val_loader)
+from .datasets import SourceSet, TargetSet, ValSet, build_datasets, build_val_set, dataset_defaults, val_loader
 from .labels import CLASSES, IGNORE_INDEX, MEAN, NUM_CLASSES, PALETTE, STD
 from .layouts import LayoutError
 

@@ -30,7 +30,6 @@ import torch
 
 from .labels import IGNORE_INDEX, MEAN, STD
 from .plans import plan_sample
-from .transforms import fit_size
 
 # Half an output pixel of slack, in units of the output grid: the exact source coordinate
 # floor((y0+i)·H/h) has a fractional part that is a multiple of 1/h, so shifting by 0.5/h

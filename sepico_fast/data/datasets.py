@@ -19,9 +19,19 @@ from . import io, stats
 from .cache import use_cache
 from .labels import NUM_CLASSES
 from .layouts import TRAIN_SCALES, Entry, LayoutError, list_files
-from .rcs import MIN_CROP_PIXELS, MIN_PIXELS, RareClassSampler, scaled_thresholds
-from .transforms import (CropWindow, crop_array, fit_size, flip_draw, normalize, plan_crop, render_source,
-                         render_target, resize_image, resize_label)
+from .rcs import MIN_CROP_PIXELS, MIN_PIXELS, RareClassSampler
+from .transforms import (
+    CropWindow,
+    crop_array,
+    fit_size,
+    flip_draw,
+    normalize,
+    plan_crop,
+    render_source,
+    render_target,
+    resize_image,
+    resize_label,
+)
 
 SOURCES = ("gta", "synthia", "cityscapes", "synthetic")
 TARGETS = ("cityscapes", "darkzurich", "synthetic")

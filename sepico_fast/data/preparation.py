@@ -24,7 +24,7 @@ import numpy as np
 
 from . import io, stats
 from .cache import cache_job, cache_jobs, cache_root
-from .labels import NUM_CLASSES, class_pixel_counts, cityscapes_ids_to_train_ids, synthia_ids_to_train_ids
+from .labels import NUM_CLASSES, cityscapes_ids_to_train_ids, class_pixel_counts, synthia_ids_to_train_ids
 from .layouts import DATASETS, TRAIN_SCALES, Entry, LayoutError, darkzurich_pairs, list_files
 
 

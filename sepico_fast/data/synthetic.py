@@ -179,7 +179,7 @@ def paint_scene(rng: np.random.Generator, h: int, w: int, ego_hood: bool = False
         cv.tint[outer_mask] = 1.0
         if not facade:  # bushes at the far side of the park
             cv.ids[outer_mask & (cv.yy < horizon + ground * rng.uniform(0.1, 0.4))] = VEGETATION
-        band_h = rng.uniform(0.05, 0.12) * ground
+        rng.uniform(0.05, 0.12)  # an unused draw, kept so the generated pair stays as it was
         if not facade and rng.random() < 0.6:  # a fence or a low wall along the park
             edge = outer_l if side == "l" else outer_r
             depth = np.clip((cv.yy - horizon) / ground, 0, 1)

@@ -67,8 +67,8 @@ def model_cost(arch: str, height: int = 640, width: int = 640, num_classes: int 
 def cost_table(archs, height: int = 640, width: int = 640) -> str:
     """Markdown table of :func:`model_cost` for ``archs``."""
     rows = [
-        f"| arch | params | backbone | decode head | proj head | inference (backbone+decode) |"
-        f" forward with proj |",
+        "| arch | params | backbone | decode head | proj head | inference (backbone+decode) |"
+        " forward with proj |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for arch in archs:

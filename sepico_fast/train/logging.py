@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

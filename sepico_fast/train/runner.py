@@ -22,12 +22,11 @@ import torch
 
 from ..checkpoint import load_pretrained as load_pretrained_weights
 from ..contrast import ClassStats
-from ..evaluate import (dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line,
-                        reweighting_record)
-from ..models import build_segmentor, param_groups
-from ..reporting import first_line, iou_table
 from ..data.io import DataFileError
 from ..data.labels import CLASSES
+from ..evaluate import dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line, reweighting_record
+from ..models import build_segmentor, param_groups
+from ..reporting import first_line, iou_table
 from . import checkpointing as ckpt_io
 from . import faults
 from .config import TrainConfig
@@ -41,7 +40,8 @@ from .pseudo_diagnostics import PseudoDiagnostics
 from .resume import resolve_resume, restore_checkpoint
 from .schedule import ddp_schedule
 from .step import StepContext, train_step
-from .throughput import device_peak_tflops, flops_per_iteration, mfu as model_flops_utilisation
+from .throughput import device_peak_tflops, flops_per_iteration
+from .throughput import mfu as model_flops_utilisation
 from .uda import log_frequency_class_weights, make_teacher
 
 

@@ -23,15 +23,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import augment
-from ..contrast import (ClassStats, bank_contrast_loss, dist_contrast_loss, prepare_contrast,
-                        proto_contrast_loss)
+from .. import augment, ops
+from ..contrast import ClassStats, bank_contrast_loss, dist_contrast_loss, prepare_contrast, proto_contrast_loss
 from .config import TrainConfig
 from .profiling import Profiler
 from .schedule import lr_factor, set_lr
-from .uda import (IGNORE, ema_update, fuse_day_night, probs_to_pseudo,
-                  pseudo_weight_map, resize_logits)
-from .. import ops
+from .uda import IGNORE, ema_update, fuse_day_night, probs_to_pseudo, pseudo_weight_map, resize_logits
 
 
 @dataclass
