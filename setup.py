@@ -154,7 +154,7 @@ setup(
         # modules the nvidia/mit-b* hub files are written in, so 4.x), the ONNX export check,
         # curves and TensorBoard scalars.
         "dev": ["pytest", "transformers>=4.40,<5", "onnx", "onnxruntime", "onnxscript", "matplotlib",
-                "tensorboard"],
+                "tensorboard", "ruff"],
         "dali": ["nvidia-dali-cuda130"],
         "tb": ["tensorboard"],
         "plots": ["matplotlib"],  # curves.png, bench charts
