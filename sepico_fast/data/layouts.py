@@ -218,7 +218,8 @@ def server_test_files(dataset: str, root: str | os.PathLike) -> list[Entry]:
         raise ValueError(f"dataset: expected cityscapes, darkzurich or acdc for a test split, got {dataset!r}")
     files = _pngs(folder, suffix, recursive=True) if folder.is_dir() else []
     if not files:
-        raise LayoutError(f"{dataset}: no images under {folder}/<folder>/*{suffix}")
+        sub = "<city>" if dataset == "cityscapes" else "<seq>"
+        raise LayoutError(f"no images under {folder}/{sub}/*{suffix} (the {dataset} test split)")
     return [Entry(p, None, None, p.name[:-len(suffix)]) for p in files]
 
 
