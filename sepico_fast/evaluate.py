@@ -346,10 +346,10 @@ def main(argv=None) -> dict:
     from .data import build_val_set, val_loader
     writer = None
     if args.format != "trainids":
-        from .submission import SPECS, SubmissionWriter
+        from .submission import SERVER_FORMATS, SubmissionWriter
 
-        if SPECS[args.format].dataset != dataset:
-            raise SystemExit(f"--format {args.format}: predictions of {SPECS[args.format].dataset} images, "
+        if SERVER_FORMATS[args.format].dataset != dataset:
+            raise SystemExit(f"--format {args.format}: predictions of {SERVER_FORMATS[args.format].dataset} images, "
                              f"got --dataset {dataset}")
         if not args.out:
             raise SystemExit(f"--format {args.format}: needs --out DIR (the folder to write the submission to)")

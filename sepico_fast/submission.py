@@ -40,7 +40,7 @@ CONFIDENCE_SCALE = 65535  # 16-bit confidence maps: probability 1.0 -> 65535
 
 
 @dataclass(frozen=True)
-class FormatSpec:
+class ServerFormat:
     label_folder: str        # folder of the label maps
     encoding: str            # "trainids" | "labelids"
     zip_name: str
@@ -49,11 +49,11 @@ class FormatSpec:
     extra: tuple = ()        # further folders: ("confidence", "labelTrainIds_invalid")
 
 
-SPECS = {
-    "trainids": FormatSpec("labelTrainIds", "trainids", "labelTrainIds.zip", None, False),
-    "cityscapes": FormatSpec("labelIds", "labelids", "cityscapes_submission.zip", "cityscapes", True),
-    "acdc": FormatSpec("labelTrainIds", "trainids", "acdc_submission.zip", "acdc", True),
-    "darkzurich": FormatSpec("labelTrainIds", "trainids", "darkzurich_submission.zip", "darkzurich", True,
+SERVER_FORMATS = {
+    "trainids": ServerFormat("labelTrainIds", "trainids", "labelTrainIds.zip", None, False),
+    "cityscapes": ServerFormat("labelIds", "labelids", "cityscapes_submission.zip", "cityscapes", True),
+    "acdc": ServerFormat("labelTrainIds", "trainids", "acdc_submission.zip", "acdc", True),
+    "darkzurich": ServerFormat("labelTrainIds", "trainids", "darkzurich_submission.zip", "darkzurich", True,
                              ("confidence", "labelTrainIds_invalid")),
 }
 _STRIP = ("_leftImg8bit", "_gtFine_labelTrainIds", "_gt_labelTrainIds")
@@ -78,7 +78,7 @@ def prediction_name(fmt: str, name, file=None, index: int = 0) -> str:
     """File name (inside the label folder) of the prediction of an image with batch
     ``name`` / ``file``: the image's file name (``.png``) for the server formats, the
     ``trainids`` stem rule otherwise (as ``evaluate --out`` has always written)."""
-    if SPECS[fmt].keep_image_name:
+    if SERVER_FORMATS[fmt].keep_image_name:
         base = _name_of(file) or _name_of(name)
         if not base:
             return f"image_{index:05d}.png"
@@ -95,20 +95,20 @@ class SubmissionWriter:
     integer train ids at the image size, ``confidence`` [H, W] in [0, 1] (``darkzurich``)."""
 
     def __init__(self, out_dir, fmt: str = "trainids", invalid_below: float = 0.0):
-        if fmt not in SPECS:
+        if fmt not in SERVER_FORMATS:
             raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
         if not 0.0 <= invalid_below <= 1.0:
             raise ValueError(f"--dz-invalid-below: expected a probability in [0, 1], got {invalid_below}")
-        self.out_dir, self.fmt, self.spec = Path(out_dir), fmt, SPECS[fmt]
+        self.out_dir, self.fmt, self.layout = Path(out_dir), fmt, SERVER_FORMATS[fmt]
         self.invalid_below = float(invalid_below)
         self.written: list[str] = []
-        self._lut = train_id_to_label_id_lut() if self.spec.encoding == "labelids" else None
-        for folder in (self.spec.label_folder, *self.spec.extra):
+        self._lut = train_id_to_label_id_lut() if self.layout.encoding == "labelids" else None
+        for folder in (self.layout.label_folder, *self.layout.extra):
             (self.out_dir / folder).mkdir(parents=True, exist_ok=True)
 
     @property
     def needs_confidence(self) -> bool:
-        return "confidence" in self.spec.extra
+        return "confidence" in self.layout.extra
 
     def _save(self, rel: str, array: np.ndarray) -> None:
         from PIL import Image
@@ -124,7 +124,7 @@ class SubmissionWriter:
         pred = np.asarray(pred, np.uint8).reshape(np.shape(pred)[-2:])
         name = prediction_name(self.fmt, batch.get("name"), batch.get("file"), index)
         labels = self._lut[pred] if self._lut is not None else pred
-        self._save(f"{self.spec.label_folder}/{name}", labels)
+        self._save(f"{self.layout.label_folder}/{name}", labels)
         if not self.needs_confidence:
             return
         if confidence is None:
@@ -140,7 +140,7 @@ class SubmissionWriter:
 
     def finish(self) -> Path:
         """The zip to upload, holding the files written (paths relative to ``out_dir``)."""
-        archive = self.out_dir / self.spec.zip_name
+        archive = self.out_dir / self.layout.zip_name
         with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for rel in sorted(self.written):
                 zf.write(self.out_dir / rel, rel)
@@ -182,7 +182,7 @@ def _allowed_values(fmt: str, folder: str, num_classes: int) -> np.ndarray:
     if folder == "confidence":
         return np.ones(65536, bool)
     ok = np.zeros(256, bool)
-    if SPECS[fmt].encoding == "labelids" and folder == SPECS[fmt].label_folder:
+    if SERVER_FORMATS[fmt].encoding == "labelids" and folder == SERVER_FORMATS[fmt].label_folder:
         ok[train_id_to_label_id_lut()[:num_classes]] = True
     else:
         ok[:num_classes] = True
@@ -194,7 +194,7 @@ def _allowed_values(fmt: str, folder: str, num_classes: int) -> np.ndarray:
 def _describe_values(fmt: str, folder: str, num_classes: int) -> str:
     if folder == "confidence":
         return "16-bit gray"
-    if SPECS[fmt].encoding == "labelids" and folder == SPECS[fmt].label_folder:
+    if SERVER_FORMATS[fmt].encoding == "labelids" and folder == SERVER_FORMATS[fmt].label_folder:
         return "Cityscapes label ids"
     return f"train ids 0..{num_classes - 1}" + (" or 255" if folder == "labelTrainIds_invalid" else "")
 
@@ -207,8 +207,8 @@ def validate(path, fmt: str, split_root, split: str = "test", dataset: str | Non
     image's size, the right bit depth and only allowed values."""
     from .data.io import image_size
 
-    spec = SPECS[fmt]
-    dataset = spec.dataset or dataset
+    layout = SERVER_FORMATS[fmt]
+    dataset = layout.dataset or dataset
     if dataset is None:
         raise ValueError("--dataset: the trainids format needs the dataset (cityscapes, darkzurich or acdc)")
     path = Path(path)
@@ -216,22 +216,22 @@ def validate(path, fmt: str, split_root, split: str = "test", dataset: str | Non
         raise ValueError(f"submission: {path} does not exist (expected the output folder or its zip)")
     entries = expected_images(dataset, split_root, split)
     tree = _Tree(path)
-    folders = (spec.label_folder, *spec.extra)
+    folders = (layout.label_folder, *layout.extra)
     problems: dict[str, list[str]] = {}
 
     def add(kind: str, text: str) -> None:
         problems.setdefault(kind, []).append(text)
 
-    if spec.keep_image_name:
+    if layout.keep_image_name:
         wanted = {prediction_name(fmt, e.name, e.image.name): e for e in entries}
     else:  # trainids: <name>.png or <name>_*.png (test images keep their _rgb_anon suffix)
         wanted = {}
-        present = {Path(r).name for r in tree.files if r.startswith(spec.label_folder + "/")}
+        present = {Path(r).name for r in tree.files if r.startswith(layout.label_folder + "/")}
         for e in entries:
             hits = sorted(n for n in present if n == f"{e.name}.png" or (n.startswith(f"{e.name}_")
                                                                          and n.endswith(".png")))
             if len(hits) > 1:
-                add("ambiguous", f"{spec.label_folder}/{e.name}*.png ({len(hits)} files)")
+                add("ambiguous", f"{layout.label_folder}/{e.name}*.png ({len(hits)} files)")
             wanted[hits[0] if hits else f"{e.name}.png"] = e
     sizes: dict[Path, tuple[int, int]] = {}
     for folder in folders:
@@ -297,7 +297,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         ok, line = validate(args.path, args.format, args.split_root, args.split, args.dataset)
-    except (LayoutError, ValueError, zipfile.BadZipFile) as err:
+    except LayoutError as err:  # before ValueError: a LayoutError is one
+        print(f"error: --split-root: {err}", file=sys.stderr)
+        return 2
+    except zipfile.BadZipFile as err:
+        print(f"error: {args.path}: not a readable zip ({err})", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(line)

@@ -235,7 +235,7 @@ def test_check_names_what_is_wrong(data, tmp_path, capsys, fmt, dataset, folder)
     split_root = root / folder
     ok, line = validate(out, fmt, split_root)
     assert ok and line.startswith("OK:") and f"{hw[1]}x{hw[0]}" in line
-    label = writer.spec.label_folder
+    label = writer.layout.label_folder
     # a missing prediction
     missing = out / label / names[dataset][0]
     missing.unlink()
@@ -254,7 +254,7 @@ def test_check_names_what_is_wrong(data, tmp_path, capsys, fmt, dataset, folder)
     ok, line = validate(out, fmt, split_root)
     assert "1 unexpected (e.g. " in line and "stray_frame_000000.png" in line
     # the zip written before the damage still passes
-    ok, _ = validate(out / writer.spec.zip_name, fmt, split_root)
+    ok, _ = validate(out / writer.layout.zip_name, fmt, split_root)
     assert ok
 
 
@@ -270,7 +270,8 @@ def test_check_confidence_bit_depth_and_arguments(data, tmp_path, capsys):
     assert check_main([str(out), "--format", "acdc", "--split-root", str(tmp_path)]) == 2
     assert check_main([str(out), "--format", "trainids", "--split-root", str(root / "acdc")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and all(e.startswith("error: ") for e in err) and "--dataset" in err[2]
+    assert len(err) == 3 and all(e.startswith("error: ") for e in err)
+    assert err[1].startswith("error: --split-root: acdc: ") and "--dataset" in err[2]
 
 
 def test_trainids_check_on_val_and_evaluate_refuses_mismatches(data, ckpt, small_eval, tmp_path, capsys):
