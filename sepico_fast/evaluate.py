@@ -11,7 +11,7 @@ off; the table and ``metrics.json`` say which was used). ``--sliding`` runs over
 crop windows instead (mmseg "slide" mode: window = training crop, stride 2/3 of it,
 logits averaged where windows overlap, at the input size). ``--out DIR`` writes
 ``DIR/labelTrainIds/<original stem>.png`` (8-bit train ids) and ``DIR/labelTrainIds.zip``
-with the same ``labelTrainIds/`` layout for the Dark Zurich benchmark server;
+with the same ``labelTrainIds/`` layout (a benchmark server's upload: ``--format``, below);
 ``--split test`` predicts the unlabelled test images of Cityscapes, ACDC or Dark Zurich.
 ``--format {cityscapes,acdc,darkzurich}`` writes instead what that benchmark server takes
 (``sepico_fast.submission``: file names, folders, label encoding, image-size predictions,
