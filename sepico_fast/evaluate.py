@@ -11,8 +11,12 @@ off; the table and ``metrics.json`` say which was used). ``--sliding`` runs over
 crop windows instead (mmseg "slide" mode: window = training crop, stride 2/3 of it,
 logits averaged where windows overlap, at the input size). ``--out DIR`` writes
 ``DIR/labelTrainIds/<original stem>.png`` (8-bit train ids) and ``DIR/labelTrainIds.zip``
-with the same ``labelTrainIds/`` layout for the Dark Zurich benchmark server;
-``--split test`` predicts the unlabelled Dark Zurich test images.
+with the same ``labelTrainIds/`` layout (a benchmark server's upload: ``--format``, below);
+``--split test`` predicts the unlabelled test images of Cityscapes, ACDC or Dark Zurich.
+``--format {cityscapes,acdc,darkzurich}`` writes instead what that benchmark server takes
+(``sepico_fast.submission``: file names, folders, label encoding, image-size predictions,
+Dark Zurich confidence and invalid maps, one zip) and checks the zip against the split's
+image list; ACDC validation also reports the mIoU of each condition (``per_condition``).
 """
 from __future__ import annotations
 
@@ -98,20 +102,25 @@ def sliding_logits(model, img: torch.Tensor, crop: tuple[int, int], stride: tupl
 def evaluate_model(model, batches: Iterable[dict], num_classes: int = 19, *, device=None, amp_dtype=None,
                    sliding: bool = False, crop: tuple[int, int] = (640, 640), max_images: int = 0,
                    out_dir: str | Path | None = None, test_class_weight: torch.Tensor | None = None,
-                   report: dict | None = None) -> ConfusionMatrix:
+                   report: dict | None = None, writer=None, groups: dict | None = None) -> ConfusionMatrix:
     """Confusion matrix of ``model`` (put in eval mode, restored afterwards) over ``batches``
     (``{"img", "gt" [1,1,H0,W0] or absent, "name", "file"}``). Writes train-id PNGs to ``out_dir``.
 
     ``test_class_weight`` (e.g. ``dark_zurich_class_weights()``) re-weights the soft-max of
     every Dark Zurich image (``is_dark_zurich_image(file)``) before the final resize; other
     images are predicted plainly. ``report``, when given, receives ``images`` and
-    ``reweighted_images`` counts."""
+    ``reweighted_images`` counts.
+
+    ``writer`` (a ``submission.SubmissionWriter``) writes each prediction in a benchmark
+    format instead of ``out_dir``'s train-id PNGs; ``groups`` (a dict) receives one confusion
+    matrix per non-empty batch ``"group"`` (the ACDC condition; ACDC images, although named
+    ``*_rgb_anon.png``, are never re-weighted)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     counts = {"images": 0, "reweighted_images": 0}
     cm = ConfusionMatrix(num_classes, device=device)
     was_training = model.training
     model.eval()
-    label_dir = Path(out_dir) / "labelTrainIds" if out_dir is not None else None
+    label_dir = Path(out_dir) / "labelTrainIds" if (out_dir is not None and writer is None) else None
     if label_dir is not None:
         label_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -122,7 +131,10 @@ def evaluate_model(model, batches: Iterable[dict], num_classes: int = 19, *, dev
             gt = batch.get("gt")
             out_hw = tuple(gt.shape[-2:]) if gt is not None else tuple(batch.get("orig_hw", img.shape[-2:]))
             weight = None
-            if test_class_weight is not None and is_dark_zurich_image(batch.get("file") or batch.get("name")):
+            group = batch.get("group") or ""
+            group = group[0] if isinstance(group, (list, tuple)) else group
+            if (test_class_weight is not None and not group
+                    and is_dark_zurich_image(batch.get("file") or batch.get("name"))):
                 weight = test_class_weight
                 if weight.numel() != num_classes:
                     raise ValueError(f"test_class_weight: expected {num_classes} class weights, got {weight.numel()}")
@@ -135,13 +147,37 @@ def evaluate_model(model, batches: Iterable[dict], num_classes: int = 19, *, dev
             counts["reweighted_images"] += int(weight is not None)
             if gt is not None:
                 cm.update(pred, gt.to(device).reshape(pred.shape))
-            if label_dir is not None:
+                if groups is not None and group:
+                    if group not in groups:
+                        groups[group] = ConfusionMatrix(num_classes, device=device)
+                    groups[group].update(pred, gt.to(device).reshape(pred.shape))
+            if writer is not None:
+                conf = None
+                if writer.needs_confidence:  # soft-max probability of the predicted class at the label size
+                    prob = to_label_size(torch.softmax(logits, dim=1), out_hw)
+                    conf = prob.gather(1, pred[:, None])[0, 0]
+                writer.write(batch, pred[0], conf, n)
+            elif label_dir is not None:
                 _write_prediction(label_dir, batch.get("name"), pred, n)
     finally:
         model.train(was_training)
         if report is not None:
             report.update(counts)
     return cm
+
+
+def group_summary(groups: dict) -> dict:
+    """``{group: {"miou", "miou_unit", "per_class_iou"}}`` (ACDC: one entry per condition, in
+    the order fog, night, rain, snow)."""
+    from .data.layouts import ACDC_CONDITIONS
+
+    order = {c: i for i, c in enumerate(ACDC_CONDITIONS)}
+    return {g: iou_summary(groups[g]) for g in sorted(groups, key=lambda g: (order.get(g, len(order)), g))}
+
+
+def group_lines(per_group: dict) -> str:
+    """One printed line: mIoU of each condition."""
+    return "per condition mIoU: " + ", ".join(f"{g} {r['miou']:.2f}" for g, r in per_group.items())
 
 
 def reweighting_record(enabled: bool, report: dict, scale: float = DZ_TEST_WEIGHT_SCALE) -> dict:
@@ -212,33 +248,46 @@ def iou_summary(cm: ConfusionMatrix) -> dict:
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
-def _unlabelled_batches(root: Path, split: str, scale, device):
-    """Dark Zurich test images (labels withheld): ``rgb_anon/<split>/night/<seq>/*_rgb_anon.png``."""
+def _unlabelled_batches(dataset: str, root: Path, scale, device):
+    """Test images (labels withheld) of Cityscapes ``leftImg8bit/test/<city>/``, Dark Zurich
+    ``rgb_anon/test/night/<seq>/`` or ACDC ``rgb_anon/<condition>/test/<seq>/``."""
     from .data.io import read_image
+    from .data.layouts import LayoutError, acdc_condition, server_test_files
     from .data.transforms import fit_size, normalize, resize_image
 
-    files = sorted((root / "rgb_anon" / split / "night").glob("*/*_rgb_anon.png"))
-    if not files:
-        raise SystemExit(f"--data-root: no images under {root / 'rgb_anon' / split / 'night'}/<seq>/*_rgb_anon.png")
-    for path in files:
+    try:
+        entries = server_test_files(dataset, root)
+    except LayoutError as err:
+        raise SystemExit(f"--data-root: {err}") from None
+    for entry in entries:
+        path = entry.image
         arr = read_image(path)
         h0, w0 = arr.shape[:2]
         img = normalize(resize_image(arr, fit_size(h0, w0, scale)))[None].to(device)
-        yield {"img": img, "name": path.name, "orig_hw": (h0, w0)}
+        yield {"img": img, "name": path.name, "file": path.name, "orig_hw": (h0, w0),
+               "group": acdc_condition(path) if dataset == "acdc" else ""}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sepico_fast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="sepico_fast checkpoint, or an upstream .pth / .safetensors file with --arch")
-    p.add_argument("--dataset", default=None, choices=("cityscapes", "darkzurich", "synthetic"),
+    p.add_argument("--dataset", default=None, choices=("cityscapes", "darkzurich", "acdc", "synthetic"),
                    help="evaluation set (default: the checkpoint's training target)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset folders")
-    p.add_argument("--split", default="val", choices=("val", "test"), help="test: Dark Zurich test (no labels)")
+    p.add_argument("--split", default="val", choices=("val", "test"),
+                   help="test: the unlabelled test images (Cityscapes, ACDC, Dark Zurich) for a benchmark server")
     p.add_argument("--arch", default=None, help="segmentor (default: from the checkpoint's config)")
     p.add_argument("--sliding", action="store_true", help="sliding-window instead of whole-image inference")
     p.add_argument("--crop", type=int, nargs="+", default=None, help="sliding window H W (default: training crop)")
     p.add_argument("--out", default=None, help="write labelTrainIds PNGs and a zip here")
+    # benchmark-server formats (docs/submitting.md)
+    p.add_argument("--format", default="trainids", choices=("trainids", "cityscapes", "acdc", "darkzurich"),
+                   help="what --out writes: trainids (labelTrainIds/<stem>.png + labelTrainIds.zip, the default) "
+                        "or the exact upload of the Cityscapes, ACDC or Dark Zurich server (checked after writing)")
+    p.add_argument("--dz-invalid-below", type=float, default=0.0,
+                   help="--format darkzurich: mark pixels whose confidence is below this as invalid (255) in "
+                        "labelTrainIds_invalid (default 0: none, the prediction itself)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--max-images", type=int, default=0)
@@ -248,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn off the authors' Dark Zurich test-time class re-weighting (softmax x log-frequency "
                         f"weights, scale {DZ_TEST_WEIGHT_SCALE}, on *_rgb_anon.png images; on by default)")
     return p
+
+
+def dataset_root_of(dataset: str, data_root) -> Path:
+    from .data.datasets import dataset_root
+
+    return dataset_root(dataset, data_root)
 
 
 def resolve_device(text: str) -> torch.device:
@@ -289,12 +344,26 @@ def main(argv=None) -> dict:
     crop = tuple(args.crop) * (2 if len(args.crop) == 1 else 1) if args.crop else training_crop(config)
 
     from .data import build_val_set, val_loader
+    writer = None
+    if args.format != "trainids":
+        from .submission import SERVER_FORMATS, SubmissionWriter
+
+        if SERVER_FORMATS[args.format].dataset != dataset:
+            raise SystemExit(f"--format {args.format}: predictions of {SERVER_FORMATS[args.format].dataset} images, "
+                             f"got --dataset {dataset}")
+        if not args.out:
+            raise SystemExit(f"--format {args.format}: needs --out DIR (the folder to write the submission to)")
+        try:
+            writer = SubmissionWriter(args.out, args.format, args.dz_invalid_below)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     if args.split == "test":
-        if dataset != "darkzurich":
-            raise SystemExit("--split test: only Dark Zurich has a separate unlabelled test split")
+        if dataset not in ("darkzurich", "cityscapes", "acdc"):
+            raise SystemExit("--split test: Cityscapes, ACDC and Dark Zurich have an unlabelled test split, "
+                             f"not {dataset}")
         from .data.datasets import EVAL_SCALES, dataset_root
-        root = dataset_root("darkzurich", args.data_root)
-        batches = _unlabelled_batches(root, "test", EVAL_SCALES["darkzurich"], device)
+        root = dataset_root(dataset, args.data_root)
+        batches = _unlabelled_batches(dataset, root, EVAL_SCALES[dataset], device)
     else:
         try:  # only the evaluation set: no source dataset has to be present
             val_set = build_val_set(dataset, args.data_root)
@@ -302,21 +371,35 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--data-root: cannot load {dataset}: {err}") from None
         batches = val_loader(val_set, device)
     report: dict = {}
+    groups: dict = {}
+    reweight = args.dz_test_reweight and dataset != "acdc"  # ACDC's *_rgb_anon.png images are not Dark Zurich
     from .data.io import DataFileError
     try:
         cm = evaluate_model(model, batches, num_classes, device=device, amp_dtype=amp_dtype,
                             sliding=args.sliding, crop=crop, max_images=args.max_images, out_dir=args.out,
-                            test_class_weight=dark_zurich_class_weights() if args.dz_test_reweight else None,
-                            report=report)
+                            test_class_weight=dark_zurich_class_weights() if reweight else None,
+                            report=report, writer=writer, groups=groups)
     except DataFileError as exc:  # one line naming the bad evaluation file
         raise SystemExit(f"error: {exc}") from None
     result = {"checkpoint": str(ckpt_path), "dataset": dataset, "split": args.split, "sliding": args.sliding}
-    result.update(reweighting_record(args.dz_test_reweight, report))
+    result.update(reweighting_record(reweight, report))
     print(reweighting_line(result))
     if args.split != "test":
         result.update(iou_summary(cm))
         print(iou_table(cm.iou().cpu().tolist(), CLASSES, title=dataset))
-    if args.out:
+        if groups:
+            result["per_condition"] = group_summary(groups)
+            print(group_lines(result["per_condition"]))
+    if writer is not None:
+        from .submission import validate
+
+        result["format"], result["zip"] = args.format, str(writer.finish())
+        ok, line = validate(result["zip"], args.format, dataset_root_of(dataset, args.data_root), args.split)
+        result["submission_check"] = {"ok": ok, "line": line}
+        print(line)
+        Path(args.out, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"submission: {result['zip']}")
+    elif args.out:
         result["zip"] = str(zip_predictions(args.out))
         Path(args.out, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"predictions: {Path(args.out) / 'labelTrainIds'}  zip: {result['zip']}")

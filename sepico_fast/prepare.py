@@ -1,4 +1,4 @@
-"""``python -m sepico_fast.prepare {gta,synthia,cityscapes,darkzurich} ROOT [--check]``.
+"""``python -m sepico_fast.prepare {gta,synthia,cityscapes,darkzurich,acdc} ROOT [--check]``.
 
 The command line of ``sepico_fast.data.preparation`` (the logic lives there): writes the
 train-id maps and ``ROOT/sample_class_stats.json``, or with ``--check`` verifies a

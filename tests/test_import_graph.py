@@ -1,7 +1,7 @@
 """The import graph is one-directional (docs/ARCHITECTURE.md): no cycles at all, and every
 import goes down the layers
 
-    kernels  <-  contrast, ops, metrics, augment  <-  models, data  <-  checkpoint
+    kernels  <-  contrast, ops, metrics, augment  <-  models, data  <-  checkpoint, submission
              <-  train, evaluate, export, prepare    (evaluate/export/prepare never import train)
 
 plus leaves that import nothing from the package (``_cuda_toolkit``, ``reporting``), usable
@@ -25,7 +25,7 @@ LAYERS = {
     "sepico_fast._cuda_toolkit": 0, "sepico_fast.reporting": 0, "sepico_fast.kernels": 0,
     "sepico_fast.contrast": 1, "sepico_fast.ops": 1, "sepico_fast.metrics": 1, "sepico_fast.augment": 1,
     "sepico_fast.models": 2, "sepico_fast.data": 2,
-    "sepico_fast.checkpoint": 3,
+    "sepico_fast.checkpoint": 3, "sepico_fast.submission": 3,
     "sepico_fast.train": 4, "sepico_fast.evaluate": 4, "sepico_fast.export": 4, "sepico_fast.prepare": 4,
     "sepico_fast": 0,  # the package itself imports nothing eagerly (sepico_fast.kernels is a lazy finder)
 }

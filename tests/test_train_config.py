@@ -16,7 +16,7 @@ def test_defaults_presets_and_overrides():
     assert cfg.amp and cfg.arch == "daformer_mitb5" and cfg.crop == [512, 256] and cfg.seed == 5 and not cfg.blur
     assert cfg.iters == 40000 and cfg.contrast_start == 3000 and cfg.warmup_iters == 1500 and cfg.lr == 6e-5
     paper = {k for k in PRESETS if k != "synthetic"}
-    assert paper == {f"{a}_{p}" for a in ("daformer", "dlv2") for p in ("gta2cs", "synthia2cs", "cs2dz")}
+    assert paper == {f"{a}_{p}" for a in ("daformer", "dlv2") for p in ("gta2cs", "synthia2cs", "cs2dz", "cs2acdc")}
     assert PRESETS["daformer_cs2dz"]["seed"] == 42 and PRESETS["dlv2_cs2dz"]["iters"] == 60000
     assert PRESETS["dlv2_gta2cs"]["arch"] == "dlv2_r101" and PRESETS["daformer_gta2cs"]["seed"] == 76
     assert parse_args(["--crop", "96"]).crop == [96, 96]
@@ -24,11 +24,17 @@ def test_defaults_presets_and_overrides():
     assert make_config(preset="daformer_gta2cs").ignore_rows() == (15, 120)
     assert make_config({"crop": [320, 320]}, preset="dlv2_synthia2cs").ignore_rows() == (8, 60)
     assert make_config(preset="daformer_cs2dz").ignore_rows() == (0, 0)
+    # Cityscapes -> ACDC: the DAFormer family's 512 crop, 40k iterations, seed 0; no ignored rows
+    acdc = make_config(preset="daformer_cs2acdc")
+    assert (acdc.source, acdc.target, acdc.crop, acdc.iters, acdc.seed) == ("cityscapes", "acdc", [512, 512], 40000, 0)
+    assert acdc.ignore_rows() == (0, 0) and not acdc.dark_zurich
+    assert make_config(preset="dlv2_cs2acdc").arch == "dlv2_r101"
 
 
 @pytest.mark.parametrize("argv, flag", [
     (["--crop", "4"], "--crop"), (["--iters", "0"], "--iters"), (["--lr", "-1"], "--lr"),
     (["--ema-alpha", "1.5"], "--ema-alpha"), (["--source", "darkzurich", "--target", "cityscapes"], "--source"),
+    (["--source", "acdc", "--target", "cityscapes"], "--source"),
     (["--source", "gta", "--target", "synthetic"], "--target"), (["--preset", "nope"], "--preset"),
     (["--device", "tpu"], "--device"), (["--betas", "0.9"], "--betas"),
     (["--crop", "129"], "--crop"), (["--arch", "daformer_tiny", "--crop", "130"], "--crop"),
@@ -78,7 +84,8 @@ def test_dataclass_defaults_are_the_bare_run():
     for name in (k for k in PRESETS if k != "synthetic"):  # paper values do not leak from the CPU default
         cfg = make_config(preset=name)
         assert (cfg.ema_alpha, cfg.pseudo_threshold, cfg.proj_dim, cfg.pipeline) == (0.999, 0.968, 512, "auto")
-        assert (cfg.lr, cfg.warmup_iters, cfg.contrast_start, cfg.crop) == (6e-5, 1500, 3000, [640, 640])
+        crop = [512, 512] if cfg.target == "acdc" else [640, 640]  # ACDC at 960x540: the DAFormer family's crop
+        assert (cfg.lr, cfg.warmup_iters, cfg.contrast_start, cfg.crop) == (6e-5, 1500, 3000, crop)
 
 
 def test_resume_file_that_is_not_a_checkpoint(tmp_path):

@@ -12,7 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASETS = ("gta", "synthia", "cityscapes", "darkzurich")
+DATASETS = ("gta", "synthia", "cityscapes", "darkzurich", "acdc")
+
+# ACDC's four adverse conditions (folder names under rgb_anon/ and gt/).
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 
 LAYOUTS = {
     "gta": "ROOT/images/*.png and ROOT/labels/*.png (palette PNGs of Cityscapes label ids, same file names)",
@@ -21,13 +24,17 @@ LAYOUTS = {
                   "ROOT/gtFine/{train,val}/<city>/*_gtFine_labelIds.png",
     "darkzurich": "ROOT/rgb_anon/{train,val}/{night,day}/<seq>/*_rgb_anon.png, "
                   "ROOT/gt/val/night/<seq>/*_gt_labelTrainIds.png and ROOT/corresp/train/night/*.csv",
+    "acdc": "ROOT/rgb_anon/{fog,night,rain,snow}/{train,val,test}/<seq>/*_rgb_anon.png and "
+            "ROOT/gt/{fog,night,rain,snow}/{train,val}/<seq>/*_gt_labelTrainIds.png",
 }
 
 
 # Training resize scales (long side, short side) of each dataset (method §1). Dark Zurich
 # (1920x1080) fits 1280x720 for training and evaluation, its day references too (the
-# authors' Dark Zurich configs).
-TRAIN_SCALES = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1280, 640), "darkzurich": (1280, 720)}
+# authors' Dark Zurich configs). ACDC (1920x1080) fits 960x540, the scale of the DAFormer
+# family's Cityscapes -> ACDC configs (docs/data.md).
+TRAIN_SCALES = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1280, 640), "darkzurich": (1280, 720),
+                "acdc": (960, 540)}
 
 
 class LayoutError(ValueError):
@@ -155,6 +162,67 @@ def darkzurich_files(root: str | os.PathLike, split: str) -> list[Entry]:
     return out
 
 
+def acdc_files(root: str | os.PathLike, split: str) -> list[Entry]:
+    """Images of every condition folder present (fog, night, rain, snow) for ``split`` with
+    their ``*_gt_labelTrainIds.png`` (train, val); ``test`` has no labels. Names are the
+    image stems without ``_rgb_anon``; ``acdc_condition`` tells an entry's condition."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
+    root = Path(root)
+    _need_dir("acdc", root / "rgb_anon")
+    conditions = [c for c in ACDC_CONDITIONS if (root / "rgb_anon" / c / split).is_dir()]
+    if not conditions:
+        raise LayoutError(f"acdc: no condition folder rgb_anon/{{{','.join(ACDC_CONDITIONS)}}}/{split} under {root}; "
+                          f"expected layout {LAYOUTS['acdc']}")
+    out = []
+    for cond in conditions:
+        images = root / "rgb_anon" / cond / split
+        labels = None if split == "test" else _need_dir("acdc", root / "gt" / cond / split)
+        for img in _pngs(images, "_rgb_anon.png", recursive=True):
+            stem = img.name[:-len("_rgb_anon.png")]
+            if labels is None:
+                out.append(Entry(img, None, None, stem))
+                continue
+            lbl = labels / img.parent.relative_to(images) / f"{stem}_gt_labelTrainIds.png"
+            if not lbl.is_file():
+                raise LayoutError(f"acdc: image {img} has no label {lbl}; expected layout {LAYOUTS['acdc']}")
+            out.append(Entry(img, lbl, lbl, stem))
+    if not out:
+        raise LayoutError(f"acdc: no *_rgb_anon.png under {root / 'rgb_anon'}/<condition>/{split}/<seq>/; "
+                          f"expected layout {LAYOUTS['acdc']}")
+    return out
+
+
+def acdc_condition(image: str | os.PathLike) -> str:
+    """The ACDC condition of an image path (``.../rgb_anon/<condition>/<split>/<seq>/x.png``),
+    "" when the path has none (e.g. a cached copy outside the tree)."""
+    parts = Path(image).parts
+    for i in range(len(parts) - 1):
+        if parts[i] == "rgb_anon" and parts[i + 1] in ACDC_CONDITIONS:
+            return parts[i + 1]
+    return ""
+
+
+def server_test_files(dataset: str, root: str | os.PathLike) -> list[Entry]:
+    """The unlabelled test images a benchmark server scores (no labels): Cityscapes
+    ``leftImg8bit/test/<city>/``, Dark Zurich ``rgb_anon/test/night/<seq>/``, ACDC
+    ``rgb_anon/<condition>/test/<seq>/``; names as the val entries'."""
+    root = Path(root)
+    if dataset == "acdc":
+        return acdc_files(root, "test")
+    if dataset == "cityscapes":
+        folder, suffix = root / "leftImg8bit" / "test", "_leftImg8bit.png"
+    elif dataset == "darkzurich":
+        folder, suffix = root / "rgb_anon" / "test" / "night", "_rgb_anon.png"
+    else:
+        raise ValueError(f"dataset: expected cityscapes, darkzurich or acdc for a test split, got {dataset!r}")
+    files = _pngs(folder, suffix, recursive=True) if folder.is_dir() else []
+    if not files:
+        sub = "<city>" if dataset == "cityscapes" else "<seq>"
+        raise LayoutError(f"no images under {folder}/{sub}/*{suffix} (the {dataset} test split)")
+    return [Entry(p, None, None, p.name[:-len(suffix)]) for p in files]
+
+
 def list_files(dataset: str, root: str | os.PathLike, split: str = "train") -> list[Entry]:
     if dataset == "gta":
         return gta_files(root)
@@ -164,4 +232,6 @@ def list_files(dataset: str, root: str | os.PathLike, split: str = "train") -> l
         return cityscapes_files(root, split)
     if dataset == "darkzurich":
         return darkzurich_files(root, split)
+    if dataset == "acdc":
+        return acdc_files(root, split)
     raise ValueError(f"dataset: expected one of {DATASETS}, got {dataset!r}")

@@ -48,7 +48,7 @@ def _convert(dataset: str, raw: Path) -> np.ndarray:
         arr = io.read_png16(raw)
         return synthia_ids_to_train_ids(arr[..., 0])  # class id in R (the last channel read as BGR)
     label = io.read_label(raw)
-    if dataset == "darkzurich":  # already train ids: only check them
+    if dataset in ("darkzurich", "acdc"):  # already train ids: only check them
         return io.check_train_ids(label, raw, NUM_CLASSES)
     return cityscapes_ids_to_train_ids(label)
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from ..data.loader import PIPELINES
 from ..models import ARCHS
 
-DATASETS = ("gta", "synthia", "cityscapes", "darkzurich", "synthetic")
+DATASETS = ("gta", "synthia", "cityscapes", "darkzurich", "acdc", "synthetic")
 METHODS = ("sepico", "source_only")
 VARIANTS = ("dist", "bank", "proto")
 DDP_SCHEDULES = ("steps", "samples")
@@ -201,6 +201,17 @@ PRESETS: dict[str, dict] = {
     "synthetic": {},
 }
 
+# Cityscapes -> ACDC (docs/data.md): SePiCo published no ACDC configuration, so these are the
+# Dark Zurich presets' recipe (paper schedule, real-to-real target: no ignored rows) with the
+# DAFormer family's Cityscapes -> ACDC data settings: Cityscapes fit 1024x512, ACDC 1920x1080
+# fit 960x540 for training and evaluation, crop 512x512, 40k iterations, seed 0.
+PRESETS.update({
+    "daformer_cs2acdc": dict(_PAPER, arch="daformer_mitb5", source="cityscapes", target="acdc", seed=0,
+                             crop=[512, 512], pretrained="pretrained/mit_b5.pth"),
+    "dlv2_cs2acdc": dict(_PAPER, arch="dlv2_r101", source="cityscapes", target="acdc", seed=0,
+                         crop=[512, 512], pretrained="pretrained/resnet101_v1c.pth"),
+})
+
 
 # ----------------------------------------------------------------------------------------
 # Command line generated from the dataclass
@@ -371,6 +382,8 @@ def validate(cfg: TrainConfig) -> None:
         bad("color_jitter_strength", "must be in [0, 0.5] (hue shift is a fraction of a half turn)")
     if cfg.source == "darkzurich":
         bad("source", "darkzurich has no training labels; use it as --target")
+    if cfg.source == "acdc":
+        bad("source", "acdc is supported as --target (Cityscapes -> ACDC); choose gta, synthia or cityscapes")
     if (cfg.source == "synthetic") != (cfg.target == "synthetic"):
         bad("target", "the synthetic pair is used as a whole: give --source synthetic --target synthetic")
     if cfg.target == "darkzurich" and cfg.num_classes != 19 and (cfg.dz_class_weight or cfg.dz_test_reweight):

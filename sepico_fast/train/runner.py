@@ -24,7 +24,15 @@ from ..checkpoint import load_pretrained as load_pretrained_weights
 from ..contrast import ClassStats
 from ..data.io import DataFileError
 from ..data.labels import CLASSES
-from ..evaluate import dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line, reweighting_record
+from ..evaluate import (
+    dark_zurich_class_weights,
+    evaluate_model,
+    group_lines,
+    group_summary,
+    iou_summary,
+    reweighting_line,
+    reweighting_record,
+)
 from ..models import build_segmentor, param_groups
 from ..reporting import first_line, iou_table
 from . import checkpointing as ckpt_io
@@ -435,15 +443,21 @@ def _evaluate(run: TrainRun, it: int) -> dict | None:
     cfg, ctx, result = run.cfg, run.ctx, None
     if run.main:
         report: dict = {}
-        weights = dark_zurich_class_weights() if cfg.dz_test_reweight else None  # only *_rgb_anon.png images
+        groups: dict = {}  # ACDC: one confusion matrix per condition
+        reweight = cfg.dz_test_reweight and cfg.target != "acdc"  # ACDC's *_rgb_anon.png are not Dark Zurich
+        weights = dark_zurich_class_weights() if reweight else None  # only *_rgb_anon.png images
         cm = evaluate_model(ctx.student, val_loader(run.val_target, run.device), cfg.num_classes,
                             device=run.device, amp_dtype=ctx.amp_dtype, max_images=cfg.eval_max_images,
-                            test_class_weight=weights, report=report)
+                            test_class_weight=weights, report=report, groups=groups)
         result = iou_summary(cm)
-        result.update(reweighting_record(cfg.dz_test_reweight, report))
+        if groups:
+            result["per_condition"] = group_summary(groups)
+        result.update(reweighting_record(reweight, report))
         print()
         print(reweighting_line(result))
         print(iou_table([v / 100.0 for v in result["per_class_iou"]], CLASSES, title=cfg.target))
+        if groups:
+            print(group_lines(result["per_condition"]))
         run.writer.write(it, {"val/miou": result["miou"]})
         if ctx.pseudo_diag is not None:
             _pseudo_table(run, it)
