@@ -13,9 +13,8 @@ import torch.nn.functional as F
 
 from sepico_fast.models import build_segmentor, param_groups
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REF.is_dir():  # checkout elsewhere: fall back to the documented location
-    REF = Path("/work/shared/reference")
+# Upstream state-dict layouts (key, dtype, shape per line), see docs/models.md.
+REF = Path(__file__).resolve().parent / "data"
 KEY_FILES = ["daformer_mitb0", "daformer_mitb5", "dlv2_r50", "dlv2_r101"]
 README_PARAMS = {"daformer_mitb5": 85_550_035, "daformer_mitb0": 7_032_947,
                  "dlv2_r101": 49_168_300, "dlv2_r50": 30_176_172}
