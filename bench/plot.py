@@ -33,7 +33,7 @@ def family(impl: str) -> str:
 
 
 def device_slug(device: str) -> str:
-    """``"cpu (x86_64, 2 cores, ...)"`` -> ``"cpu"``; ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``."""
+    """``"cpu (AMD EPYC, x86_64, 2 cores, ...)"`` -> ``"cpu"``; ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``."""
     return re.sub(r"[^a-z0-9]+", "_", device.split(" (")[0].lower()).strip("_") or "device"
 
 

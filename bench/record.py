@@ -42,11 +42,29 @@ def results_folder() -> Path:
     return Path(os.environ.get(RESULTS_DIR_ENV, "").strip() or RESULTS_DIR)
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name: the first "model name" line of ``cpuinfo`` (Linux), else
+    ``platform.processor()``, else ``platform.machine()``, else "unknown CPU"."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, sep, value = line.partition(":")
+                if sep and key.strip().lower() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor().strip() or platform.machine().strip() or "unknown CPU"
+
+
 def device_name(device: torch.device | str) -> str:
+    """GPU: its CUDA name. CPU: ``cpu (<model name>, <machine>, N cores, torch threads=T)``
+    (the machine architecture is left out when it is all the model name says)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()})"
+    model, machine = cpu_model(), platform.machine()
+    parts = [model] + ([machine] if machine and machine != model else [])
+    return f"cpu ({', '.join(parts)}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()})"
 
 
 COMMIT_ENV = "GPU_CHECK_COMMIT"

@@ -9,7 +9,7 @@ RSS of the process; CUDA: ``max_memory_allocated``). Results are appended to
 ``bench/results/train_step_vs_upstream.json`` (and ``train_step_scaling.json``), one
 record per dataflow with ``speedup_vs_upstream`` on the fast one.
 
-    # quick subset (MiT-B0, crop 256, batch 1+1, eager; ~3 min on a quiet 2-core CPU)
+    # quick subset (MiT-B0, crop 256, batch 1+1, eager; ~3 min on a quiet 2-core AMD EPYC CPU)
     pytest bench/test_bench_train_step.py -s -k "cpu and mitb0-256-b1 and eager"
     # the full CPU table + scaling table (see bench/NOTES.md for the measured duration)
     pytest bench/test_bench_train_step.py -s -k "cpu or scaling"

@@ -105,3 +105,28 @@ def test_plot_charts_latest_rows_per_device(tmp_path):
     from PIL import Image
 
     assert all(Image.open(p).size[0] > 500 for p in written)
+
+
+def test_cpu_rows_name_the_cpu_model(tmp_path, monkeypatch):
+    """A CPU row's device names the model ("model name" of /proc/cpuinfo), not only x86_64;
+    without cpuinfo it falls back to platform.processor(), then platform.machine()."""
+    sys.path.insert(0, str(ROOT))
+    from bench import record
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: Example\nmodel name\t: Example  CPU 9000 @ 3.0GHz\n"
+                    "processor\t: 1\nmodel name\t: Example  CPU 9000 @ 3.0GHz\n")
+    assert record.cpu_model(info) == "Example CPU 9000 @ 3.0GHz"
+    missing = tmp_path / "absent"
+    monkeypatch.setattr(record.platform, "processor", lambda: "Example processor")
+    assert record.cpu_model(missing) == "Example processor"
+    monkeypatch.setattr(record.platform, "processor", lambda: "")
+    monkeypatch.setattr(record.platform, "machine", lambda: "riscv64")
+    assert record.cpu_model(missing) == "riscv64"
+
+    monkeypatch.setattr(record, "cpu_model", lambda: "Example CPU 9000")
+    monkeypatch.setattr(record.platform, "machine", lambda: "x86_64")
+    name = record.device_name("cpu")
+    assert name.startswith("cpu (Example CPU 9000, x86_64, ") and f"{os.cpu_count()} cores" in name
+    monkeypatch.setattr(record, "cpu_model", lambda: "x86_64")  # nothing better known: not repeated
+    assert record.device_name("cpu").startswith("cpu (x86_64, ")

@@ -8,9 +8,8 @@ import torch
 from sepico_fast.checkpoint import LoadReport, load_official, load_pretrained, uda_state_dict
 from sepico_fast.models import build_segmentor
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REF.is_dir():
-    REF = Path("/work/shared/reference")
+# Upstream state-dict layouts (key, dtype, shape per line), see docs/models.md.
+REF = Path(__file__).resolve().parent / "data"
 
 
 def synthetic_checkpoint(name, device="cpu", seed=0):

@@ -21,7 +21,7 @@ HF_EPS = 1e-5  # every LayerNorm of transformers' SegFormer uses the nn.LayerNor
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """These models run hundreds of tiny float64 ops: on a busy 2-core machine two intra-op
+    """These models run hundreds of tiny float64 ops: on a busy 2-core CPU two intra-op
     threads make them about 4x slower than one (measured: MiT-B5 test 45 s vs 11 s)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -55,7 +55,7 @@ def test_valid_cuda_home_wins(tmp_path):
 
 
 def test_wrapper_script_outside_the_toolkit(tmp_path):
-    """The case of the development machine: /usr/local/bin/nvcc runs exec <toolkit>/bin/nvcc;
+    """A common install: /usr/local/bin/nvcc runs exec <toolkit>/bin/nvcc;
     torch's guess (the wrapper's parent folder) has no headers and is rejected."""
     home = make_toolkit(tmp_path / "cuda-13.0")
     wrapper = make_wrapper(tmp_path / "local" / "bin", f'exec {home}/bin/nvcc "$@"')

@@ -1,4 +1,4 @@
-"""Segmentor structure, numerics and training-friendliness (method §2, shared/reference/README.md).
+"""Segmentor structure, numerics and training-friendliness (method §2, docs/models.md "Upstream layouts").
 
 Big architectures (MiT-B5, ResNet-101) are only built on the meta device; forward passes run
 on the tiny variants, MiT-B0 and ResNet-50 at small inputs.
@@ -13,11 +13,10 @@ import torch.nn.functional as F
 
 from sepico_fast.models import build_segmentor, param_groups
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REF.is_dir():  # checkout elsewhere: fall back to the documented location
-    REF = Path("/work/shared/reference")
+# Upstream state-dict layouts (key, dtype, shape per line), see docs/models.md.
+REF = Path(__file__).resolve().parent / "data"
 KEY_FILES = ["daformer_mitb0", "daformer_mitb5", "dlv2_r50", "dlv2_r101"]
-README_PARAMS = {"daformer_mitb5": 85_550_035, "daformer_mitb0": 7_032_947,
+UPSTREAM_PARAMS = {"daformer_mitb5": 85_550_035, "daformer_mitb0": 7_032_947,
                  "dlv2_r101": 49_168_300, "dlv2_r50": 30_176_172}
 
 
@@ -49,7 +48,7 @@ def _seed():
 def test_state_dict_layout_equals_upstream_key_file(arch):
     model = meta_model(arch)
     assert layout(model) == read_layout(arch)  # names, order, dtypes, shapes
-    assert sum(p.numel() for p in model.parameters()) == README_PARAMS[arch]
+    assert sum(p.numel() for p in model.parameters()) == UPSTREAM_PARAMS[arch]
 
 
 @pytest.mark.parametrize("variant,depths", [("b1", (2, 2, 2, 2)), ("b2", (3, 4, 6, 3)),
@@ -226,7 +225,7 @@ def test_dynamo_traces_without_graph_breaks(arch):
 
 
 # ----------------------------------------------------------------------------- numerics
-# Functional re-statements of shared/reference/README.md, written from the text only and
+# Functional re-statements of docs/models.md ("Upstream layouts"), written from the text only and
 # fed with the model's state dict: they check the module wiring (head split, kv split,
 # eps, resize order, branch order, dilations) independently of the module code.
 

@@ -280,7 +280,7 @@ def test_cache_png_gives_identical_batches_and_jpeg_close(tmp_path, capsys):
         build_datasets("gta", "cityscapes", cache="png", **dict(kw, source_scale=(40, 24)))
 
 
-# ----------------------------------------------------------------------------- issue 14
+# ----------------------------------------------------------------------------- damaged files
 
 def _truncate(path: Path, keep: int = 120) -> None:
     path.write_bytes(path.read_bytes()[:keep])  # the PNG header survives: only a full decode notices

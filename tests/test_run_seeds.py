@@ -1,4 +1,4 @@
-"""scripts/run_seeds.py reuses a finished run only for the same full command (issue 14)."""
+"""scripts/run_seeds.py reuses a finished run only for the same full command."""
 from __future__ import annotations
 
 import importlib.util

@@ -1,5 +1,5 @@
-"""A source checkout used without ``pip install`` (PYTHONPATH=., as on the GPU machine)
-finds its own Triton kernels as ``sepico_fast.kernels`` (issue 11)."""
+"""A source checkout used without ``pip install`` (PYTHONPATH=.) finds its own Triton
+kernels as ``sepico_fast.kernels``."""
 import shutil
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Checkpoint files (issue 14): weights_only loading, independent latest.pt, checksums and
+"""Checkpoint files: weights_only loading, independent latest.pt, checksums and
 the --resume auto fallback, stale temp files, a full disk; resume config rules."""
 from __future__ import annotations
 

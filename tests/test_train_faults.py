@@ -1,4 +1,4 @@
-"""Faults during training (issue 14): the run's own config on resume, a bad validation file
+"""Faults during training: the run's own config on resume, a bad validation file
 after the checkpoint of the same iteration, a real SIGTERM, weights that do not fit."""
 from __future__ import annotations
 

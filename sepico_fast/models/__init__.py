@@ -1,7 +1,8 @@
 """Segmentors of SePiCo (method §2): DAFormer (MiT-B0..B5) and DeepLab-v2 (ResNet-V1c 50/101).
 
 ``build_segmentor(arch)`` returns a :class:`Segmentor` whose ``state_dict`` keys, order,
-dtypes and shapes equal the upstream SePiCo checkpoints (``shared/reference/keys_*.txt``).
+dtypes and shapes equal the upstream SePiCo checkpoints (``tests/data/keys_*.txt``,
+described in docs/models.md).
 ``daformer_tiny`` and ``dlv2_tiny`` are NOT upstream: small CPU variants with the same
 module structure for smoke runs and tests.
 """

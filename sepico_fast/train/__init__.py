@@ -15,13 +15,10 @@
 """
 import os
 
-# Before torch is first imported: how long idle OpenMP threads spin before sleeping.
-# Measured on the 2-core dev machine (dlv2_tiny, crop 128, one iteration, 2 threads):
-#   quiet CPU:  spin forever (ACTIVE) 0.14 s, GOMP_SPINCOUNT=30000 0.14 s, PASSIVE 0.27 s
-#   2 CPU hogs: GOMP_SPINCOUNT=30000 0.31 s, PASSIVE 0.55 s, 1 thread 0.33 s
-#   other torch jobs spinning too, default spin: 3-14 s (threads wait on each other)
-# A short spin (libgomp, which Linux torch wheels use) is best in both cases. Values already
-# in the environment (OMP_WAIT_POLICY or GOMP_SPINCOUNT) win.
+# Before torch is first imported: how long idle OpenMP threads spin before sleeping. A short
+# spin (libgomp, which Linux torch wheels use) was fastest on a quiet and on a busy CPU
+# (measurements: docs/training.md, "CPU threads"). Values already in the environment
+# (OMP_WAIT_POLICY or GOMP_SPINCOUNT) win.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 

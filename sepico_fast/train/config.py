@@ -75,7 +75,7 @@ class TrainConfig:
     warmup_iters: int = _f(75, "linear warm-up iterations")
     warmup_ratio: float = _f(1e-6, "learning-rate factor at iteration 0 of the warm-up")
     poly_power: float = _f(1.0, "power of the polynomial decay to 0 at the last iteration")
-    # DDP schedule (issue 13)
+    # DDP schedule
     ddp_schedule: str = _f("steps", "with N processes (torchrun): 'steps' runs --iters steps of N x the batch "
                            "(N x the samples of one GPU, same lr); 'samples' divides --iters, --warmup-iters, "
                            "--contrast-start, --eval-interval and --checkpoint-interval by N (the samples seen "
@@ -106,7 +106,7 @@ class TrainConfig:
     # --- numerics / speed ----------------------------------------------------------------------
     amp: bool = _f(False, "mixed precision: bf16 autocast where supported, else fp16 + GradScaler")
     cpu_amp: bool = _f(False, "with --amp on the CPU, really use bf16 autocast (slower than fp32 for the "
-                       "tiny models on the 2-core dev machine, so off by default)")
+                       "tiny models on a 2-core Intel Xeon CPU, see docs/training.md, so off by default)")
     compile: bool = _f(False, "torch.compile the student and teacher")
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes; slower)")
     max_skipped_steps: int = _f(20, "stop after this many optimizer steps skipped for NaN/Inf losses")
@@ -128,7 +128,7 @@ class TrainConfig:
     profile_iters: int = _f(10, "iterations recorded by --profile")
     nvtx: bool = _f(False, "NVTX ranges around each phase (for Nsight Systems)")
     eval_max_images: int = _f(0, "evaluate on at most this many validation images (0: all)")
-    # evaluation rule (issue 13)
+    # evaluation rule
     dz_test_reweight: bool = _f(True, "Dark Zurich evaluation: the authors' test-time class re-weighting "
                                 "(softmax at the input size x log-frequency weights, scale 0.16, on *_rgb_anon.png "
                                 "images, then resize and arg-max); --no-dz-test-reweight for the plain arg-max")

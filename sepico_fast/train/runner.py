@@ -73,7 +73,7 @@ def amp_setup(cfg: TrainConfig, device: torch.device):
     CUDA: bf16 autocast when the GPU has bf16 tensor cores (Ampere and later), else fp16 +
     GradScaler (``torch.cuda.is_bf16_supported()`` alone also says yes on Volta/Turing, where
     bf16 is emulated, slowly). CPU: float32 unless ``--cpu-amp``: bf16 autocast measured
-    slower than float32 for the tiny models on the 2-core development machine (see
+    slower than float32 for the tiny models on a 2-core Intel Xeon CPU (see
     docs/training.md), so --amp alone keeps fp32 there.
     """
     if not cfg.amp:
