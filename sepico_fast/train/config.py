@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -290,8 +291,12 @@ def _flag(name: str) -> str:
 
 
 def _field_type(f: dataclasses.Field):
-    hints = typing.get_type_hints(TrainConfig)
-    return hints[f.name]
+    return _type_hints()[f.name]
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
 
 
 def _parse_bool(text: str) -> bool:
@@ -465,8 +470,6 @@ def _validate_relations(cfg: TrainConfig, bad) -> None:
     if cfg.data_root and cfg.source == "synthetic":
         bad("data_root", "the synthetic pair is generated, not read from a data root; drop --data-root, or give "
             "--source/--target datasets that live there")
-    if cfg.work_dir and os.path.exists(cfg.work_dir) and not os.path.isdir(cfg.work_dir):
-        bad("work_dir", "expected a folder (or a path to create), not an existing file")
 
 
 def _validate_crop(cfg: TrainConfig, bad) -> None:

@@ -135,10 +135,10 @@ class TrainRun:
         return self.train_seconds + (time.perf_counter() - self.loop_t0 if self.loop_t0 is not None else 0.0)
 
 
-def _work_dir(cfg: TrainConfig, dist_info: DistInfo, run_id: str, resuming: bool) -> Path:
+def _work_dir(cfg: TrainConfig, dist_info: DistInfo, run_id: str = "", resuming: bool = False) -> Path:
     """Rank 0 creates (or, by default, draws) the folder, locks it for this run and checks that
-    a new run finds no other run's files there; every rank gets rank 0's folder, or its
-    one-line refusal (exit status 2)."""
+    a new run finds no other run's files there; every rank gets rank 0's folder, or stops with
+    its one-line refusal (printed by rank 0)."""
     work_dir, error = cfg.work_dir, None
     if dist_info.is_main:
         try:
@@ -150,9 +150,7 @@ def _work_dir(cfg: TrainConfig, dist_info: DistInfo, run_id: str, resuming: bool
         torch.distributed.broadcast_object_list(box, src=0)
         work_dir, error = box
     if error is not None:
-        if dist_info.is_main:
-            print(f"sepico_fast.train: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise SystemExit(error if dist_info.is_main else 1)
     cfg.work_dir = str(work_dir)
     return Path(work_dir)
 
@@ -162,14 +160,18 @@ def _claim_work_dir(cfg: TrainConfig, run_id: str, resuming: bool) -> Path:
     try:
         work_dir = Path(cfg.work_dir) if cfg.work_dir else workdir.default_work_dir(cfg)
         work_dir.mkdir(parents=True, exist_ok=True)
-        lock = workdir.RunLock.acquire(work_dir, run_id)
+    except OSError as err:  # an existing file, a read-only or unreachable place
+        raise SystemExit(f"--work-dir: cannot create the folder {cfg.work_dir or 'under work_dirs'} "
+                         f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
+    try:
+        lock = workdir.RunLock.acquire(work_dir, run_id or workdir.new_run_id())
     except workdir.WorkDirBusy as busy:
         what = "--resume: the run in" if resuming else "--work-dir:"
         raise SystemExit(f"{what} {work_dir} is in use by a training run that is still alive ({busy}); wait for it "
                          "to end, stop it (Ctrl-C / kill PID writes a checkpoint), or give another --work-dir") \
             from None
-    except OSError as err:  # an existing file, a read-only or unreachable place
-        raise SystemExit(f"--work-dir: cannot create or lock the folder {cfg.work_dir or 'work_dirs/...'} "
+    except OSError as err:  # a read-only folder
+        raise SystemExit(f"--work-dir: cannot write the lock file {work_dir / workdir.LOCK_NAME} "
                          f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
     if not resuming:
         found = workdir.prior_outputs(work_dir)
