@@ -203,7 +203,8 @@ def test_stop_at_not_past_the_checkpoint_and_quoted_resume_hint(tmp_path, capsys
 def _fake_run(work_dir: Path, saved_at):
     return types.SimpleNamespace(stop=None, work_dir=work_dir, done=5, start_it=0, saved_at=saved_at, main=True,
                                  in_step=False, cfg=types.SimpleNamespace(keep_checkpoints=2),
-                                 snapshot=lambda done, **meta: {}, dist_info=types.SimpleNamespace(world_size=1, rank=0))
+                                 snapshot=lambda done, **meta: {},
+                                 dist_info=types.SimpleNamespace(world_size=1, rank=0))
 
 
 def test_failed_emergency_checkpoint_does_not_say_resume(tmp_path, monkeypatch):
