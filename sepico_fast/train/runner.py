@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -331,8 +332,10 @@ def _check_stop_at(cfg: TrainConfig, ckpt: dict | None, ckpt_path) -> None:
         return
     it = int(ckpt["meta"]["iter"])
     if cfg.stop_at <= it:
-        print(f"sepico_fast.train: --stop-at: {cfg.stop_at} is not past iteration {it} of {ckpt_path}, so nothing "
-              f"would be trained; give a larger --stop-at, or none to run to --iters {cfg.iters}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # before the process group: one line from rank 0
+            print(f"sepico_fast.train: --stop-at: {cfg.stop_at} is not past iteration {it} of {ckpt_path}, so "
+                  f"nothing would be trained; give a larger --stop-at, or none to run to --iters {cfg.iters}",
+                  file=sys.stderr)
         raise SystemExit(2)
 
 
