@@ -152,6 +152,47 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     return load_file(path, device="cpu")
 
 
+# Training checkpoints (``sepico_fast.train``): the formats this version reads and the
+# config fields it knows. A checkpoint naming another ``sepico_fast/*`` format, or holding a
+# config field not listed here, was written by a newer version: every reader (resume,
+# evaluate, export, --pretrained) refuses it in one line instead of silently ignoring what it
+# does not understand. ``TRAINING_CONFIG_FIELDS`` equals ``train.config.TrainConfig``'s
+# fields (tests/test_train_config.py checks it): a new config field is added to both.
+TRAINING_FORMAT = "sepico_fast/2"
+KNOWN_TRAINING_FORMATS = ("sepico_fast/1", "sepico_fast/2")
+TRAINING_CONFIG_FIELDS = frozenset({
+    "amp", "arch", "batch_size", "betas", "blur", "cat_max_ratio", "ce_mean_over_all", "checkpoint_interval",
+    "color_jitter_p", "color_jitter_strength", "compile", "contrast_start", "contrast_weight", "cpu_amp", "crop",
+    "crop_tries", "data_root", "day_ratio", "ddp_schedule", "ddp_timeout", "debug_checks", "debug_interval",
+    "deterministic", "device", "drop_path_rate", "dz_class_weight", "dz_test_reweight", "ema_alpha",
+    "eval_interval", "eval_max_images", "head_lr_mult", "iters", "keep_checkpoints", "log_interval", "lr",
+    "max_skipped_steps", "memory_length", "method", "min_ratio", "num_classes", "num_workers", "nvtx",
+    "overwrite", "pipeline", "poly_power", "preset", "pretrained", "profile", "profile_iters", "proj_dim",
+    "pseudo_diagnostics", "pseudo_ignore_bottom", "pseudo_ignore_top", "pseudo_threshold", "reg_weight",
+    "regen_pseudo", "resume", "resume_override", "seed", "source", "stop_at", "target", "temperature", "variant",
+    "warmup_iters", "warmup_ratio", "weight_decay", "work_dir"})
+
+
+def newer_format_reason(checkpoint: Mapping) -> str | None:
+    """Why a training checkpoint is of a newer format than this version reads, or None.
+
+    Only our own checkpoints are judged (``meta.format`` starting with ``sepico_fast/``);
+    upstream / mmcv files and bare state dicts carry no such format and pass."""
+    meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), Mapping) else {}
+    fmt = meta.get("format")
+    if not (isinstance(fmt, str) and fmt.startswith("sepico_fast/")):
+        return None
+    update = "written by a newer sepico_fast; update sepico_fast to read it"
+    if fmt not in KNOWN_TRAINING_FORMATS:
+        return (f"checkpoint format {fmt!r} is unknown to this version (it reads "
+                f"{', '.join(KNOWN_TRAINING_FORMATS)}): {update}")
+    config = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+    unknown = sorted(set(config) - TRAINING_CONFIG_FIELDS)
+    if unknown:
+        return f"config field(s) {', '.join(unknown)} unknown to this version: {update}"
+    return None
+
+
 def read_checkpoint(checkpoint, weights_only: bool = True) -> Mapping:
     """The object stored in a checkpoint file (``torch.save`` pickle or safetensors), or
     ``checkpoint`` itself when it is already a dict.
@@ -160,6 +201,7 @@ def read_checkpoint(checkpoint, weights_only: bool = True) -> Mapping:
     ``pytorch_model.bin`` inside). With ``weights_only`` (the default) a pickle may hold
     tensors, plain Python containers and numeric numpy arrays, nothing that runs code.
     """
+    path = None
     if isinstance(checkpoint, (str, os.PathLike)):
         path = _weights_file(os.fspath(checkpoint))
         if is_safetensors_file(path):
@@ -187,6 +229,9 @@ def read_checkpoint(checkpoint, weights_only: bool = True) -> Mapping:
                              f"({type(err).__name__}: {detail})") from err
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
+    reason = newer_format_reason(checkpoint)
+    if reason:
+        raise ValueError(f"{path}: {reason}" if path else reason)
     return checkpoint
 
 

@@ -5,7 +5,7 @@ depend on tensor *values* (label range, finite statistics) must not stall a CUDA
 stream: on CUDA they are queued with ``torch._assert_async`` (the error surfaces at
 a later synchronisation as a bare "device-side assert triggered": CUDA drops the
 message), on the CPU they are evaluated eagerly and raise ``ValueError``. Debug checks
-(``SEPICO_FAST_DEBUG_CHECKS=1``, ``set_debug_checks(True)``, the trainer's
+(``SEPICO_FAST_DEBUG_CHECKS=1`` (or true/yes/on), ``set_debug_checks(True)``, the trainer's
 ``--debug-checks``) evaluate them eagerly everywhere, with the readable message, at the
 cost of one host sync per check.
 
@@ -30,7 +30,25 @@ TRITON_OPS = ("dist_contrast_loss", "proto_contrast_loss", "bank_contrast_loss",
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 logger = logging.getLogger("sepico_fast.contrast")
-_debug_checks = os.environ.get(DEBUG_CHECKS_ENV, "") not in ("", "0")
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def debug_checks_from_env(environ=None) -> bool:
+    """``SEPICO_FAST_DEBUG_CHECKS``: 1/true/yes/on turn the debug checks on, 0/false/no/off
+    (or unset) off, any case; anything else raises ValueError naming the variable."""
+    text = (os.environ if environ is None else environ).get(DEBUG_CHECKS_ENV, "").strip().lower()
+    if text in _ON:
+        return True
+    if text in _OFF:
+        return False
+    raise ValueError(f"{DEBUG_CHECKS_ENV}: expected 1/true/yes/on or 0/false/no/off, got "
+                     f"{(os.environ if environ is None else environ)[DEBUG_CHECKS_ENV]!r}")
+
+
+try:
+    _debug_checks = debug_checks_from_env()
+except ValueError:  # an unrecognised value: off here; the trainer's command line refuses it in one line
+    _debug_checks = False
 
 
 def set_debug_checks(enabled: bool) -> None:

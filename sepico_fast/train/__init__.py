@@ -7,6 +7,7 @@
     checkpointing.py  atomic, verified checkpoints (weights_only-loadable), snapshot / restore
     resume.py         --resume: newest intact checkpoint, the checkpoint's config, restore
     faults.py         signals, emergency checkpoints, one-line stops (RunStopped)
+    workdir.py        one run, one folder: the work dir's lock, default names, another run's files
     profiling.py      NVTX ranges / torch.profiler per phase
     logging.py        progress bar, scalar logs (IoU tables: sepico_fast.reporting)
     ddp.py            torchrun / process-group helpers

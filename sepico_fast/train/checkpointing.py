@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import TRAINING_FORMAT, newer_format_reason
 from ..reporting import first_line
 
-FORMAT = "sepico_fast/2"
+FORMAT = TRAINING_FORMAT
 CKPT_RE = re.compile(r"^iter_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\.(?:iter_\d+|latest)\.pt(?:\.sha256)?\.tmp(\d+)$")
 _CHUNK = 1 << 22
@@ -48,6 +49,11 @@ class CheckpointError(Exception):
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class CheckpointFormatError(CheckpointError):
+    """An intact checkpoint of a newer format (unknown format string or config field):
+    never skipped as damaged, never read."""
 
 
 class CheckpointWriteError(Exception):
@@ -244,15 +250,33 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def save_checkpoint(work_dir: str | os.PathLike, state: dict, it: int, keep: int = 2) -> Path:
-    """Write ``iter_<it>.pt`` and its copy ``latest.pt``; keep the newest ``keep`` iter files."""
+    """Write ``iter_<it>.pt`` and its copy ``latest.pt``; keep the newest ``keep`` iter files.
+
+    With a ``meta.run_id`` in ``state`` (the trainer's) only iter files of that run are
+    counted and deleted: files of another run, unreadable ones and ones without an id are
+    never touched. Without one (direct API use) every iter file of the folder counts."""
     work_dir = Path(work_dir)
     path = atomic_save(state, work_dir / f"iter_{it:06d}.pt")
     _copy_file(path, work_dir / "latest.pt")
     if keep > 0:
-        for old in iteration_files(work_dir)[keep:]:
+        run_id = (state.get("meta") or {}).get("run_id")
+        files = iteration_files(work_dir)
+        if run_id:
+            files = [p for p in files if p == path or run_id_of(p) == run_id]
+        for old in files[keep:]:
             old.unlink(missing_ok=True)
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path
+
+
+def run_id_of(path: str | os.PathLike) -> str | None:
+    """``meta.run_id`` of a checkpoint file (memory-mapped: the tensors are not read), or
+    None when it has none or cannot be read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return (ckpt.get("meta") or {}).get("run_id")
+    except Exception:  # noqa: BLE001 - damaged or foreign: not provably this run's
+        return None
 
 
 def _digest(path: Path) -> str | None:
@@ -353,6 +377,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "iter" not in (ckpt.get("meta") or {}):
         raise CheckpointError(path, "not a sepico_fast training checkpoint (no 'state_dict' and 'meta.iter')")
+    reason = newer_format_reason(ckpt)
+    if reason:
+        raise CheckpointFormatError(path, reason)
     return ckpt
 
 
@@ -363,6 +390,8 @@ def load_newest_intact(work_dir: str | os.PathLike) -> tuple[Path | None, dict |
     for path in resume_candidates(work_dir):
         try:
             return path, load_checkpoint(path), skipped
+        except CheckpointFormatError:  # intact, only newer: an older file instead would be a silent rollback
+            raise
         except CheckpointError as exc:
             skipped.append(exc)
     return None, None, skipped

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..contrast.validation import debug_checks_from_env
 from ..data.loader import PIPELINES
 from ..models import ARCHS
 
@@ -28,10 +31,54 @@ VARIANTS = ("dist", "bank", "proto")
 DDP_SCHEDULES = ("steps", "samples")
 
 
-def _f(default: Any, help: str, choices: Sequence[str] | None = None, **kw):
-    meta = {"help": help}
+# Resume policy of a field (``_f(..., resume=...)``), applied by ``resumed_config``:
+#   "method"     (the default, so also of every field added later): changes what is trained;
+#                a value other than the checkpoint's is refused unless --resume-override;
+#   "harmless"   may change on resume without changing what is trained: applied and logged;
+#   "invocation" a setting of one invocation, never taken from the checkpoint.
+RESUME_POLICIES = ("method", "harmless", "invocation")
+
+
+class Allowed:
+    """The allowed values of a numeric field: ``lo <= v <= hi`` (``lo_open`` / ``hi_open``:
+    strict), always finite; ``extra``: values allowed besides the range (e.g. -1 = auto).
+    ``describe()`` is what the one-line error says."""
+
+    def __init__(self, lo=None, hi=None, *, lo_open=False, hi_open=False, extra=(), why=""):
+        self.lo, self.hi, self.lo_open, self.hi_open, self.extra, self.why = lo, hi, lo_open, hi_open, extra, why
+
+    def ok(self, v) -> bool:
+        if v in self.extra:
+            return True
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def describe(self) -> str:
+        lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in (self.lo, self.hi))
+        if self.lo is not None and self.hi is not None:
+            text = f"must be in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"must be {'>' if self.lo_open else '>='} {lo}"
+        elif self.hi is not None:
+            text = f"must be {'<' if self.hi_open else '<='} {hi}"
+        else:
+            text = "must be a finite number"
+        if self.extra:
+            text += f" (or {' or '.join(map(str, self.extra))})"
+        return text + (f" ({self.why})" if self.why else "")
+
+
+def _f(default: Any, help: str, choices: Sequence[str] | None = None, *, resume: str = "method",
+       allowed: Allowed | None = None, **kw):
+    assert resume in RESUME_POLICIES, resume
+    meta = {"help": help, "resume": resume}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if allowed is not None:
+        meta["allowed"] = allowed
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -42,39 +89,47 @@ class TrainConfig:
     # --- run -------------------------------------------------------------------------
     preset: str = _f("synthetic", "named configuration applied before the other flags (see --list-presets); "
                      "the defaults shown here are those of the bare run, preset synthetic")
-    work_dir: str = _f("", "output folder; default work_dirs/<preset>_<method>_<variant>_s<seed>_<UTC timestamp>")
-    seed: int = _f(0, "seed of every random choice (data order, crops, augmentation, init)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
+    work_dir: str = _f("", "output folder, one run's only (locked while it trains); default "
+                       "work_dirs/<preset>_<method>_<variant>_s<seed>_<UTC time>_<random suffix>",
+                       resume="invocation")
+    seed: int = _f(0, "seed of every random choice (data order, crops, augmentation, init)",
+                   allowed=Allowed(0, 2**63 - 1))
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)", resume="harmless")
     method: str = _f("sepico", "sepico (full UDA) or source_only (student on source CE only)", METHODS)
     variant: str = _f("dist", "contrast variant: dist (DistCL), bank (BankCL), proto (ProtoCL)", VARIANTS)
     # --- model -----------------------------------------------------------------------
     arch: str = _f("dlv2_tiny", "segmentor (the *_tiny ones are small CPU variants, not upstream)", tuple(ARCHS))
     pretrained: str = _f("", "weights loaded into the student (and teacher): ImageNet backbone file (NVlabs mit_b*.pth, "
                          "mmcv ResNet-V1c), Hugging Face SegFormer encoder (nvidia/mit-b*: pytorch_model.bin, "
-                         "model.safetensors or its folder), or a segmentor / UDA checkpoint")
-    num_classes: int = _f(19, "number of classes")
-    proj_dim: int = _f(64, "projection (contrast feature) dimension A (paper: 512)")
-    drop_path_rate: float = _f(0.1, "student drop-path rate (the teacher always runs without)")
+                         "model.safetensors or its folder), or a segmentor / UDA checkpoint", resume="harmless")
+    num_classes: int = _f(19, "number of classes",
+                          allowed=Allowed(19, 255, why="the datasets' label ids are 0..18; 255 is the ignore id"))
+    proj_dim: int = _f(64, "projection (contrast feature) dimension A (paper: 512)", allowed=Allowed(1, 4096))
+    drop_path_rate: float = _f(0.1, "student drop-path rate (the teacher always runs without)",
+                               allowed=Allowed(0.0, 1.0, hi_open=True))
     # --- data ------------------------------------------------------------------------
     source: str = _f("synthetic", "source (labelled) dataset", DATASETS)
     target: str = _f("synthetic", "target (unlabelled) dataset; also the evaluation set", DATASETS)
-    data_root: str = _f("", "folder holding the dataset folders (e.g. <root>/gta, <root>/cityscapes)")
+    data_root: str = _f("", "folder holding the dataset folders (e.g. <root>/gta, <root>/cityscapes)",
+                        resume="harmless")
     pipeline: str = _f("torch", "input pipeline: auto (dali on CUDA when installed), torch (workers) or dali",
                        PIPELINES)
-    num_workers: int = _f(0, "data loader worker processes per rank")
-    batch_size: int = _f(2, "source images (and target images) per rank and iteration")
+    num_workers: int = _f(0, "data loader worker processes per rank", resume="harmless", allowed=Allowed(0, 256))
+    batch_size: int = _f(2, "source images (and target images) per rank and iteration", allowed=Allowed(1, 1024))
     crop: list = _f([128, 128], "training crop H W (one number for a square; 0: the dataset's default); "
                     "a multiple of the network's output stride (8 for dlv2_*, 4 for daformer_*); "
                     "the target crop is chosen on pseudo labels")
     # --- schedule ----------------------------------------------------------------------
-    iters: int = _f(2000, "number of training iterations")
-    lr: float = _f(6e-4, "AdamW learning rate of the backbone")
-    head_lr_mult: float = _f(10.0, "learning-rate multiplier of decode and projection heads")
-    weight_decay: float = _f(0.01, "AdamW weight decay (none on MiT norm / position-block parameters)")
+    iters: int = _f(2000, "number of training iterations", allowed=Allowed(1, 10**9))
+    lr: float = _f(6e-4, "AdamW learning rate of the backbone", allowed=Allowed(0.0, 1.0, lo_open=True))
+    head_lr_mult: float = _f(10.0, "learning-rate multiplier of decode and projection heads",
+                             allowed=Allowed(0.0, 1000.0, lo_open=True))
+    weight_decay: float = _f(0.01, "AdamW weight decay (none on MiT norm / position-block parameters)",
+                             allowed=Allowed(0.0, 10.0))
     betas: list = _f([0.9, 0.999], "AdamW betas")
-    warmup_iters: int = _f(75, "linear warm-up iterations")
-    warmup_ratio: float = _f(1e-6, "learning-rate factor at iteration 0 of the warm-up")
-    poly_power: float = _f(1.0, "power of the polynomial decay to 0 at the last iteration")
+    warmup_iters: int = _f(75, "linear warm-up iterations", allowed=Allowed(0, 10**9))
+    warmup_ratio: float = _f(1e-6, "learning-rate factor at iteration 0 of the warm-up", allowed=Allowed(0.0, 1.0))
+    poly_power: float = _f(1.0, "power of the polynomial decay to 0 at the last iteration", allowed=Allowed(0.0, 100.0))
     # DDP schedule
     ddp_schedule: str = _f("steps", "with N processes (torchrun): 'steps' runs --iters steps of N x the batch "
                            "(N x the samples of one GPU, same lr); 'samples' divides --iters, --warmup-iters, "
@@ -82,66 +137,92 @@ class TrainConfig:
                            "of the one-GPU run, same lr); recorded in config.json and metrics.json",
                            DDP_SCHEDULES)
     # --- UDA ---------------------------------------------------------------------------
-    ema_alpha: float = _f(0.99, "teacher EMA momentum (alpha_t = min(1 - 1/(t+1), alpha))")
-    pseudo_threshold: float = _f(0.9, "confidence threshold defining the pseudo-label weight q")
-    color_jitter_strength: float = _f(0.2, "colour jitter strength s (brightness, contrast, saturation, hue)")
-    color_jitter_p: float = _f(0.2, "jitter happens when u > p, u ~ U(0,1) drawn once per iteration")
+    ema_alpha: float = _f(0.99, "teacher EMA momentum (alpha_t = min(1 - 1/(t+1), alpha))", allowed=Allowed(0.0, 1.0))
+    pseudo_threshold: float = _f(0.9, "confidence threshold defining the pseudo-label weight q",
+                                 allowed=Allowed(0.0, 1.0))
+    color_jitter_strength: float = _f(0.2, "colour jitter strength s (brightness, contrast, saturation, hue)",
+                                      allowed=Allowed(0.0, 0.5, why="the hue shift is a fraction of a half turn"))
+    color_jitter_p: float = _f(0.2, "jitter happens when u > p, u ~ U(0,1) drawn once per iteration",
+                               allowed=Allowed(0.0, 1.0))
     blur: bool = _f(True, "Gaussian blur when u' > 0.5 (drawn once per iteration)")
-    crop_tries: int = _f(10, "class-balanced crop: random windows scored per target image")
-    cat_max_ratio: float = _f(0.75, "class-balanced crop: largest class share allowed")
+    crop_tries: int = _f(10, "class-balanced crop: random windows scored per target image", allowed=Allowed(1, 1000))
+    cat_max_ratio: float = _f(0.75, "class-balanced crop: largest class share allowed",
+                              allowed=Allowed(0.0, 1.0, lo_open=True))
     regen_pseudo: bool = _f(True, "rerun the teacher on the target crop to regenerate the pseudo labels")
     pseudo_ignore_top: int = _f(-1, "rows of the target crop with pseudo weight 0 at the top, at 640-row scale "
-                                "(-1: 15 for GTA/SYNTHIA->Cityscapes, else 0); scaled to the crop height")
-    pseudo_ignore_bottom: int = _f(-1, "same at the bottom (-1: 120 for GTA/SYNTHIA->Cityscapes, else 0)")
-    day_ratio: float = _f(0.8, "Dark Zurich: day-probability weight on shift-insensitive classes")
+                                "(-1: 15 for GTA/SYNTHIA->Cityscapes, else 0); scaled to the crop height",
+                                allowed=Allowed(0, 640, extra=(-1,)))
+    pseudo_ignore_bottom: int = _f(-1, "same at the bottom (-1: 120 for GTA/SYNTHIA->Cityscapes, else 0)",
+                                   allowed=Allowed(0, 640, extra=(-1,)))
+    day_ratio: float = _f(0.8, "Dark Zurich: day-probability weight on shift-insensitive classes",
+                          allowed=Allowed(0.0, 1.0))
     dz_class_weight: bool = _f(True, "Dark Zurich: per-class weights (log frequency, std 0.05) on probabilities and CE")
     # --- contrast ------------------------------------------------------------------------
-    contrast_start: int = _f(150, "iteration at which source and target contrast losses start")
-    contrast_weight: float = _f(1.0, "weight of the contrast losses")
-    temperature: float = _f(100.0, "contrast temperature tau (a divisor)")
-    reg_weight: float = _f(1.0, "regulariser weight; upstream adds +r (quirk), use -1.0 for the fixed sign")
-    memory_length: int = _f(200, "BankCL memory length per class")
-    min_ratio: float = _f(0.75, "label downscaling: minimum class share of a feature cell")
+    contrast_start: int = _f(150, "iteration at which source and target contrast losses start",
+                             allowed=Allowed(0, 10**9))
+    contrast_weight: float = _f(1.0, "weight of the contrast losses", allowed=Allowed(0.0, 1e6))
+    temperature: float = _f(100.0, "contrast temperature tau (a divisor)", allowed=Allowed(0.0, 1e6, lo_open=True))
+    reg_weight: float = _f(1.0, "regulariser weight; upstream adds +r (quirk), use -1.0 for the fixed sign",
+                           allowed=Allowed(-1e6, 1e6))
+    memory_length: int = _f(200, "BankCL memory length per class", allowed=Allowed(0, 100000))
+    min_ratio: float = _f(0.75, "label downscaling: minimum class share of a feature cell", allowed=Allowed(0.0, 1.0))
     ce_mean_over_all: bool = _f(True, "seg CE averaged over all pixels incl. ignored (mmseg 0.16 quirk)")
     # --- numerics / speed ----------------------------------------------------------------------
     amp: bool = _f(False, "mixed precision: bf16 autocast where supported, else fp16 + GradScaler")
     cpu_amp: bool = _f(False, "with --amp on the CPU, really use bf16 autocast (slower than fp32 for the "
                        "tiny models on a 2-core Intel Xeon CPU, see docs/training.md, so off by default)")
-    compile: bool = _f(False, "torch.compile the student and teacher")
-    deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes; slower)")
-    max_skipped_steps: int = _f(20, "stop after this many optimizer steps skipped for NaN/Inf losses")
+    compile: bool = _f(False, "torch.compile the student and teacher", resume="harmless")
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes; slower)",
+                             resume="harmless")
+    max_skipped_steps: int = _f(20, "stop after this many optimizer steps skipped for NaN/Inf losses",
+                                resume="harmless", allowed=Allowed(0, 10**9))
     # debugging (does not change the method)
     debug_checks: bool = _f(False, "check label ranges and finite statistics eagerly, with readable "
                             "messages (one host sync per check; same as SEPICO_FAST_DEBUG_CHECKS=1); "
                             "without it a failed check on CUDA is a bare 'device-side assert'")
     # --- outputs --------------------------------------------------------------------------
-    log_interval: int = _f(50, "iterations between log lines (the only host syncs of the loop)")
-    eval_interval: int = _f(0, "iterations between evaluations (0: only at the end)")
-    checkpoint_interval: int = _f(1000, "iterations between checkpoints (0: only at the end)")
-    keep_checkpoints: int = _f(2, "number of iteration checkpoints kept (latest.pt is extra)")
-    debug_interval: int = _f(500, "iterations between debug pictures (0: never)")
+    log_interval: int = _f(50, "iterations between log lines (the only host syncs of the loop)",
+                           resume="harmless", allowed=Allowed(1, 10**9))
+    eval_interval: int = _f(0, "iterations between evaluations (0: only at the end)",
+                            resume="harmless", allowed=Allowed(0, 10**9))
+    checkpoint_interval: int = _f(1000, "iterations between checkpoints (0: only at the end)",
+                                  resume="harmless", allowed=Allowed(0, 10**9))
+    keep_checkpoints: int = _f(2, "number of iteration checkpoints kept (latest.pt is extra)",
+                               resume="harmless", allowed=Allowed(0, 10**6))
+    debug_interval: int = _f(500, "iterations between debug pictures (0: never)",
+                             resume="harmless", allowed=Allowed(0, 10**9))
     resume: str = _f("", "checkpoint to resume from, or 'auto' for the newest intact one in --work-dir "
-                     "(none yet: start at 0); the run continues with the checkpoint's config")
+                     "(none yet: start at 0); the run continues with the checkpoint's config", resume="invocation")
     stop_at: int = _f(0, "end the run after this many iterations with a checkpoint, as if interrupted "
-                      "(0: run to --iters); the schedule still follows --iters")
-    profile: bool = _f(False, "torch.profiler trace + per-phase time table for a few iterations")
-    profile_iters: int = _f(10, "iterations recorded by --profile")
-    nvtx: bool = _f(False, "NVTX ranges around each phase (for Nsight Systems)")
-    eval_max_images: int = _f(0, "evaluate on at most this many validation images (0: all)")
+                      "(0: run to --iters); the schedule still follows --iters",
+                      resume="invocation", allowed=Allowed(0, 10**9))
+    profile: bool = _f(False, "torch.profiler trace + per-phase time table for a few iterations", resume="invocation")
+    profile_iters: int = _f(10, "iterations recorded by --profile", resume="invocation", allowed=Allowed(1, 10**6))
+    nvtx: bool = _f(False, "NVTX ranges around each phase (for Nsight Systems)", resume="invocation")
+    eval_max_images: int = _f(0, "evaluate on at most this many validation images (0: all)",
+                              resume="harmless", allowed=Allowed(0, 10**9))
     # evaluation rule
     dz_test_reweight: bool = _f(True, "Dark Zurich evaluation: the authors' test-time class re-weighting "
                                 "(softmax at the input size x log-frequency weights, scale 0.16, on *_rgb_anon.png "
-                                "images, then resize and arg-max); --no-dz-test-reweight for the plain arg-max")
+                                "images, then resize and arg-max); --no-dz-test-reweight for the plain arg-max",
+                                resume="harmless")
     # --- resume and faults --------------------------------------------------------------------
     resume_override: bool = _f(False, "with --resume: apply flags that differ from the checkpoint's config "
-                               "even when they change the method or the data (refused otherwise, with a list)")
+                               "even when they change the method or the data (refused otherwise, with a list)",
+                               resume="invocation")
     ddp_timeout: int = _f(900, "seconds a rank waits for the others in a collective before the job fails "
                           "(a stalled rank then stops torchrun instead of hanging it); must exceed the longest "
-                          "evaluation or checkpoint on rank 0")
+                          "evaluation or checkpoint on rank 0",
+                          resume="harmless", allowed=Allowed(1, 7 * 24 * 3600, why="at most a week"))
     # --- diagnostics ------------------------------------------------------------------------
     pseudo_diagnostics: bool = _f(False, "per-class precision and coverage of the teacher's pseudo labels against "
                                   "the target training labels (synthetic, cityscapes), counted on the device, "
-                                  "logged on logging steps, a table at each evaluation; never used by the training")
+                                  "logged on logging steps, a table at each evaluation; never used by the training",
+                                  resume="harmless")
+    # --- one run, one folder ----------------------------------------------------------------
+    overwrite: bool = _f(False, "start a new run in a --work-dir that holds another run's outputs: its files are "
+                         "moved aside into <work-dir>/overwritten_<UTC time>/ (never deleted); without it such a "
+                         "folder is refused", resume="invocation")
 
     # Names of the fields set by flags / overrides (not by a preset or a default); resume
     # checks only these against the checkpoint's config. A class attribute, not a field:
@@ -221,8 +302,12 @@ def _flag(name: str) -> str:
 
 
 def _field_type(f: dataclasses.Field):
-    hints = typing.get_type_hints(TrainConfig)
-    return hints[f.name]
+    return _type_hints()[f.name]
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
 
 
 def _parse_bool(text: str) -> bool:
@@ -261,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         typ = _field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {_shown(default)})"}
+        allowed = f" ({f.metadata['allowed'].describe()})" if "allowed" in f.metadata else ""
+        kwargs: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {_shown(default)}){allowed}"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if typ is bool:
@@ -335,6 +421,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         if key in ns:
             ns[key] = _flatten(ns[key])
     try:
+        debug_checks_from_env()  # an unrecognised SEPICO_FAST_DEBUG_CHECKS value: one line, status 2
         return make_config(ns)
     except ValueError as err:
         parser.error(str(err))  # SystemExit(2) with the message naming the flag
@@ -355,31 +442,14 @@ def validate(cfg: TrainConfig) -> None:
     for f in dataclasses.fields(cfg):
         if "choices" in f.metadata and getattr(cfg, f.name) not in f.metadata["choices"]:
             bad(f.name, f"expected one of {', '.join(f.metadata['choices'])}")
-    for name in ("iters", "batch_size", "num_classes", "proj_dim", "crop_tries", "log_interval", "profile_iters",
-                 "ddp_timeout"):
-        if getattr(cfg, name) < 1:
-            bad(name, "must be >= 1")
-    for name in ("warmup_iters", "contrast_start", "eval_interval", "checkpoint_interval", "keep_checkpoints",
-                 "debug_interval", "num_workers", "max_skipped_steps", "memory_length", "eval_max_images",
-                 "stop_at"):
-        if getattr(cfg, name) < 0:
-            bad(name, "must be >= 0")
-    if not 0 <= cfg.seed < 2**63:
-        bad("seed", "must be in 0 .. 2**63-1")
+    for f in dataclasses.fields(cfg):  # the range declared with each numeric field (_f(..., allowed=...))
+        allowed = f.metadata.get("allowed")
+        if allowed is not None and not allowed.ok(getattr(cfg, f.name)):
+            bad(f.name, allowed.describe())
     _validate_crop(cfg, bad)
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
         bad("betas", "expected two numbers in [0, 1)")
-    for name in ("lr", "temperature"):
-        if not getattr(cfg, name) > 0:
-            bad(name, "must be > 0")
-    for name in ("ema_alpha", "pseudo_threshold", "cat_max_ratio", "min_ratio", "color_jitter_p", "day_ratio"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            bad(name, "must be in [0, 1]")
-    if cfg.weight_decay < 0 or cfg.head_lr_mult <= 0 or cfg.poly_power < 0:
-        bad("weight_decay" if cfg.weight_decay < 0 else "head_lr_mult" if cfg.head_lr_mult <= 0 else "poly_power",
-            "out of range")
-    if not 0.0 <= cfg.color_jitter_strength <= 0.5:
-        bad("color_jitter_strength", "must be in [0, 0.5] (hue shift is a fraction of a half turn)")
+    _validate_relations(cfg, bad)
     if cfg.source == "darkzurich":
         bad("source", "darkzurich has no training labels; use it as --target")
     if cfg.source == "acdc":
@@ -401,9 +471,23 @@ def validate(cfg: TrainConfig) -> None:
             "(synthetic or cityscapes; Dark Zurich train has no labels)")
 
 
+def _validate_relations(cfg: TrainConfig, bad) -> None:
+    """Values that are allowed alone but not together."""
+    if cfg.method == "sepico" and cfg.variant == "bank" and cfg.memory_length < 1:
+        bad("memory_length", "must be >= 1 with --variant bank (the memory bank holds that many features per class)")
+    # Checked when given: the defaults (150, 75) with a short --iters are the usual quick test.
+    if "contrast_start" in cfg.explicit and cfg.method == "sepico" and cfg.contrast_start > cfg.iters:
+        bad("contrast_start", f"must be at most --iters ({cfg.iters}): the contrast losses would never be used")
+    if "warmup_iters" in cfg.explicit and cfg.warmup_iters > cfg.iters:
+        bad("warmup_iters", f"must be at most --iters ({cfg.iters}): the warm-up would never end")
+    if cfg.data_root and cfg.source == "synthetic":
+        bad("data_root", "the synthetic pair is generated, not read from a data root; drop --data-root, or give "
+            "--source/--target datasets that live there")
+
+
 def _validate_crop(cfg: TrainConfig, bad) -> None:
-    if len(cfg.crop) != 2 or (min(cfg.crop) < 8 and cfg.crop != [0, 0]):
-        bad("crop", "expected H W (or one number), each >= 8, or 0 for the dataset default")
+    if len(cfg.crop) != 2 or (min(cfg.crop) < 8 and cfg.crop != [0, 0]) or max(cfg.crop) > 8192:
+        bad("crop", "expected H W (or one number), each in 8 .. 8192, or 0 for the dataset default")
     stride = output_stride(cfg.arch)
     if cfg.crop != [0, 0] and any(c % stride for c in cfg.crop):
         near = sorted({max(stride, c // stride * stride) for c in cfg.crop} | {-(-c // stride) * stride for c in cfg.crop})
@@ -429,17 +513,18 @@ def _validate_device(cfg: TrainConfig, bad) -> None:
 # ----------------------------------------------------------------------------------------
 # Resume: the checkpoint's config + the flags given now
 # ----------------------------------------------------------------------------------------
+def _fields_with_policy(policy: str) -> frozenset:
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"] == policy)
+
+
+# The resume policy is declared with each field (``_f(..., resume=...)``, see RESUME_POLICIES).
 # Settings of one invocation: never taken from the checkpoint (``work_dir`` defaults to the
 # checkpoint's folder with --resume PATH).
-INVOCATION_FIELDS = frozenset({"resume", "resume_override", "stop_at", "work_dir", "profile", "profile_iters",
-                               "nvtx"})
+INVOCATION_FIELDS = _fields_with_policy("invocation")
 # Settings a resumed run may change without changing what it trains: applied and logged.
 # Every other field -- including any field added later -- changes the method or the data,
 # and a different value is refused unless --resume-override is given.
-HARMLESS_FIELDS = frozenset({"log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints",
-                             "debug_interval", "eval_max_images", "data_root", "pretrained", "device",
-                             "num_workers", "compile", "deterministic", "max_skipped_steps", "ddp_timeout",
-                             "dz_test_reweight", "pseudo_diagnostics"})
+HARMLESS_FIELDS = _fields_with_policy("harmless")
 
 
 def resumed_config(saved: dict, cfg: TrainConfig, ckpt_path) -> tuple[TrainConfig, list[str]]:

@@ -23,6 +23,7 @@
 """
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import threading
@@ -163,7 +164,7 @@ def _emergency_stop(run, exc: BaseException) -> BaseException:
                           f"(the last one: {run.saved_at if run.saved_at is not None else 'none'})", 130)
     if stop is not None:
         stop.shield()  # a signal now (torchrun passing one on, stopping the workers) must not cut the save
-    resume = f"resume with --resume auto --work-dir {run.work_dir}"
+    resume = f"resume with --resume auto --work-dir {shlex.quote(str(run.work_dir))}"
     if isinstance(exc, ckpt_io.CheckpointWriteError):
         return RunStopped(f"error: {exc}; free space and {resume}", 1)
     reason = f"{type(exc).__name__}: {first_line(exc)}"
@@ -171,6 +172,10 @@ def _emergency_stop(run, exc: BaseException) -> BaseException:
         where, _ = _save(run, reason)
     except BaseException as save_exc:  # noqa: BLE001 - report both, keep the original
         where = f"the emergency checkpoint failed too ({type(save_exc).__name__}: {first_line(save_exc)})"
+        # Not "resume": the iterations since the last checkpoint are lost, say what is left.
+        last = (f"the newest checkpoint is of iteration {run.saved_at} in {shlex.quote(str(run.work_dir))}"
+                if run.saved_at else "no checkpoint of this run was written")
+        resume = f"the iterations after {run.saved_at or 0} are not saved; {last}"
     if stop is not None and isinstance(exc, AGREED_STOPS):
         where += stop.wait_for_rank0()
     if isinstance(exc, Interrupted):
@@ -178,7 +183,8 @@ def _emergency_stop(run, exc: BaseException) -> BaseException:
     if isinstance(exc, KeyboardInterrupt):
         return RunStopped(f"stopped by SIGINT: {where}; {resume}", 130)
     if isinstance(exc, DataFileError):
-        return RunStopped(f"error: {exc} ({where}; fix or remove the file, then {resume})", 1)
+        return RunStopped(f"error: {exc} ({where}; fix or remove the file, then {resume})"
+                          if resume.startswith("resume") else f"error: {exc} ({where}; {resume})", 1)
     if isinstance(exc, NonFiniteLimit):
         return RunStopped(f"error: {exc} ({where})", 1)
     if run.main:

@@ -56,6 +56,32 @@ class ProgressBar:
             self.stream.flush()
 
 
+def truncate_scalars(log_dir: str | Path, it: int) -> int:
+    """Keep the rows of ``scalars.jsonl`` up to iteration ``it`` (a resume from ``it``: later
+    rows were logged by the continuation it abandons and would repeat); the rows taken out
+    are appended to ``superseded/scalars.jsonl``. Returns their number."""
+    path = Path(log_dir) / "scalars.jsonl"
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row_it = json.loads(line).get("iter", 0)
+        except (ValueError, AttributeError):  # a row cut by a kill: not kept
+            row_it = it + 1
+        (drop if row_it > it else keep).append(line if line.endswith("\n") else line + "\n")
+    if not drop:
+        return 0
+    aside = path.parent / "superseded" / "scalars.jsonl"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    with open(aside, "a") as fh:
+        fh.writelines(drop)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+    return len(drop)
+
+
 class ScalarWriter:
     """Scalars to ``scalars.jsonl`` (always) and TensorBoard (when importable)."""
 

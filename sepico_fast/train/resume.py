@@ -43,7 +43,10 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
         return cfg, None, None
     if cfg.resume == "auto":
         work_dir = Path(cfg.work_dir)
-        path, ckpt, skipped = ckpt_io.load_newest_intact(work_dir)
+        try:
+            path, ckpt, skipped = ckpt_io.load_newest_intact(work_dir)
+        except ckpt_io.CheckpointFormatError as exc:
+            raise SystemExit(f"--resume auto: {exc}") from None
         if path is None and skipped:
             raise SystemExit(f"--resume auto: no intact checkpoint in {work_dir}: "
                              + "; ".join(f"{Path(e.path).name}: {e.reason}" for e in skipped))

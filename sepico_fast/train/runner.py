@@ -12,8 +12,10 @@ exceptions and bad files end the loop through ``faults`` (emergency checkpoint, 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
+import os
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +38,13 @@ from ..evaluate import (
 from ..models import build_segmentor, param_groups
 from ..reporting import first_line, iou_table
 from . import checkpointing as ckpt_io
-from . import faults
+from . import faults, workdir
 from .config import TrainConfig
 from .curves import update_curves
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
 from .debug_images import save_debug_images
 from .implementations import announce_implementations
-from .logging import ProgressBar, ScalarWriter
+from .logging import ProgressBar, ScalarWriter, truncate_scalars
 from .profiling import Profiler
 from .pseudo_diagnostics import PseudoDiagnostics
 from .resume import resolve_resume, restore_checkpoint
@@ -89,12 +91,6 @@ def amp_setup(cfg: TrainConfig, device: torch.device):
     return None, None, "float32 (--amp on CPU: bf16 autocast is slower here; --cpu-amp forces it)"
 
 
-def default_work_dir(cfg: TrainConfig) -> str:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
-    name = f"{cfg.preset}_{cfg.method}" + (f"_{cfg.variant}" if cfg.method == "sepico" else "")
-    return str(Path("work_dirs") / f"{name}_s{cfg.seed}_{stamp}")
-
-
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
     groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
     for g in groups:
@@ -130,6 +126,7 @@ class TrainRun:
     saved_at: int | None = None        # iteration of the newest checkpoint of this run
     stop: faults.StopOnSignal | None = None
     requested_cfg: TrainConfig | None = None  # before --ddp-schedule: what checkpoints store
+    run_id: str = ""                   # kept through resumes; in every checkpoint (retention)
 
     @property
     def main(self) -> bool:
@@ -139,30 +136,64 @@ class TrainRun:
         """The checkpoint of the live state after ``done`` iterations: the requested config,
         the number of processes and the schedule record (a resume compares them)."""
         return ckpt_io.snapshot(self.ctx, done, config=self.requested_cfg, world_size=self.dist_info.world_size,
-                                schedule=self.schedule, counters={"train_seconds": self.loop_seconds()}, **meta)
+                                schedule=self.schedule, counters={"train_seconds": self.loop_seconds()},
+                                run_id=self.run_id, **meta)
 
     def loop_seconds(self) -> float:
         """Training-loop seconds so far: the checkpoint's (earlier processes) + this loop's."""
         return self.train_seconds + (time.perf_counter() - self.loop_t0 if self.loop_t0 is not None else 0.0)
 
 
-def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
-    work_dir = cfg.work_dir or default_work_dir(cfg)
-    if dist_info.enabled:  # every rank uses rank 0's (timestamped) folder
-        box = [work_dir]
-        torch.distributed.broadcast_object_list(box, src=0)
-        work_dir = box[0]
-    cfg.work_dir = str(work_dir)
+def _work_dir(cfg: TrainConfig, dist_info: DistInfo, run_id: str = "", resuming: bool = False) -> Path:
+    """Rank 0 creates (or, by default, draws) the folder, locks it for this run and checks that
+    a new run finds no other run's files there; every rank gets rank 0's folder, or stops with
+    its one-line refusal (printed by rank 0)."""
+    work_dir, error = cfg.work_dir, None
     if dist_info.is_main:
         try:
-            Path(work_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as err:  # an existing file, a read-only or unreachable place
-            raise SystemExit(f"--work-dir: cannot create the folder {work_dir} "
-                             f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
-        stale = ckpt_io.remove_stale_temp_files(work_dir)
-        if stale:
-            print(f"removed {len(stale)} stale temp file(s) of an interrupted checkpoint write in {work_dir}")
+            work_dir = str(_claim_work_dir(cfg, run_id, resuming))
+        except SystemExit as stop:
+            error = str(stop.code)
+    if dist_info.enabled:  # every rank uses rank 0's (drawn) folder, or stops with it
+        box = [work_dir, error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        work_dir, error = box
+    if error is not None:
+        raise SystemExit(error if dist_info.is_main else 1)
+    cfg.work_dir = str(work_dir)
     return Path(work_dir)
+
+
+def _claim_work_dir(cfg: TrainConfig, run_id: str, resuming: bool) -> Path:
+    """Rank 0: the folder made, locked and checked (``workdir``); SystemExit(one line) if not."""
+    try:
+        work_dir = Path(cfg.work_dir) if cfg.work_dir else workdir.default_work_dir(cfg)
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # an existing file, a read-only or unreachable place
+        raise SystemExit(f"--work-dir: cannot create the folder {cfg.work_dir or 'under work_dirs'} "
+                         f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
+    try:
+        lock = workdir.RunLock.acquire(work_dir, run_id or workdir.new_run_id())
+    except workdir.WorkDirBusy as busy:
+        what = "--resume: the run in" if resuming else "--work-dir:"
+        raise SystemExit(f"{what} {work_dir} is in use by a training run that is still alive ({busy}); wait for it "
+                         "to end, stop it (Ctrl-C / kill PID writes a checkpoint), or give another --work-dir") \
+            from None
+    except OSError as err:  # a read-only folder
+        raise SystemExit(f"--work-dir: cannot write the lock file {work_dir / workdir.LOCK_NAME} "
+                         f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
+    if not resuming:
+        found = workdir.prior_outputs(work_dir)
+        if found and not cfg.overwrite:
+            lock.release()
+            raise SystemExit(workdir.refusal(work_dir, found))
+        if found:
+            print(f"--overwrite: moved the earlier run's files ({len(found)} entries) to "
+                  f"{workdir.move_aside(work_dir)}; nothing deleted")
+    stale = ckpt_io.remove_stale_temp_files(work_dir)
+    if stale:
+        print(f"removed {len(stale)} stale temp file(s) of an interrupted checkpoint write in {work_dir}")
+    return work_dir
 
 
 def _supersede_newer(work_dir: Path, start_it: int, ckpt_path: Path) -> None:
@@ -246,11 +277,15 @@ def setup(cfg: TrainConfig) -> TrainRun:
     from ..data import TrainLoader
 
     cfg, ckpt, ckpt_path = resolve_resume(cfg)  # before any work: the checkpoint's config
+    _check_stop_at(cfg, ckpt, ckpt_path)
+    run_id = str((ckpt or {}).get("meta", {}).get("run_id") or workdir.new_run_id())
     requested_cfg = cfg
     dist_info = init_distributed(resolve_device(cfg).type, cfg.ddp_timeout)
     cfg, schedule = ddp_schedule(cfg, dist_info.world_size)  # --ddp-schedule samples: counts / N
     device = resolve_device(cfg, dist_info)
-    work_dir = _work_dir(cfg, dist_info)
+    # --resume auto without a checkpoint yet: the first start (or a restart before the first
+    # checkpoint) of the run that command names; its folder is its own.
+    work_dir = _work_dir(cfg, dist_info, run_id, resuming=bool(cfg.resume))
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -271,6 +306,11 @@ def setup(cfg: TrainConfig) -> TrainRun:
         if dist_info.is_main:
             print(f"resumed from {ckpt_path} at iteration {start_it}")
             _supersede_newer(work_dir, start_it, ckpt_path)
+    if dist_info.is_main and cfg.resume:  # log rows past the resumed iteration: the abandoned continuation
+        dropped = truncate_scalars(work_dir, start_it)
+        if dropped:
+            print(f"--resume: moved {dropped} row(s) of scalars.jsonl past iteration {start_it} (from the run this "
+                  f"resume abandons) to {work_dir / 'superseded' / 'scalars.jsonl'}; not deleted")
     if cfg.compile:
         _compile_models(ctx)
     if dist_info.is_main:
@@ -291,7 +331,20 @@ def setup(cfg: TrainConfig) -> TrainRun:
     return TrainRun(cfg=cfg, dist_info=dist_info, device=device, work_dir=work_dir, ctx=ctx, amp_desc=amp_desc,
                     val_target=val_target, writer=writer, loader=loader, start_it=start_it, end_it=end_it,
                     schedule=schedule, requested_cfg=requested_cfg, done=start_it, train_seconds=seconds_before,
-                    saved_at=start_it if ckpt_path is not None else None)
+                    saved_at=start_it if ckpt_path is not None else None, run_id=run_id)
+
+
+def _check_stop_at(cfg: TrainConfig, ckpt: dict | None, ckpt_path) -> None:
+    """--stop-at at or below the checkpoint's iteration would train nothing: one line, status 2."""
+    if ckpt is None or not cfg.stop_at:
+        return
+    it = int(ckpt["meta"]["iter"])
+    if cfg.stop_at <= it:
+        if os.environ.get("RANK", "0") == "0":  # before the process group: one line from rank 0
+            print(f"sepico_fast.train: --stop-at: {cfg.stop_at} is not past iteration {it} of {ckpt_path}, so "
+                  f"nothing would be trained; give a larger --stop-at, or none to run to --iters {cfg.iters}",
+                  file=sys.stderr)
+        raise SystemExit(2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -494,7 +547,7 @@ def finish(run: TrainRun) -> dict:
         if run.end_it < cfg.iters:
             if run.main:
                 print(f"stopped after iteration {run.end_it} (--stop-at); resume with --resume auto "
-                      f"--work-dir {run.work_dir}")
+                      f"--work-dir {shlex.quote(str(run.work_dir))}")
                 update_curves(run.work_dir, _curves_title(cfg))
             return {"stopped_at": run.end_it}
         try:
@@ -502,7 +555,8 @@ def finish(run: TrainRun) -> dict:
         except DataFileError as exc:  # the final checkpoint is already written
             ckpt = run.work_dir / f"iter_{cfg.iters:06d}.pt"
             raise faults.RunStopped(f"error: {exc} (training finished, checkpoint {ckpt}; fix the file, then "
-                                    f"python -m sepico_fast.evaluate --checkpoint {ckpt})", 1) from None
+                                    f"python -m sepico_fast.evaluate --checkpoint {shlex.quote(str(ckpt))})",
+                                    1) from None
         metrics = dict(run.last_eval or {})
         metrics.update(iters=cfg.iters, train_seconds=round(run.train_seconds, 2), method=cfg.method,
                        variant=cfg.variant, arch=cfg.arch, seed=cfg.seed, source=cfg.source, target=cfg.target,
@@ -515,16 +569,21 @@ def finish(run: TrainRun) -> dict:
         run.writer.close()
         barrier()
         shutdown()
+        workdir.release_all()
 
 
 def run(cfg: TrainConfig) -> dict:
     """Train with ``cfg``; returns the final metrics dict (also written to metrics.json).
-    Raises ``faults.RunStopped`` (one-line message, exit status) when stopped early."""
-    state = setup(cfg)
+    Raises ``faults.RunStopped`` (one-line message, exit status) when stopped early. The work
+    dir is locked from the start of ``setup`` to the return (``workdir``)."""
     try:
-        train_loop(state)
-    except BaseException:
-        state.writer.close()
-        shutdown()
-        raise
-    return finish(state)
+        state = setup(cfg)
+        try:
+            train_loop(state)
+        except BaseException:
+            state.writer.close()
+            shutdown()
+            raise
+        return finish(state)
+    finally:
+        workdir.release_all()
