@@ -1,6 +1,6 @@
 """Build script for sepico_fast.
 
-Install with ``pip install --no-build-isolation -e .`` after pinning torch (see README):
+Install with ``pip install --no-build-isolation -e .`` after installing torch (see docs/install.md):
 build isolation would pull a CUDA torch wheel just to run this file.
 
 The Triton kernels live in the top-level ``kernels/`` folder but are installed as
