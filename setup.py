@@ -1,7 +1,7 @@
 """Build script for sepico_fast.
 
-Install with ``pip install --no-build-isolation -e .`` after pinning torch (see README):
-build isolation would pull a CUDA torch wheel just to run this file.
+Install with ``pip install --no-build-isolation -e .`` after installing torch (see docs/install.md):
+under build isolation this file cannot import torch and skips the CUDA extension (fine on a CPU).
 
 The Triton kernels live in the top-level ``kernels/`` folder but are installed as
 ``sepico_fast.kernels`` so that nothing named ``kernels`` lands in site-packages

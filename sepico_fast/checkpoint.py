@@ -39,6 +39,7 @@ import functools
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -486,6 +487,38 @@ def load_pretrained(model: nn.Module, path, *, verbose: bool = True) -> LoadRepo
         print(f"pretrained: {report.loaded} tensors ({what}, {report.layout} layout) from {path}"
               + (f"; randomly initialised: {', '.join(report.random_init)}" if report.random_init else ""))
     return report
+
+
+# Where the paper presets' ImageNet backbones come from (docs/models.md, "Pretrained weights").
+_MIT_PAGE = "https://huggingface.co/nvidia/mit-b{n}"
+RESNET101_V1C_URL = "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth"
+
+
+def _how_to_get(arch: str, path: str) -> str:
+    """How to obtain the ImageNet backbone of ``arch``, put where ``path`` says (one clause)."""
+    if arch.startswith("daformer_mitb") and arch[-1].isdigit():
+        n = arch[-1]
+        folder = path if not os.path.splitext(path)[1] else f"pretrained/mit-b{n}"
+        then = "" if folder == path else f", then pass --pretrained {folder}"
+        return (f"get the ImageNet MiT-B{n} encoder ({_MIT_PAGE.format(n=n)}) with "
+                f"'hf download nvidia/mit-b{n} --local-dir {folder}'{then}")
+    if arch == "dlv2_r101":
+        return f"download the ImageNet ResNet-101 V1c backbone ({RESNET101_V1C_URL}) to {path}"
+    return "pass an existing weights file or folder, or --pretrained '' to start from random weights"
+
+
+def check_pretrained_exists(path: str, arch: str) -> None:
+    """``--pretrained`` before any work: a missing file (or a folder without weights) exits with
+    one line saying where the weights are expected and how to get them."""
+    try:
+        _weights_file(path)
+    except FileNotFoundError:
+        where = "folder holds no model.safetensors or pytorch_model.bin" if os.path.isdir(path) else "not found"
+        print(f"--pretrained: {path} {where} (relative to {os.getcwd()}); {_how_to_get(arch, path)}; "
+              "see docs/models.md", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError:  # e.g. a sharded folder: the loader names the problem
+        pass
 
 
 def segmentor_from_checkpoint(checkpoint, arch: str | None = None, prefix: str = "model.", *,

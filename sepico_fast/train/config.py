@@ -262,11 +262,11 @@ _PAPER = dict(iters=40000, batch_size=2, crop=[640, 640], lr=6e-5, warmup_iters=
 
 PRESETS: dict[str, dict] = {
     "daformer_gta2cs": dict(_PAPER, arch="daformer_mitb5", source="gta", target="cityscapes", seed=76,
-                            pretrained="pretrained/mit_b5.pth"),
+                            pretrained="pretrained/mit-b5"),
     "daformer_synthia2cs": dict(_PAPER, arch="daformer_mitb5", source="synthia", target="cityscapes", seed=76,
-                                pretrained="pretrained/mit_b5.pth"),
+                                pretrained="pretrained/mit-b5"),
     "daformer_cs2dz": dict(_PAPER, arch="daformer_mitb5", source="cityscapes", target="darkzurich", seed=42,
-                           iters=60000, pretrained="pretrained/mit_b5.pth"),
+                           iters=60000, pretrained="pretrained/mit-b5"),
     "dlv2_gta2cs": dict(_PAPER, arch="dlv2_r101", source="gta", target="cityscapes", seed=76,
                         pretrained="pretrained/resnet101_v1c.pth"),
     "dlv2_synthia2cs": dict(_PAPER, arch="dlv2_r101", source="synthia", target="cityscapes", seed=76,

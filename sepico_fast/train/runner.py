@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import check_pretrained_exists
 from ..checkpoint import load_pretrained as load_pretrained_weights
 from ..contrast import ClassStats
 from ..data.io import DataFileError
@@ -279,6 +280,8 @@ def setup(cfg: TrainConfig) -> TrainRun:
     cfg, ckpt, ckpt_path = resolve_resume(cfg)  # before any work: the checkpoint's config
     _check_stop_at(cfg, ckpt, ckpt_path)
     run_id = str((ckpt or {}).get("meta", {}).get("run_id") or workdir.new_run_id())
+    if ckpt is None and cfg.pretrained:  # a missing weights file: one line, before the data is opened
+        check_pretrained_exists(cfg.pretrained, cfg.arch)
     requested_cfg = cfg
     dist_info = init_distributed(resolve_device(cfg).type, cfg.ddp_timeout)
     cfg, schedule = ddp_schedule(cfg, dist_info.world_size)  # --ddp-schedule samples: counts / N
