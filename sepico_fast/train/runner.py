@@ -35,8 +35,7 @@ from ..evaluate import (
 )
 from ..models import build_segmentor, param_groups
 from ..reporting import first_line, iou_table
-from . import checkpointing as ckpt_io
-from . import faults
+from . import faults, run_checkpoints
 from .config import TrainConfig
 from .curves import update_curves
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
@@ -138,7 +137,7 @@ class TrainRun:
     def snapshot(self, done: int, **meta) -> dict:
         """The checkpoint of the live state after ``done`` iterations: the requested config,
         the number of processes and the schedule record (a resume compares them)."""
-        return ckpt_io.snapshot(self.ctx, done, config=self.requested_cfg, world_size=self.dist_info.world_size,
+        return run_checkpoints.snapshot(self.ctx, done, config=self.requested_cfg, world_size=self.dist_info.world_size,
                                 schedule=self.schedule, counters={"train_seconds": self.loop_seconds()}, **meta)
 
     def loop_seconds(self) -> float:
@@ -159,7 +158,7 @@ def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
         except OSError as err:  # an existing file, a read-only or unreachable place
             raise SystemExit(f"--work-dir: cannot create the folder {work_dir} "
                              f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
-        stale = ckpt_io.remove_stale_temp_files(work_dir)
+        stale = run_checkpoints.remove_stale_temp_files(work_dir)
         if stale:
             print(f"removed {len(stale)} stale temp file(s) of an interrupted checkpoint write in {work_dir}")
     return Path(work_dir)
@@ -167,7 +166,7 @@ def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
 
 def _supersede_newer(work_dir: Path, start_it: int, ckpt_path: Path) -> None:
     """Checkpoints past the resumed iteration belong to the abandoned continuation: moved aside."""
-    moved = ckpt_io.supersede_newer(work_dir, start_it, source=ckpt_path)
+    moved = run_checkpoints.supersede_newer(work_dir, start_it, source=ckpt_path)
     if moved:
         print(f"--resume: moved {', '.join(p.name for p in moved)} (past iteration {start_it}, from the run this "
               f"resume abandons) to {moved[0].parent}; not deleted")
@@ -431,7 +430,7 @@ def _iterations(run: TrainRun) -> None:
 
 def _checkpoint(run: TrainRun, done: int) -> None:
     if run.main:
-        ckpt_io.save_checkpoint(run.work_dir, run.snapshot(done), done, run.cfg.keep_checkpoints)
+        run_checkpoints.save_checkpoint(run.work_dir, run.snapshot(done), done, run.cfg.keep_checkpoints)
     run.saved_at = done
     barrier()
 
