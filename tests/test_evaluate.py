@@ -134,7 +134,7 @@ def test_cli_builds_the_model_from_the_weights_and_checks_device_and_data_root(t
         with pytest.raises(SystemExit, match=f"^--device: {why}"):
             main(["--checkpoint", str(bare), "--arch", "dlv2_tiny", "--device", device])
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="^--device: cuda requested but CUDA is not available"):
+        with pytest.raises(SystemExit, match="^--device: CUDA is not available on this machine; use auto or cpu"):
             main(["--checkpoint", str(bare), "--arch", "dlv2_tiny", "--device", "cuda"])
     with pytest.raises(SystemExit, match="^--arch: expected one of"):
         main(["--checkpoint", str(bare), "--arch", "dlv3"])

@@ -24,6 +24,8 @@ from ..checkpoint import load_pretrained as load_pretrained_weights
 from ..contrast import ClassStats
 from ..data.io import DataFileError
 from ..data.labels import CLASSES
+from ..device import choose_precision
+from ..device import resolve_device as device_of
 from ..evaluate import (
     dark_zurich_class_weights,
     evaluate_model,
@@ -56,36 +58,18 @@ from .uda import log_frequency_class_weights, make_teacher
 # Setup helpers
 # ----------------------------------------------------------------------------------------
 def resolve_device(cfg: TrainConfig, dist_info: DistInfo | None = None) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_info.local_rank if dist_info else 0)
-        return torch.device("cpu")
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {cfg.device} requested but CUDA is not available")
-    return dev
+    """``--device`` (checked by the config already): ``sepico_fast.device.resolve_device``,
+    auto picking this process's local rank."""
+    return device_of(cfg.device, dist_info.local_rank if dist_info else None)
 
 
 def amp_setup(cfg: TrainConfig, device: torch.device):
-    """(autocast dtype or None, GradScaler or None, description).
-
-    CUDA: bf16 autocast when the GPU has bf16 tensor cores (Ampere and later), else fp16 +
-    GradScaler (``torch.cuda.is_bf16_supported()`` alone also says yes on Volta/Turing, where
-    bf16 is emulated, slowly). CPU: float32 unless ``--cpu-amp``: bf16 autocast measured
-    slower than float32 for the tiny models on a 2-core Intel Xeon CPU (see
-    docs/training.md), so --amp alone keeps fp32 there.
-    """
-    if not cfg.amp:
-        return None, None, "float32"
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        if native_bf16:
-            return torch.bfloat16, None, "bf16 autocast"
-        return torch.float16, torch.amp.GradScaler("cuda"), "fp16 autocast + GradScaler"
-    if cfg.cpu_amp:
-        return torch.bfloat16, None, "bf16 autocast (cpu)"
-    return None, None, "float32 (--amp on CPU: bf16 autocast is slower here; --cpu-amp forces it)"
+    """(autocast dtype or None, GradScaler or None, description): ``--amp`` / ``--cpu-amp`` by
+    ``sepico_fast.device.choose_precision`` (the rule ``evaluate --amp`` follows too)."""
+    precision = choose_precision(device, cfg.amp, cfg.cpu_amp)
+    if precision.grad_scaler:
+        return precision.dtype, torch.amp.GradScaler("cuda"), precision.description + " + GradScaler"
+    return precision.dtype, None, precision.description
 
 
 def default_work_dir(cfg: TrainConfig) -> str:
