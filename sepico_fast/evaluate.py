@@ -30,8 +30,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .device import autocast, choose_precision
-from .device import resolve_device as device_of
+from .device import autocast, choose_precision, resolve_device
 from .metrics import ConfusionMatrix
 
 # Dark Zurich test-time class re-weighting (method §7): scale of the log-frequency weights.
@@ -305,14 +304,6 @@ def dataset_root_of(dataset: str, data_root) -> Path:
     return dataset_root(dataset, data_root)
 
 
-def resolve_device(text: str) -> torch.device:
-    """``--device``: auto | cpu | cuda | cuda:N, checked against this machine (one line if not)."""
-    try:
-        return device_of(text)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
-
-
 def main(argv=None) -> dict:
     from .checkpoint import num_classes_of, segmentor_from_checkpoint
     from .data.labels import CLASSES
@@ -320,7 +311,10 @@ def main(argv=None) -> dict:
     from .reporting import iou_table
 
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
+    try:  # auto | cpu | cuda | cuda:N, checked against this machine
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.arch is not None and args.arch not in ARCHS:
         raise SystemExit(f"--arch: expected one of {', '.join(sorted(ARCHS))}, got {args.arch!r}")
     ckpt_path = Path(args.checkpoint)

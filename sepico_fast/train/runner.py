@@ -24,8 +24,7 @@ from ..checkpoint import load_pretrained as load_pretrained_weights
 from ..contrast import ClassStats
 from ..data.io import DataFileError
 from ..data.labels import CLASSES
-from ..device import choose_precision
-from ..device import resolve_device as device_of
+from ..device import choose_precision, resolve_device
 from ..evaluate import (
     dark_zurich_class_weights,
     evaluate_model,
@@ -57,12 +56,6 @@ from .uda import log_frequency_class_weights, make_teacher
 # ----------------------------------------------------------------------------------------
 # Setup helpers
 # ----------------------------------------------------------------------------------------
-def resolve_device(cfg: TrainConfig, dist_info: DistInfo | None = None) -> torch.device:
-    """``--device`` (checked by the config already): ``sepico_fast.device.resolve_device``,
-    auto picking this process's local rank."""
-    return device_of(cfg.device, dist_info.local_rank if dist_info else None)
-
-
 def amp_setup(cfg: TrainConfig, device: torch.device):
     """(autocast dtype or None, GradScaler or None, description): ``--amp`` / ``--cpu-amp`` by
     ``sepico_fast.device.choose_precision`` (the rule ``evaluate --amp`` follows too)."""
@@ -230,9 +223,9 @@ def setup(cfg: TrainConfig) -> TrainRun:
 
     cfg, ckpt, ckpt_path = resolve_resume(cfg)  # before any work: the checkpoint's config
     requested_cfg = cfg
-    dist_info = init_distributed(resolve_device(cfg).type, cfg.ddp_timeout)
+    dist_info = init_distributed(resolve_device(cfg.device).type, cfg.ddp_timeout)
     cfg, schedule = ddp_schedule(cfg, dist_info.world_size)  # --ddp-schedule samples: counts / N
-    device = resolve_device(cfg, dist_info)
+    device = resolve_device(cfg.device, dist_info.local_rank)
     work_dir = _work_dir(cfg, dist_info)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
