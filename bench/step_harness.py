@@ -106,11 +106,12 @@ def _vm_kb(field: str) -> int:
 
 
 def run(args) -> dict:
+    from sepico_fast.device import resolve_device
     from sepico_fast.models import build_segmentor
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
     cfg = bench_config(args.arch, args.crop, args.batch)
     flows = ["fast", "upstream"] if args.dataflow == "both" else [args.dataflow]

@@ -1,5 +1,9 @@
 """Launch helpers shared by the Triton kernels of ``sepico_fast.kernels``.
 
+Launchers: ``check_device`` / ``check_blocks`` refuse what the kernels cannot take,
+``row_block_outputs`` allocates the per-row-block outputs of the contrast kernels and
+``launch`` runs a kernel on its tensors' GPU (nothing for an empty grid).
+
 Precision policy of every kernel (one rule, so the kernels stay comparable):
 
 * loads are upcast to fp32, all sums, soft-maxes and reductions run in fp32;
@@ -16,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -100,3 +106,42 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+@dataclass
+class RowBlockOutputs:
+    """Outputs of a contrast forward kernel run over blocks of ``BLOCK_N`` feature rows
+    (one program per block): the gradient ``[N, A]`` in the feature dtype (None unless
+    written), and fp32 partials per block that the host sums: loss ``[G]``, anchor count
+    ``[G]``, valid-pixel count ``[G]`` (None unless asked for), Σz ``[G, A]`` for the
+    regulariser (``[1, A]``, unwritten, without it)."""
+    num_blocks: int
+    grad: torch.Tensor | None
+    loss: torch.Tensor
+    count: torch.Tensor
+    valid: torch.Tensor | None
+    zsum: torch.Tensor
+
+
+def row_block_outputs(feat: torch.Tensor, block_n: int, *, write_grad: bool, has_reg: bool,
+                      valid: bool = False) -> RowBlockOutputs:
+    """Allocate (uninitialised: every program writes its own entries) the outputs of a
+    contrast forward kernel over ``feat`` [N, A] in blocks of ``block_n`` rows."""
+    n_rows, a = feat.shape
+    dev = feat.device
+    num_blocks = triton.cdiv(n_rows, block_n)
+    grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
+    loss = torch.empty(num_blocks, device=dev, dtype=torch.float32)
+    count = torch.empty(num_blocks, device=dev, dtype=torch.float32)
+    valid_part = torch.empty(num_blocks, device=dev, dtype=torch.float32) if valid else None
+    zsum = torch.empty((num_blocks, a) if has_reg else (1, a), device=dev, dtype=torch.float32)
+    return RowBlockOutputs(num_blocks, grad, loss, count, valid_part, zsum)
+
+
+def launch(kernel, grid: tuple[int, ...], like: torch.Tensor, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` on the GPU of ``like`` (``device_guard``); nothing
+    when the grid is empty (a CUDA grid of size 0 is a launch error)."""
+    if min(grid) <= 0:
+        return
+    with device_guard(like):
+        kernel[grid](*args, **meta)

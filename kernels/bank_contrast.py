@@ -38,10 +38,11 @@ from ._common import (
     check_blocks,
     check_device,
     device_capability,
-    device_guard,
     dot_dtype,
     dot_precision,
+    launch,
     pow2_at_least,
+    row_block_outputs,
 )
 from .dist_contrast import _needs_grad, finish_loss, regulariser, scale_grad_
 
@@ -207,25 +208,19 @@ def _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_
     cfg = kernel_config(feat.dtype, a, c, m, sorted_=sorted_, write_grad=write_grad,
                         has_reg=has_reg, block_n=block_n, block_a=block_a,
                         capability=device_capability(dev))
-    num_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
-    grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
-    loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
-    cnt_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
-    valid_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
-    zsum_part = torch.empty((num_blocks, a) if has_reg else (1, a), device=dev, dtype=torch.float32)
-    if num_blocks > 0:  # a CUDA grid of size 0 is a launch error
-        with device_guard(feat):
-            _bank_contrast_fwd_kernel[(num_blocks,)](
-                feat, labels, perm, bank_dot, blen, bmean, grad if write_grad else feat,
-                loss_part, cnt_part, valid_part, zsum_part,
-                n_rows, a, c, m, m * a, feat.stride(0), feat.stride(1),
-                grad.stride(0) if write_grad else 0, ignore_index, 1.0 / temperature, **cfg)
-    n_loss = cnt_part.sum()
-    n_valid = valid_part.sum()
-    loss, inv_n = finish_loss(loss_part.sum(), n_loss, None, 0.0)
+    out = row_block_outputs(feat, cfg["BLOCK_N"], write_grad=write_grad, has_reg=has_reg, valid=True)
+    grad = out.grad
+    launch(_bank_contrast_fwd_kernel, (out.num_blocks,), feat,
+           feat, labels, perm, bank_dot, blen, bmean, grad if write_grad else feat,
+           out.loss, out.count, out.valid, out.zsum,
+           n_rows, a, c, m, m * a, feat.stride(0), feat.stride(1),
+           grad.stride(0) if write_grad else 0, ignore_index, 1.0 / temperature, **cfg)
+    n_loss = out.count.sum()
+    n_valid = out.valid.sum()
+    loss, inv_n = finish_loss(out.loss.sum(), n_loss, None, 0.0)
     vec = None
     if has_reg:
-        reg, reg_grad = regulariser(zsum_part.sum(0), n_valid, mean.to(dev, torch.float32),
+        reg, reg_grad = regulariser(out.zsum.sum(0), n_valid, mean.to(dev, torch.float32),
                                     temperature)
         has_valid = n_valid > 0
         inv_valid = torch.where(has_valid, 1.0 / n_valid.clamp_min(1.0), torch.zeros_like(n_valid))

@@ -39,7 +39,15 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import check_blocks, check_device, device_guard, dot_dtype, dot_precision, pow2_at_least
+from ._common import (
+    check_blocks,
+    check_device,
+    dot_dtype,
+    dot_precision,
+    launch,
+    pow2_at_least,
+    row_block_outputs,
+)
 
 
 @triton.jit
@@ -166,10 +174,9 @@ def scale_grad_(g: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
         return g
     cfg = scale_grad_config(a)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(a, cfg["BLOCK_A"]))
-    with device_guard(g):
-        _scale_grad_kernel[grid](
-            g, labels, scale, vec if vec is not None else scale, n, a, g.stride(0), ignore_index,
-            HAS_VEC=vec is not None, **cfg)
+    launch(_scale_grad_kernel, grid, g,
+           g, labels, scale, vec if vec is not None else scale, n, a, g.stride(0), ignore_index,
+           HAS_VEC=vec is not None, **cfg)
     return g
 
 
@@ -233,26 +240,20 @@ def _run_kernel(feat, labels, mean, var, temperature, ratio, ignore_index, *, wr
     """One launch of the fused kernel; returns (g or None, Σℓ, n, Σz or None) on the device."""
     n_rows, a = feat.shape
     c = mean.shape[0]
-    dev = feat.device
     cfg = kernel_config(feat.dtype, a, c, use_var=var is not None, write_grad=write_grad,
                         has_reg=has_reg, scaled=gscale is not None, has_gvec=gvec is not None,
                         block_n=block_n, block_a=block_a)
-    num_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
-    grad = torch.empty((n_rows, a), device=dev, dtype=feat.dtype) if write_grad else None
-    loss_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
-    cnt_part = torch.empty(num_blocks, device=dev, dtype=torch.float32)
-    zsum_part = torch.empty((num_blocks, a) if has_reg else (1, a), device=dev, dtype=torch.float32)
-    if num_blocks > 0:  # a CUDA grid of size 0 is a launch error
-        with device_guard(feat):
-            _dist_contrast_fwd_kernel[(num_blocks,)](
-                feat, labels, mean, var if var is not None else mean,
-                grad if write_grad else feat, loss_part, cnt_part, zsum_part,
-                gscale if gscale is not None else loss_part,
-                gvec if gvec is not None else loss_part,
-                n_rows, a, c, feat.stride(0), feat.stride(1),
-                grad.stride(0) if write_grad else 0, ignore_index, 1.0 / temperature,
-                (ratio / (2.0 * temperature**2)) if var is not None else 0.0, **cfg)
-    return grad, loss_part.sum(), cnt_part.sum(), zsum_part.sum(0) if has_reg else None
+    out = row_block_outputs(feat, cfg["BLOCK_N"], write_grad=write_grad, has_reg=has_reg)
+    grad = out.grad
+    launch(_dist_contrast_fwd_kernel, (out.num_blocks,), feat,
+           feat, labels, mean, var if var is not None else mean,
+           grad if write_grad else feat, out.loss, out.count, out.zsum,
+           gscale if gscale is not None else out.loss,
+           gvec if gvec is not None else out.loss,
+           n_rows, a, c, feat.stride(0), feat.stride(1),
+           grad.stride(0) if write_grad else 0, ignore_index, 1.0 / temperature,
+           (ratio / (2.0 * temperature**2)) if var is not None else 0.0, **cfg)
+    return grad, out.loss.sum(), out.count.sum(), out.zsum.sum(0) if has_reg else None
 
 
 class _DistContrastFunction(torch.autograd.Function):

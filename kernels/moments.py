@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_blocks, check_device, device_guard, dot_dtype, dot_precision, pow2_at_least
+from ._common import check_blocks, check_device, dot_dtype, dot_precision, launch, pow2_at_least
 
 _TARGET_PROGRAMS = 256  # device-independent so that the reduction tree never changes
 
@@ -164,10 +164,9 @@ def class_moments(feat: torch.Tensor, labels: torch.Tensor, num_classes: int,
     mean_part = torch.empty(groups, c, a, device=dev, dtype=torch.float32)
     m2_part = torch.empty(groups, c, a, device=dev, dtype=torch.float32)
     block = 512
-    with device_guard(feat):
-        _class_moments_partial_kernel[(groups, chunks)](
-            feat, labels, cnt_part, mean_part, m2_part, n_rows, a, c, feat.stride(0),
-            feat.stride(1), int(ignore_index), groups, **cfg)
-        _class_moments_merge_kernel[(triton.cdiv(c * a, block),)](
-            cnt_part, mean_part, m2_part, count, mean, m2, c, a, groups, BLOCK=block, num_warps=4)
+    launch(_class_moments_partial_kernel, (groups, chunks), feat,
+           feat, labels, cnt_part, mean_part, m2_part, n_rows, a, c, feat.stride(0),
+           feat.stride(1), int(ignore_index), groups, **cfg)
+    launch(_class_moments_merge_kernel, (triton.cdiv(c * a, block),), feat,
+           cnt_part, mean_part, m2_part, count, mean, m2, c, a, groups, BLOCK=block, num_warps=4)
     return count, mean, m2

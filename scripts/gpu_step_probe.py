@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sepico_fast.contrast import ClassStats  # noqa: E402
+from sepico_fast.device import resolve_device  # noqa: E402
 from sepico_fast.models import build_segmentor  # noqa: E402
 from sepico_fast.train.config import make_config  # noqa: E402
 from sepico_fast.train.implementations import implementation_lines  # noqa: E402
@@ -341,7 +342,7 @@ def write_json(path: str, result: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    device = resolve_device("cpu" if args.tiny else "auto")
     records = _Records()
     package_log = logging.getLogger("sepico_fast")
     package_log.addHandler(records)

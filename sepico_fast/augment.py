@@ -88,6 +88,9 @@ def _mean_std(img: torch.Tensor):
 
 
 def denormalize(img: torch.Tensor) -> torch.Tensor:
+    """Normalised ``[B,3,H,W]`` (``(x − mean) / std`` of 0..255 RGB) -> float32 RGB in [0, 1]
+    (``x / 255``): the inverse of ``data.transforms.normalize``, undone by :func:`renormalize`.
+    The package's only denormalisation (colour jitter, debug pictures)."""
     mean, std = _mean_std(img)
     return (img.float() * std + mean) / 255.0
 

@@ -30,12 +30,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from .device import autocast, choose_precision, resolve_device
 from .metrics import ConfusionMatrix
-
-
-def _autocast(device: torch.device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-
 
 # Dark Zurich test-time class re-weighting (method §7): scale of the log-frequency weights.
 DZ_TEST_WEIGHT_SCALE = 0.16
@@ -62,7 +58,7 @@ def is_dark_zurich_image(file) -> bool:
 def input_size_logits(model, img: torch.Tensor, amp_dtype=None) -> torch.Tensor:
     """Logits [B,C,h,w] fp32 of the whole (already resized) image, upsampled to its size h×w
     (the authors' ``encode_decode``)."""
-    with _autocast(img.device, amp_dtype):
+    with autocast(img.device, amp_dtype):
         logits = model.predict(img)
     return F.interpolate(logits.float(), size=img.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -289,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format darkzurich: mark pixels whose confidence is below this as invalid (255) in "
                         "labelTrainIds_invalid (default 0: none, the prediction itself)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision as in training: on CUDA bf16 autocast where the GPU has bf16 tensor "
+                        "cores, else fp16; on the CPU float32 unless --cpu-amp")
+    p.add_argument("--cpu-amp", action="store_true", help="with --amp on the CPU, use bf16 autocast")
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--weights", default="model", choices=("model", "ema_model"),
                    help="student (upstream default) or teacher weights")
@@ -305,21 +304,6 @@ def dataset_root_of(dataset: str, data_root) -> Path:
     return dataset_root(dataset, data_root)
 
 
-def resolve_device(text: str) -> torch.device:
-    """``--device``: auto | cpu | cuda | cuda:N, checked against this machine (one line if not)."""
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text != "cpu" and text != "cuda" and not (text.startswith("cuda:") and text[5:].isdigit()):
-        raise SystemExit(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}")
-    device = torch.device(text)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device: {text} requested but CUDA is not available on this machine; use auto or cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"--device: this machine has {torch.cuda.device_count()} CUDA device(s): cuda:0 .. "
-                         f"cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
 def main(argv=None) -> dict:
     from .checkpoint import num_classes_of, segmentor_from_checkpoint
     from .data.labels import CLASSES
@@ -327,7 +311,10 @@ def main(argv=None) -> dict:
     from .reporting import iou_table
 
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
+    try:  # auto | cpu | cuda | cuda:N, checked against this machine
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.arch is not None and args.arch not in ARCHS:
         raise SystemExit(f"--arch: expected one of {', '.join(sorted(ARCHS))}, got {args.arch!r}")
     ckpt_path = Path(args.checkpoint)
@@ -340,7 +327,8 @@ def main(argv=None) -> dict:
     model = model.to(device)
     num_classes = int(config.get("num_classes") or num_classes_of(model) or 19)
     dataset = args.dataset or config.get("target") or "cityscapes"
-    amp_dtype = torch.bfloat16 if (args.amp and device.type == "cuda") else None
+    precision = choose_precision(device, args.amp, args.cpu_amp)  # the rule of training's --amp
+    amp_dtype = precision.dtype
     crop = tuple(args.crop) * (2 if len(args.crop) == 1 else 1) if args.crop else training_crop(config)
 
     from .data import build_val_set, val_loader
@@ -381,7 +369,8 @@ def main(argv=None) -> dict:
                             report=report, writer=writer, groups=groups)
     except DataFileError as exc:  # one line naming the bad evaluation file
         raise SystemExit(f"error: {exc}") from None
-    result = {"checkpoint": str(ckpt_path), "dataset": dataset, "split": args.split, "sliding": args.sliding}
+    result = {"checkpoint": str(ckpt_path), "dataset": dataset, "split": args.split, "sliding": args.sliding,
+              "precision": precision.description}
     result.update(reweighting_record(reweight, report))
     print(reweighting_line(result))
     if args.split != "test":

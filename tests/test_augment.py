@@ -25,6 +25,20 @@ from sepico_fast.augment import (
 )
 
 
+def test_denormalize_inverts_the_data_normalisation_to_unit_range():
+    """The one denormalisation: normalised images (data.transforms.normalize of 0..255
+    uint8 RGB) back to RGB / 255 in [0, 1]."""
+    import numpy as np
+
+    from sepico_fast.data.transforms import normalize
+
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    rgb01 = denormalize(normalize(image)[None])
+    assert rgb01.shape == (1, 3, 5, 7) and rgb01.dtype == torch.float32
+    expected = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    torch.testing.assert_close(rgb01, expected, atol=1e-6, rtol=0)
+
+
 def test_hsv_round_trip_and_colorsys():
     x = torch.rand(2, 3, 5, 6)
     hsv = rgb_to_hsv(x)

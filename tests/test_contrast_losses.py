@@ -348,16 +348,16 @@ def test_impl_names():
 def test_impl_none_picks_by_device_and_dtype():
     """None -> triton only for CUDA tensors of a dtype the kernels take; float64 stays on
     the torch reference (the kernels reject it)."""
-    from sepico_fast.contrast.validation import resolve_impl
+    from sepico_fast.dispatch import resolve_impl
     cuda = torch.device("cuda")  # only a device object: nothing is allocated on it
-    assert resolve_impl(None, "dist_contrast_loss", torch.device("cpu"), dtype=torch.float32) == "torch"
-    assert resolve_impl(None, "dist_contrast_loss", cuda, dtype=torch.float64) == "torch"
+    assert resolve_impl("dist_contrast_loss", None, torch.device("cpu"), dtype=torch.float32) == "torch"
+    assert resolve_impl("dist_contrast_loss", None, cuda, dtype=torch.float64) == "torch"
     try:
         importlib.import_module("sepico_fast.kernels")
     except Exception as exc:  # pragma: no cover - depends on triton being importable
         pytest.skip(f"sepico_fast.kernels does not import here: {exc}")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert resolve_impl(None, "dist_contrast_loss", cuda, dtype=dtype) == "triton"
+        assert resolve_impl("dist_contrast_loss", None, cuda, dtype=dtype) == "triton"
 
 
 def test_triton_dispatch_passes_validated_arguments(monkeypatch):

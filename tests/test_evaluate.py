@@ -61,8 +61,8 @@ def test_sliding_equals_whole_for_pointwise_model():
 
 def test_cli_on_synthetic_checkpoint(tmp_path):
     from sepico_fast.models import build_segmentor
-    from sepico_fast.train.checkpointing import atomic_save, prefixed
     from sepico_fast.train.config import make_config
+    from sepico_fast.train.run_checkpoints import atomic_save, prefixed
 
     cfg = make_config({"proj_dim": 16})
     model = build_segmentor(cfg.arch, 19, 16)
@@ -82,8 +82,8 @@ def test_cli_evaluates_cityscapes_without_any_source_dataset(tmp_path):
     Cityscapes must be enough (no GTA/SYNTHIA folder)."""
     from sepico_fast.models import build_segmentor
     from sepico_fast.prepare import main as prepare_main
-    from sepico_fast.train.checkpointing import atomic_save, prefixed
     from sepico_fast.train.config import make_config
+    from sepico_fast.train.run_checkpoints import atomic_save, prefixed
     from tests.test_prepare import make_cityscapes
 
     root = tmp_path / "data"
@@ -103,8 +103,8 @@ def test_unresolved_crop_zero_is_the_dataset_default(tmp_path):
     from sepico_fast.data import dataset_defaults
     from sepico_fast.evaluate import training_crop
     from sepico_fast.models import build_segmentor
-    from sepico_fast.train.checkpointing import atomic_save, prefixed
     from sepico_fast.train.config import make_config
+    from sepico_fast.train.run_checkpoints import atomic_save, prefixed
 
     syn = tuple(dataset_defaults("synthetic", "synthetic")["crop_size"])
     assert training_crop({"crop": [0, 0], "source": "synthetic", "target": "synthetic"}) == syn
@@ -134,7 +134,7 @@ def test_cli_builds_the_model_from_the_weights_and_checks_device_and_data_root(t
         with pytest.raises(SystemExit, match=f"^--device: {why}"):
             main(["--checkpoint", str(bare), "--arch", "dlv2_tiny", "--device", device])
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="^--device: cuda requested but CUDA is not available"):
+        with pytest.raises(SystemExit, match="^--device: CUDA is not available on this machine; use auto or cpu"):
             main(["--checkpoint", str(bare), "--arch", "dlv2_tiny", "--device", "cuda"])
     with pytest.raises(SystemExit, match="^--arch: expected one of"):
         main(["--checkpoint", str(bare), "--arch", "dlv3"])

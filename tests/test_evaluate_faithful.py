@@ -133,8 +133,8 @@ def _dz_root(tmp_path):
 
 def _checkpoint(tmp_path):
     from sepico_fast.models import build_segmentor
-    from sepico_fast.train.checkpointing import atomic_save, prefixed
     from sepico_fast.train.config import make_config
+    from sepico_fast.train.run_checkpoints import atomic_save, prefixed
 
     cfg = make_config({"proj_dim": 16, "source": "cityscapes", "target": "darkzurich", "arch": "dlv2_tiny"})
     torch.manual_seed(0)

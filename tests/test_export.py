@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from sepico_fast.export import main
 from sepico_fast.models import build_segmentor
-from sepico_fast.train.checkpointing import atomic_save, prefixed
 from sepico_fast.train.config import make_config
+from sepico_fast.train.run_checkpoints import atomic_save, prefixed
 
 
 def _checkpoint(tmp_path, arch):

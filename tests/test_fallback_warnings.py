@@ -14,22 +14,18 @@ import types
 import pytest
 import torch
 
+from sepico_fast import dispatch
 from sepico_fast.contrast import validation
+from sepico_fast.dispatch import resolve_impl
 from sepico_fast.ops import _dispatch
 
 CUDA = torch.device("cuda", 0)
 
 
-def fake_cuda_tensor():
-    """Enough of a tensor for ops' dispatch: it is on CUDA (nothing is allocated)."""
-    return types.SimpleNamespace(is_cuda=True, device=CUDA)
-
-
 @pytest.fixture
 def fresh_logs(monkeypatch):
-    monkeypatch.setattr(_dispatch, "_warned", set())
-    monkeypatch.setattr(_dispatch, "_logged", set())
-    monkeypatch.setattr(validation, "_warned", set())
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "_logged", set())
 
 
 def warnings_of(caplog, name):
@@ -42,13 +38,13 @@ def test_ops_fallback_on_cuda_warns_once_with_the_reason(monkeypatch, caplog, fr
     monkeypatch.setattr(_dispatch, "EXTENSION_STATUS", "not built: its build failed at install (boom)")
     caplog.set_level(logging.INFO, logger="sepico_fast.ops")
     for _ in range(3):
-        assert _dispatch.resolve_impl("classmix", None, fake_cuda_tensor()) == "torch"
+        assert resolve_impl("classmix", None, CUDA) == "torch"
     warned = warnings_of(caplog, "sepico_fast.ops")
     assert len(warned) == 1, [r.getMessage() for r in warned]
     assert "classmix" in warned[0].getMessage() and "boom" in warned[0].getMessage()
     # another op warns on its own; CPU inputs never warn
-    _dispatch.resolve_impl("pseudo_label", None, fake_cuda_tensor())
-    _dispatch.resolve_impl("pseudo_label", None, torch.zeros(1))
+    resolve_impl("pseudo_label", None, CUDA)
+    resolve_impl("pseudo_label", None, torch.device("cpu"))
     assert len(warnings_of(caplog, "sepico_fast.ops")) == 2
 
 
@@ -59,13 +55,13 @@ def test_ops_no_kernel_image_for_the_gpu_falls_back(monkeypatch, caplog, fresh_l
     cap = {"value": (7, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
     caplog.set_level(logging.INFO, logger="sepico_fast.ops")
-    assert _dispatch.resolve_impl("select_crop_windows", None, fake_cuda_tensor()) == "torch"
+    assert resolve_impl("select_crop_windows", None, CUDA) == "torch"
     (warned,) = warnings_of(caplog, "sepico_fast.ops")
     assert "sm_70" in warned.getMessage() and "sm_75" in warned.getMessage()
     with pytest.raises(RuntimeError, match="sm_70"):
-        _dispatch.resolve_impl("select_crop_windows", "cuda", fake_cuda_tensor())
+        resolve_impl("select_crop_windows", "cuda", CUDA)
     cap["value"] = (8, 6)
-    assert _dispatch.resolve_impl("select_crop_windows", None, fake_cuda_tensor()) == "cuda"
+    assert resolve_impl("select_crop_windows", None, CUDA) == "cuda"
     assert len(warnings_of(caplog, "sepico_fast.ops")) == 1
     report = _dispatch.implementation_report(CUDA)
     assert set(report) == set(_dispatch.CUDA_OPS) and {v[0] for v in report.values()} == {"cuda"}
@@ -91,16 +87,16 @@ def test_contrast_fallback_on_cuda_warns_once_per_op_and_reason(monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     caplog.set_level(logging.WARNING, logger="sepico_fast.contrast")
     for _ in range(2):  # float64 features have no Triton kernel
-        assert validation.resolve_impl(None, "dist_contrast_loss", CUDA, dtype=torch.float64) == "torch"
+        assert resolve_impl("dist_contrast_loss", None, CUDA, dtype=torch.float64) == "torch"
     monkeypatch.setattr(validation, "_kernels_import",
                         lambda: (None, "ModuleNotFoundError: No module named 'triton'"))
     for _ in range(2):
-        assert validation.resolve_impl(None, "dist_contrast_loss", CUDA, dtype=torch.bfloat16) == "torch"
+        assert resolve_impl("dist_contrast_loss", None, CUDA, dtype=torch.bfloat16) == "torch"
     messages = [r.getMessage() for r in warnings_of(caplog, "sepico_fast.contrast")]
     assert len(messages) == 2, messages
     assert "torch.float64" in messages[0] and "No module named 'triton'" in messages[1]
     # CPU inputs: the torch reference is the intended path, no warning
-    validation.resolve_impl(None, "dist_contrast_loss", torch.device("cpu"), dtype=torch.float32)
+    resolve_impl("dist_contrast_loss", None, torch.device("cpu"), dtype=torch.float32)
     assert len(warnings_of(caplog, "sepico_fast.contrast")) == 2
 
 
@@ -108,7 +104,7 @@ def test_contrast_old_gpu_takes_torch(monkeypatch, caplog, fresh_logs):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     monkeypatch.setattr(validation, "_kernels_import", lambda: (object(), ""))
     caplog.set_level(logging.WARNING, logger="sepico_fast.contrast")
-    assert validation.resolve_impl(None, "class_moments", CUDA, dtype=torch.float16) == "torch"
+    assert resolve_impl("class_moments", None, CUDA, dtype=torch.float16) == "torch"
     (warned,) = warnings_of(caplog, "sepico_fast.contrast")
     assert "sm_70" in warned.getMessage()
 
@@ -191,3 +187,21 @@ def test_debug_checks_switches(monkeypatch, capsys):
     announce_implementations(cfg, torch.device("cpu"))
     assert validation.debug_checks()
     assert "debug checks: on" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- one rule, both families
+def test_one_dispatch_rule_for_contrast_and_ops():
+    """Both families answer sepico_fast.dispatch.resolve_impl(op, impl, device, dtype): CPU
+    inputs take torch, names a family lacks are refused in the same words, unknown ops say so."""
+    cpu = torch.device("cpu")
+    for op in validation.TRITON_OPS + _dispatch.CUDA_OPS:
+        assert resolve_impl(op, None, cpu, torch.float32) == "torch"
+        assert resolve_impl(op, "torch", cpu) == "torch"
+        with pytest.raises(ValueError, match="impl must be None or one of"):
+            resolve_impl(op, "fast", cpu)
+    with pytest.raises(ValueError, match="has no kernel for classmix; available impls: torch, cuda"):
+        resolve_impl("classmix", "triton", cpu)
+    with pytest.raises(ValueError, match="has no kernel for class_moments; available impls: torch, triton"):
+        resolve_impl("class_moments", "cuda", cpu)
+    with pytest.raises(KeyError, match="no implementation choice registered for op 'nope'"):
+        resolve_impl("nope", None, cpu)

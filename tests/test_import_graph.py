@@ -4,8 +4,8 @@ import goes down the layers
     kernels  <-  contrast, ops, metrics, augment  <-  models, data  <-  checkpoint, submission
              <-  train, evaluate, export, prepare    (evaluate/export/prepare never import train)
 
-plus leaves that import nothing from the package (``_cuda_toolkit``, ``reporting``), usable
-from every layer. The graph is read from the source: every ``import`` statement, also those
+plus leaves that import nothing from the package (``_cuda_toolkit``, ``reporting``, ``device``,
+``dispatch``), usable from every layer. The graph is read from the source: every ``import`` statement, also those
 inside functions (they still form cycles even when they happen to work), and
 ``importlib.import_module("<constant>")`` (how ``contrast`` reaches the Triton kernels). An
 edge A -> B when module A imports module B by name; ``from package import submodule`` is an
@@ -23,13 +23,14 @@ PKG = ROOT / "sepico_fast"
 # Layer of each module, by the longest matching name prefix (lower = imported by higher).
 LAYERS = {
     "sepico_fast._cuda_toolkit": 0, "sepico_fast.reporting": 0, "sepico_fast.kernels": 0,
+    "sepico_fast.device": 0, "sepico_fast.dispatch": 0,
     "sepico_fast.contrast": 1, "sepico_fast.ops": 1, "sepico_fast.metrics": 1, "sepico_fast.augment": 1,
     "sepico_fast.models": 2, "sepico_fast.data": 2,
     "sepico_fast.checkpoint": 3, "sepico_fast.submission": 3,
     "sepico_fast.train": 4, "sepico_fast.evaluate": 4, "sepico_fast.export": 4, "sepico_fast.prepare": 4,
     "sepico_fast": 0,  # the package itself imports nothing eagerly (sepico_fast.kernels is a lazy finder)
 }
-LEAVES = ("sepico_fast._cuda_toolkit", "sepico_fast.reporting")
+LEAVES = ("sepico_fast._cuda_toolkit", "sepico_fast.reporting", "sepico_fast.device", "sepico_fast.dispatch")
 
 
 def _modules() -> dict[str, Path]:

@@ -90,8 +90,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from sepico_fast.models import build_segmentor
-    from sepico_fast.train.checkpointing import atomic_save, prefixed
     from sepico_fast.train.config import make_config
+    from sepico_fast.train.run_checkpoints import atomic_save, prefixed
 
     cfg = make_config({"proj_dim": 16, "source": "cityscapes", "target": "cityscapes", "arch": "dlv2_tiny"})
     torch.manual_seed(0)

@@ -205,11 +205,11 @@ def test_checkpoints_debug_pictures_and_the_flop_count_are_not_training_time(tmp
     """A real tiny run on a fake clock: each iteration takes 1 s, each checkpoint write,
     debug picture and FLOP count 100 s. images/s must count only the iterations; the FLOP
     count runs once even when it answers None (None was also 'not computed yet')."""
-    from sepico_fast.train import checkpointing as ckpt_io
+    from sepico_fast.train import run_checkpoints
 
     clock = _Clock()
     monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=clock))
-    real_step, real_save = runner.train_step, ckpt_io.save_checkpoint
+    real_step, real_save = runner.train_step, run_checkpoints.save_checkpoint
     flop_calls = []
 
     def slow(seconds, fn=None):
@@ -223,7 +223,7 @@ def test_checkpoints_debug_pictures_and_the_flop_count_are_not_training_time(tmp
         clock.t += 100.0
 
     monkeypatch.setattr(runner, "train_step", slow(1.0, real_step))
-    monkeypatch.setattr(ckpt_io, "save_checkpoint", slow(100.0, real_save))
+    monkeypatch.setattr(run_checkpoints, "save_checkpoint", slow(100.0, real_save))
     monkeypatch.setattr(runner, "save_debug_images", slow(100.0))
     monkeypatch.setattr(runner, "flops_per_iteration", flops)
     cfg = make_config(dict(iters=4, crop=[32, 32], batch_size=1, proj_dim=16, contrast_start=1, warmup_iters=1,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sepico_fast.train import checkpointing as ckpt_io
+from sepico_fast.train import run_checkpoints
 from sepico_fast.train.config import HARMLESS_FIELDS, INVOCATION_FIELDS, TrainConfig, make_config, resumed_config
 from sepico_fast.train.resume import resolve_resume
 
@@ -19,8 +19,8 @@ def _state(it: int, cfg: TrainConfig | None = None) -> dict:
     cfg = cfg or make_config({"proj_dim": 16})
     g = torch.Generator().manual_seed(it)
     return {"state_dict": {"model.w": torch.randn(64, generator=g)},
-            "meta": {"iter": it, "config": cfg.to_dict(), "format": ckpt_io.FORMAT},
-            "rng": ckpt_io.rng_state()}
+            "meta": {"iter": it, "config": cfg.to_dict(), "format": run_checkpoints.FORMAT},
+            "rng": run_checkpoints.rng_state()}
 
 
 def _damage(path) -> None:
@@ -32,10 +32,10 @@ def _damage(path) -> None:
 def test_rng_state_survives_weights_only_round_trip(tmp_path):
     random.seed(5), np.random.seed(6), torch.manual_seed(7)
     np.random.standard_normal()  # a cached Gaussian is part of numpy's state
-    ckpt_io.atomic_save({"rng": ckpt_io.rng_state()}, tmp_path / "r.pt")
+    run_checkpoints.atomic_save({"rng": run_checkpoints.rng_state()}, tmp_path / "r.pt")
     want = (random.random(), np.random.standard_normal(), torch.rand(3))
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    ckpt_io.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    run_checkpoints.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
     got = (random.random(), np.random.standard_normal(), torch.rand(3))
     assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
 
@@ -56,9 +56,9 @@ def test_our_checkpoint_is_a_pretrained_file(tmp_path):
             p.add_(0.25)  # not the initial weights
         ctx.teacher.load_state_dict(ctx.student.state_dict())
     ctx.stats.update(torch.randn(8, 16), torch.arange(8) % 3)
-    state = ckpt_io.snapshot(ctx, 3, world_size=1, schedule={"ddp_schedule": "steps"})
+    state = run_checkpoints.snapshot(ctx, 3, world_size=1, schedule={"ddp_schedule": "steps"})
     assert {"optimizer", "class_stats", "rng", "counters"} <= set(state) and state["meta"]["world_size"] == 1
-    path = ckpt_io.save_checkpoint(tmp_path, state, 3)
+    path = run_checkpoints.save_checkpoint(tmp_path, state, 3)
     for name in ("iter_000003.pt", "latest.pt"):
         loaded = build_segmentor(cfg.arch, 19, 16)
         load_pretrained(loaded, str(tmp_path / name), verbose=False)
@@ -68,33 +68,33 @@ def test_our_checkpoint_is_a_pretrained_file(tmp_path):
 
 
 def test_latest_is_an_independent_copy_with_checksums(tmp_path):
-    path = ckpt_io.save_checkpoint(tmp_path, _state(4), 4)
+    path = run_checkpoints.save_checkpoint(tmp_path, _state(4), 4)
     latest = tmp_path / "latest.pt"
     assert os.stat(path).st_ino != os.stat(latest).st_ino and os.stat(path).st_nlink == 1
     for p in (path, latest):
         digest, name = (p.parent / (p.name + ".sha256")).read_text().split()
         assert name == p.name and digest == hashlib.sha256(p.read_bytes()).hexdigest()
     _damage(latest)
-    assert ckpt_io.load_checkpoint(path)["meta"]["iter"] == 4  # the other file is untouched
-    with pytest.raises(ckpt_io.CheckpointError, match="latest.pt: checksum differs"):
-        ckpt_io.load_checkpoint(latest)
+    assert run_checkpoints.load_checkpoint(path)["meta"]["iter"] == 4  # the other file is untouched
+    with pytest.raises(run_checkpoints.CheckpointError, match="latest.pt: checksum differs"):
+        run_checkpoints.load_checkpoint(latest)
     (tmp_path / "latest.pt.sha256").unlink()  # no checksum (a flipped byte in tensor data would load):
     latest.write_bytes(latest.read_bytes()[:-300])  # a truncated file still fails the load test
-    with pytest.raises(ckpt_io.CheckpointError, match="not a loadable checkpoint"):
-        ckpt_io.load_checkpoint(latest)
+    with pytest.raises(run_checkpoints.CheckpointError, match="not a loadable checkpoint"):
+        run_checkpoints.load_checkpoint(latest)
     old = tmp_path / "format1.pt"
     torch.save({"state_dict": {}, "meta": {"iter": 1}, "rng": {"numpy": np.random.get_state()}}, old)
-    with pytest.raises(ckpt_io.CheckpointError, match=r"format1.pt: holds a numpy\S+ object, which torch.load\(weights_only=True\) refuses"):
-        ckpt_io.load_checkpoint(old)
+    with pytest.raises(run_checkpoints.CheckpointError, match=r"format1.pt: holds a numpy\S+ object, which torch.load\(weights_only=True\) refuses"):
+        run_checkpoints.load_checkpoint(old)
     (tmp_path / "notes.pt").write_text("hello")
-    with pytest.raises(ckpt_io.CheckpointError, match="notes.pt"):
-        ckpt_io.load_checkpoint(tmp_path / "notes.pt")
+    with pytest.raises(run_checkpoints.CheckpointError, match="notes.pt"):
+        run_checkpoints.load_checkpoint(tmp_path / "notes.pt")
 
 
 def test_resume_auto_falls_back_to_newest_intact(tmp_path, capsys):
     cfg0 = make_config({"proj_dim": 16, "work_dir": str(tmp_path)})
     for it in (2, 4, 6):
-        ckpt_io.save_checkpoint(tmp_path, _state(it, cfg0), it, keep=3)
+        run_checkpoints.save_checkpoint(tmp_path, _state(it, cfg0), it, keep=3)
     _damage(tmp_path / "iter_000006.pt")
     _damage(tmp_path / "latest.pt")
     cfg = make_config({"resume": "auto", "work_dir": str(tmp_path)})
@@ -124,16 +124,16 @@ def test_stale_temp_files_are_removed(tmp_path):
     keep = [tmp_path / "notes.tmp1", tmp_path / ".iter_000002.pt.tmp" f"{os.getpid()}"]
     for p in keep:
         p.write_bytes(b"y")
-    assert sorted(ckpt_io.remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert sorted(run_checkpoints.remove_stale_temp_files(tmp_path)) == sorted(stale)
     assert all(not p.exists() for p in stale) and all(p.exists() for p in keep)
 
 
 def test_full_disk_is_one_line_with_path_and_bytes(tmp_path, monkeypatch):
     """The write goes to /dev/full (every write fails with ENOSPC, as on a full disk)."""
-    monkeypatch.setattr(ckpt_io, "_open_for_writing", lambda path: open("/dev/full", "wb"))
+    monkeypatch.setattr(run_checkpoints, "_open_for_writing", lambda path: open("/dev/full", "wb"))
     state = {"state_dict": {"w": torch.zeros(1 << 16)}, "meta": {"iter": 1}}
-    with pytest.raises(ckpt_io.CheckpointWriteError) as exc:
-        ckpt_io.save_checkpoint(tmp_path, state, 1)
+    with pytest.raises(run_checkpoints.CheckpointWriteError) as exc:
+        run_checkpoints.save_checkpoint(tmp_path, state, 1)
     msg = str(exc.value)
     assert "\n" not in msg and str(tmp_path / "iter_000001.pt") in msg and "no space left" in msg
     assert int(msg.split("needs about ")[1].split()[0]) >= (1 << 16) * 4
@@ -214,7 +214,7 @@ def test_resume_refuses_another_world_size(tmp_path, monkeypatch, capsys, schedu
     cfg0 = make_config({"proj_dim": 16, "work_dir": str(tmp_path), "ddp_schedule": schedule})
     state = _state(6, cfg0)
     state["meta"].update(world_size=2, schedule={"ddp_schedule": schedule, "world_size": 2})
-    ckpt_io.save_checkpoint(tmp_path, state, 6)
+    run_checkpoints.save_checkpoint(tmp_path, state, 6)
     for world in ("1", "4"):
         monkeypatch.setenv("WORLD_SIZE", world)
         monkeypatch.setenv("RANK", "0")
@@ -235,22 +235,22 @@ def test_resume_from_an_older_iteration_moves_the_newer_history_aside(tmp_path):
     retention (by number) deleted B's source and --resume auto took A's iter 4 over B's 3."""
     cfg = make_config({"proj_dim": 16, "work_dir": str(tmp_path)})
     for it in (2, 4):
-        ckpt_io.save_checkpoint(tmp_path, _state(it, cfg), it, keep=2)
-    moved = ckpt_io.supersede_newer(tmp_path, 2, source=tmp_path / "iter_000002.pt")
+        run_checkpoints.save_checkpoint(tmp_path, _state(it, cfg), it, keep=2)
+    moved = run_checkpoints.supersede_newer(tmp_path, 2, source=tmp_path / "iter_000002.pt")
     sup = tmp_path / "superseded"
     assert sorted(p.name for p in moved) == ["iter_000004.pt", "latest.pt"]  # latest.pt was a copy of 4
     assert sorted(p.name for p in sup.iterdir()) == ["iter_000004.pt", "iter_000004.pt.sha256", "latest.pt",
                                                      "latest.pt.sha256"]
-    assert ckpt_io.load_checkpoint(sup / "iter_000004.pt")["meta"]["iter"] == 4  # intact, checksum included
-    ckpt_io.save_checkpoint(tmp_path, _state(3, cfg), 3, keep=2)
-    assert sorted(p.name for p in ckpt_io.iteration_files(tmp_path)) == ["iter_000002.pt", "iter_000003.pt"]
-    path, ckpt, skipped = ckpt_io.load_newest_intact(tmp_path)
+    assert run_checkpoints.load_checkpoint(sup / "iter_000004.pt")["meta"]["iter"] == 4  # intact, checksum included
+    run_checkpoints.save_checkpoint(tmp_path, _state(3, cfg), 3, keep=2)
+    assert sorted(p.name for p in run_checkpoints.iteration_files(tmp_path)) == ["iter_000002.pt", "iter_000003.pt"]
+    path, ckpt, skipped = run_checkpoints.load_newest_intact(tmp_path)
     assert path.name == "iter_000003.pt" and ckpt["meta"]["iter"] == 3 and not skipped
-    ckpt_io.save_checkpoint(tmp_path, _state(5, cfg), 5, keep=3)
-    again = ckpt_io.supersede_newer(tmp_path, 3)  # names already in superseded/: a numbered folder
+    run_checkpoints.save_checkpoint(tmp_path, _state(5, cfg), 5, keep=3)
+    again = run_checkpoints.supersede_newer(tmp_path, 3)  # names already in superseded/: a numbered folder
     assert [p.relative_to(tmp_path).as_posix() for p in again] == ["superseded/1/iter_000005.pt",
                                                                    "superseded/1/latest.pt"]
-    assert ckpt_io.supersede_newer(tmp_path, 3) == []
+    assert run_checkpoints.supersede_newer(tmp_path, 3) == []
 
 
 def test_cuda_rng_states_restored_only_for_devices_that_exist(monkeypatch):
@@ -267,9 +267,9 @@ def test_cuda_rng_states_restored_only_for_devices_that_exist(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", record)
     monkeypatch.setattr(cuda_random, "set_rng_state", record)
-    state = {"torch": torch.get_rng_state(), "numpy": ckpt_io.rng_state()["numpy"],
-             "python": ckpt_io.rng_state()["python"], "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
-    ckpt_io.set_rng_state(state)
+    state = {"torch": torch.get_rng_state(), "numpy": run_checkpoints.rng_state()["numpy"],
+             "python": run_checkpoints.rng_state()["python"], "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    run_checkpoints.set_rng_state(state)
     assert calls == [0]
 
 

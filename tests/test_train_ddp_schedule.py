@@ -87,7 +87,7 @@ def test_runner_applies_and_records_the_samples_schedule(tmp_path):
     assert config["schedule"]["divided"]["iters"] == {"requested": 5, "run": 3}
     assert config["schedule"]["divided"]["warmup_iters"] == {"requested": 3, "run": 2}
     assert config["schedule"]["divided"]["contrast_start"] == {"requested": 3, "run": 2}
-    from sepico_fast.train.checkpointing import load_checkpoint
+    from sepico_fast.train.run_checkpoints import load_checkpoint
     meta = load_checkpoint(work_dir / "latest.pt")["meta"]
     assert meta["config"]["iters"] == 5  # a resume on another world size is refused: meta.world_size
     assert meta["world_size"] == 2 and meta["schedule"]["divided"]["iters"] == {"requested": 5, "run": 3}

@@ -104,9 +104,9 @@ def test_finish_names_a_bad_final_evaluation_file(tmp_path):
 
 
 def test_full_disk_during_training_is_one_line(tmp_path, monkeypatch):
-    from sepico_fast.train import checkpointing as ckpt_io
+    from sepico_fast.train import run_checkpoints
 
-    monkeypatch.setattr(ckpt_io, "_open_for_writing", lambda path: open("/dev/full", "wb"))
+    monkeypatch.setattr(run_checkpoints, "_open_for_writing", lambda path: open("/dev/full", "wb"))
     with pytest.raises(RunStopped) as exc:
         run(_cfg(tmp_path, iters=2, checkpoint_interval=1))
     msg = str(exc.value)
@@ -138,11 +138,10 @@ def test_a_signal_during_the_emergency_checkpoint_does_not_cut_it(tmp_path, monk
     """SIGTERM in iteration 2, then another SIGTERM while the emergency checkpoint is being
     written (torchrun passing the signal on, or stopping the workers): the checkpoint is
     written all the same and the run ends in the one-line 143 stop, not a KeyboardInterrupt."""
-    from sepico_fast.train import checkpointing as ckpt_io
-    from sepico_fast.train import faults, runner
+    from sepico_fast.train import faults, run_checkpoints, runner
 
     monkeypatch.setattr(faults, "DUPLICATE_S", 0.0)  # not a duplicate: only the shield may save it
-    real_step, real_save = runner.train_step, ckpt_io.save_checkpoint
+    real_step, real_save = runner.train_step, run_checkpoints.save_checkpoint
 
     def step(ctx, src, tgt, it, debug=False):
         if it == 2:
@@ -154,7 +153,7 @@ def test_a_signal_during_the_emergency_checkpoint_does_not_cut_it(tmp_path, monk
         return real_save(*args, **kw)
 
     monkeypatch.setattr(runner, "train_step", step)
-    monkeypatch.setattr(ckpt_io, "save_checkpoint", save)
+    monkeypatch.setattr(run_checkpoints, "save_checkpoint", save)
     state = setup(_cfg(tmp_path, iters=5, checkpoint_interval=0))
     with pytest.raises(RunStopped) as exc:
         try:
@@ -163,7 +162,7 @@ def test_a_signal_during_the_emergency_checkpoint_does_not_cut_it(tmp_path, monk
             state.writer.close()
     assert exc.value.exit_code == 143 and "emergency checkpoint of iteration 3" in str(exc.value)
     assert state.stop.ignored == 1
-    assert ckpt_io.load_checkpoint(tmp_path / "iter_000003.pt")["meta"]["iter"] == 3
+    assert run_checkpoints.load_checkpoint(tmp_path / "iter_000003.pt")["meta"]["iter"] == 3
 
 
 def test_second_signal_rules(monkeypatch):
@@ -228,8 +227,7 @@ def test_resumes_keep_the_training_time_and_set_aside_a_newer_history(tmp_path, 
     from iteration 2 moves iter_000004.pt aside and its checkpoint at 3 counts 3 s."""
     import types
 
-    from sepico_fast.train import checkpointing as ckpt_io
-    from sepico_fast.train import runner
+    from sepico_fast.train import run_checkpoints, runner
 
     clock = [0.0]
     monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
@@ -248,14 +246,14 @@ def test_resumes_keep_the_training_time_and_set_aside_a_newer_history(tmp_path, 
     out = capsys.readouterr().out
     assert "moved iter_000004.pt, latest.pt (past iteration 2" in out and str(tmp_path / "superseded") in out
     assert (tmp_path / "superseded" / "iter_000004.pt").is_file()
-    path, ckpt, _ = ckpt_io.load_newest_intact(tmp_path)
+    path, ckpt, _ = run_checkpoints.load_newest_intact(tmp_path)
     assert path.name == "iter_000003.pt" and ckpt["counters"]["train_seconds"] == 3.0
     assert ckpt["meta"]["world_size"] == 1 and ckpt["meta"]["schedule"]["ddp_schedule"] == "steps"
 
 
 def test_resume_from_a_partial_step_checkpoint_warns(tmp_path, capsys):
-    from sepico_fast.train.checkpointing import atomic_save
     from sepico_fast.train.resume import resolve_resume
+    from sepico_fast.train.run_checkpoints import atomic_save
 
     meta = {"iter": 5, "config": _cfg(tmp_path).to_dict(),
             "emergency": {"reason": "ZeroDivisionError: a bug", "partial_step": True}}

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sepico_fast.train import checkpointing as ckpt_io
-from sepico_fast.train import faults, make_config, workdir
+from sepico_fast.train import faults, make_config, run_checkpoints, workdir
 from sepico_fast.train.runner import finish, run, setup, train_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +88,9 @@ def test_killed_holder_leaves_no_lock_and_no_repeated_rows(tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline:
             assert proc.poll() is None, proc.stderr.read()
-            ckpts = ckpt_io.iteration_files(d)
+            ckpts = run_checkpoints.iteration_files(d)
             if ckpts and (d / "scalars.jsonl").is_file():
-                newest = int(ckpt_io.CKPT_RE.match(ckpts[0].name).group(1))
+                newest = int(run_checkpoints.CKPT_RE.match(ckpts[0].name).group(1))
                 if max(_loss_iters(d) or [0]) > newest:
                     break
             time.sleep(0.1)
@@ -101,7 +100,7 @@ def test_killed_holder_leaves_no_lock_and_no_repeated_rows(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert json.loads((d / workdir.LOCK_NAME).read_text())["pid"] == proc.pid  # the file stays, unlocked
-    path, ckpt, _ = ckpt_io.load_newest_intact(d)
+    path, ckpt, _ = run_checkpoints.load_newest_intact(d)
     k = int(ckpt["meta"]["iter"])
     logged = _loss_iters(d)
     assert max(logged) > k  # the kill left rows past the checkpoint
@@ -143,18 +142,18 @@ def test_retention_only_deletes_this_runs_checkpoints(tmp_path):
         return {"state_dict": {}, "meta": {"iter": it, "run_id": run_id}}
 
     for it in (100, 200):
-        ckpt_io.save_checkpoint(tmp_path, state(it, "other"), it, keep=2)
+        run_checkpoints.save_checkpoint(tmp_path, state(it, "other"), it, keep=2)
     for it in (1, 2, 3):
-        ckpt_io.save_checkpoint(tmp_path, state(it, "mine"), it, keep=2)
-    names = sorted(p.name for p in ckpt_io.iteration_files(tmp_path))
+        run_checkpoints.save_checkpoint(tmp_path, state(it, "mine"), it, keep=2)
+    names = sorted(p.name for p in run_checkpoints.iteration_files(tmp_path))
     assert names == ["iter_000002.pt", "iter_000003.pt", "iter_000100.pt", "iter_000200.pt"]
-    assert ckpt_io.run_id_of(tmp_path / "latest.pt") == "mine"
+    assert run_checkpoints.run_id_of(tmp_path / "latest.pt") == "mine"
 
 
 def _rewritten(src: Path, dest: Path, change) -> Path:
     ckpt = torch.load(src, weights_only=True)
     change(ckpt["meta"])
-    ckpt_io.atomic_save(ckpt, dest)
+    run_checkpoints.atomic_save(ckpt, dest)
     return dest
 
 
@@ -211,15 +210,15 @@ def test_failed_emergency_checkpoint_does_not_say_resume(tmp_path, monkeypatch):
     d = tmp_path / "a b"
 
     def full_disk(*a, **k):
-        raise ckpt_io.CheckpointWriteError("cannot write checkpoint: no space left")
+        raise run_checkpoints.CheckpointWriteError("cannot write checkpoint: no space left")
 
-    monkeypatch.setattr(ckpt_io, "save_checkpoint", full_disk)
+    monkeypatch.setattr(run_checkpoints, "save_checkpoint", full_disk)
     for saved_at, last in ((3, f"the newest checkpoint is of iteration 3 in {shlex.quote(str(d))}"),
                            (None, "no checkpoint of this run was written")):
         out = faults.emergency_stop(_fake_run(d, saved_at), faults.Interrupted(signal.SIGTERM))
         msg = str(out)
         assert isinstance(out, faults.RunStopped) and "\n" not in msg
         assert "emergency checkpoint failed too" in msg and "resume" not in msg and last in msg, msg
-    monkeypatch.setattr(ckpt_io, "save_checkpoint", lambda *a, **k: d / "iter_000005.pt")
+    monkeypatch.setattr(run_checkpoints, "save_checkpoint", lambda *a, **k: d / "iter_000005.pt")
     msg = str(faults.emergency_stop(_fake_run(d, 3), faults.Interrupted(signal.SIGTERM)))
     assert shlex.split(msg.split("resume with ")[1]) == ["--resume", "auto", "--work-dir", str(d)]

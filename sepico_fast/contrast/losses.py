@@ -23,13 +23,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import resolve_impl
 from .validation import (
     check_features,
     check_labels,
     check_scalar,
     check_statistic,
     check_value,
-    resolve_impl,
     triton_kernel,
 )
 
@@ -173,7 +173,7 @@ def proto_contrast_loss(feat, labels, mean, *, temperature=100.0, reg_weight=0.0
     check_statistic(mean, "mean", feat)
     temperature, reg_weight = _check_common(feat, labels, mean.shape[0], ignore_index,
                                             temperature, reg_weight)
-    impl = resolve_impl(impl, "proto_contrast_loss", feat.device, dtype=feat.dtype)
+    impl = resolve_impl("proto_contrast_loss", impl, feat.device, dtype=feat.dtype)
     if impl == "triton":
         fn = triton_kernel("proto_contrast_loss")
         return _as_float32_scalar(fn(feat, labels, mean, temperature, reg_weight, ignore_index))
@@ -191,7 +191,7 @@ def dist_contrast_loss(feat, labels, mean, var, *, temperature=100.0, ratio=1.0,
     ratio = check_scalar(ratio, "ratio")
     temperature, reg_weight = _check_common(feat, labels, mean.shape[0], ignore_index,
                                             temperature, reg_weight)
-    impl = resolve_impl(impl, "dist_contrast_loss", feat.device, dtype=feat.dtype)
+    impl = resolve_impl("dist_contrast_loss", impl, feat.device, dtype=feat.dtype)
     if impl == "triton":
         fn = triton_kernel("dist_contrast_loss")
         return _as_float32_scalar(fn(feat, labels, mean, var, temperature, ratio, reg_weight,
@@ -234,7 +234,7 @@ def bank_contrast_loss(feat, labels, bank, bank_len, *, temperature=100.0, mean=
     elif reg_weight != 0.0:
         raise ValueError("bank_contrast_loss: reg_weight != 0 needs mean= (the class means μ "
                          "used by the regulariser)")
-    impl = resolve_impl(impl, "bank_contrast_loss", feat.device, dtype=feat.dtype)
+    impl = resolve_impl("bank_contrast_loss", impl, feat.device, dtype=feat.dtype)
     if impl == "triton":
         fn = triton_kernel("bank_contrast_loss")
         return _as_float32_scalar(fn(feat, labels, bank, bank_len, temperature, mean, reg_weight,

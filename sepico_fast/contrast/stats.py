@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .validation import check_features, check_ignore_index, check_labels, resolve_impl, triton_kernel
+from ..dispatch import check_impl, resolve_impl
+from .validation import check_features, check_ignore_index, check_labels, triton_kernel
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,7 +138,7 @@ class ClassStats:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         check_ignore_index(ignore_index, num_classes)
-        resolve_impl(impl, "class_moments", torch.device("cpu"))  # rejects unknown names early
+        check_impl("class_moments", impl)  # rejects unknown names early
         self.num_classes = num_classes
         self.dim = dim
         self.memory_length = memory_length
@@ -159,7 +160,7 @@ class ClassStats:
 
     def batch_moments(self, feat: torch.Tensor, labels: torch.Tensor):
         """count [C], mean [C,A], m2 [C,A] of one batch in the state dtype (no validation)."""
-        impl = resolve_impl(self.impl, "class_moments", feat.device, dtype=feat.dtype)
+        impl = resolve_impl("class_moments", self.impl, feat.device, dtype=feat.dtype)
         deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
         if impl == "triton":
             fn = triton_kernel("class_moments")

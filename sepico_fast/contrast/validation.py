@@ -9,27 +9,26 @@ message), on the CPU they are evaluated eagerly and raise ``ValueError``. Debug 
 ``--debug-checks``) evaluate them eagerly everywhere, with the readable message, at the
 cost of one host sync per check.
 
-``resolve_impl`` picks the Triton kernels for CUDA tensors; when it has to take the
-torch reference for CUDA tensors instead it logs one WARNING per op and reason (logger
-``sepico_fast.contrast``).
+``sepico_fast.dispatch.resolve_impl`` picks the Triton kernels for CUDA tensors (the
+``TRITON`` backend registered here); when it has to take the torch reference for CUDA
+tensors instead it logs one WARNING per op and reason (logger ``sepico_fast.contrast``).
 """
 from __future__ import annotations
 
 import functools
 import importlib
-import logging
 import os
 from typing import Callable
 
 import torch
 
-IMPLS = ("torch", "triton", "cuda")
+from ..dispatch import Backend, register
+
 DEBUG_CHECKS_ENV = "SEPICO_FAST_DEBUG_CHECKS"
 # The ops with a Triton kernel (implementation_report lists them).
 TRITON_OPS = ("dist_contrast_loss", "proto_contrast_loss", "bank_contrast_loss", "class_moments")
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-logger = logging.getLogger("sepico_fast.contrast")
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
@@ -174,13 +173,10 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
         return None
 
 
-def triton_choice(op: str, device: torch.device, dtype: torch.dtype | None = None,
-                  available: tuple[str, ...] = ("torch", "triton")) -> tuple[str, str]:
+def triton_choice(op: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, str]:
     """(implementation, reason) that ``impl=None`` picks for ``op`` on ``device``/``dtype``."""
     if device.type != "cuda":
         return "torch", "inputs not on CUDA"
-    if "triton" not in available:
-        return "torch", "no Triton kernel for this op"
     if dtype is not None and dtype not in _TRITON_DTYPES:
         return "torch", f"{dtype} inputs (the Triton kernels take float32, float16, bfloat16)"
     cap = _capability(device)
@@ -195,38 +191,10 @@ def triton_choice(op: str, device: torch.device, dtype: torch.dtype | None = Non
     return "triton", "Triton kernel, CUDA inputs"
 
 
-_warned: set[tuple[str, str]] = set()
-_logged: set[str] = set()
-
-
-def resolve_impl(impl: str | None, op: str, device: torch.device,
-                 available: tuple[str, ...] = ("torch", "triton"),
-                 dtype: torch.dtype | None = None) -> str:
-    """Pick the implementation of ``op``.
-
-    None -> "triton" when the tensors are on CUDA, their dtype is one the kernels take
-    (float32/16-bit; float64 stays on the torch reference) and
-    ``sepico_fast.kernels.<op>`` imports, else "torch" (a WARNING, once per op and
-    reason, when the tensors are on CUDA). Explicit names are checked against
-    ``available``.
-    """
-    if impl is None:
-        chosen, why = triton_choice(op, device, dtype, available)
-        if device.type == "cuda" and not torch.compiler.is_compiling():
-            if chosen == "torch" and (op, why) not in _warned:
-                _warned.add((op, why))
-                logger.warning("sepico_fast.contrast.%s: CUDA inputs, but %s; using the torch "
-                               "reference (slower, more memory)", op, why)
-            elif chosen == "triton" and op not in _logged:
-                _logged.add(op)
-                logger.info("sepico_fast.contrast.%s: using the Triton kernel", op)
-        return chosen
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be None or one of {IMPLS}, got {impl!r}")
-    if impl not in available:
-        raise ValueError(f"impl={impl!r} has no kernel for {op}; available impls: "
-                         f"{', '.join(available)} (or None for the fastest)")
-    return impl
+# impl=None / "triton" of the contrast ops: the rule of sepico_fast.dispatch.resolve_impl.
+TRITON = Backend(family="contrast", fast="triton", fast_name="Triton kernel",
+                 fallback_name="torch reference (slower, more memory)", choose=triton_choice)
+register(TRITON, TRITON_OPS)
 
 
 def implementation_report(device: torch.device | str,

@@ -72,16 +72,13 @@ _NORM_LUT = ((torch.arange(256, dtype=torch.float32)[None, :] - _MEAN.view(3, 1)
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` RGB → float32 ``[3, H, W]`` tensor ``(x − mean) / std``."""
+    """uint8 ``[H, W, 3]`` RGB → float32 ``[3, H, W]`` tensor ``(x − mean) / std``.
+
+    The inverse is ``sepico_fast.augment.denormalize`` (to RGB in [0, 1])."""
     out = np.empty((3,) + image.shape[:2], dtype=np.float32)
     for c in range(3):
         np.take(_NORM_LUT[c], image[..., c], out=out[c])
     return torch.from_numpy(out)
-
-
-def denormalize(img: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize` (0..255 float), for any leading batch dimensions."""
-    return img * _STD.to(img.device) + _MEAN.to(img.device)
 
 
 # ----------------------------------------------------------------------------- crops

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 from pathlib import Path
 
 import torch
 
 from .._cuda_toolkit import archs_text, extension_runs_on
+from ..dispatch import Backend, register
 
-logger = logging.getLogger("sepico_fast.ops")
-
-_IMPLS = (None, "torch", "cuda")
 # The ops with a CUDA kernel, by the names they log under (implementation_report).
 CUDA_OPS = ("score_crop_windows", "select_crop_windows", "classmix", "pseudo_label")
 _STATUS_FILE = Path(__file__).with_name("_ext_build.json")
@@ -54,7 +51,6 @@ def _load_extension() -> tuple[bool, str]:
 
 
 EXTENSION_AVAILABLE, EXTENSION_STATUS = _load_extension()
-_logged: set[tuple[str, str]] = set()
 
 
 def extension_status(device: torch.device | str) -> tuple[bool, str]:
@@ -97,55 +93,31 @@ if EXTENSION_AVAILABLE:
     _register_fakes()
 
 
-def resolve_impl(op: str, impl: str | None, *tensors: torch.Tensor) -> str:
-    """``"cuda"`` or ``"torch"`` for this call; logs the choice once per (op, implementation).
-
-    impl=None picks the extension when every tensor is on a CUDA device and the extension
-    runs there; a fallback to torch for CUDA inputs is a WARNING (once per op and reason).
-    """
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be None, 'torch' or 'cuda', got {impl!r}")
-    on_cuda = all(t.is_cuda for t in tensors)
-    if impl == "cuda":
-        if not EXTENSION_AVAILABLE:
-            raise RuntimeError(f"{op}: impl='cuda' needs the sepico_fast CUDA extension, which is "
-                               f"{EXTENSION_STATUS}; rebuild with a CUDA torch and nvcc "
-                               "(pip install --no-build-isolation -e .) or use impl='torch'")
-        if not on_cuda:
-            raise ValueError(f"{op}: impl='cuda' needs CUDA tensors, got devices "
-                             f"{sorted({str(t.device) for t in tensors})}")
-        runs, why = extension_status(tensors[0].device)
-        if not runs:
-            raise RuntimeError(f"{op}: impl='cuda' cannot run: {why}; use impl='torch'")
-        chosen, why = "cuda", "requested"
-    elif impl == "torch":
-        chosen, why = "torch", "requested"
-    elif not on_cuda:
-        chosen, why = "torch", "inputs not on CUDA"
-    else:
-        runs, why = extension_status(tensors[0].device)
-        chosen = "cuda" if runs else "torch"
-        if not runs:
-            _warn_once(op, f"sepico_fast.ops.{op}: CUDA inputs, but {why}; using the slower "
-                           "torch fallback")
-    # Logging is a side effect torch.compile cannot put in a graph; eager calls log it.
-    if not torch.compiler.is_compiling() and (op, chosen) not in _logged:
-        _logged.add((op, chosen))
-        name = "CUDA extension (csrc/)" if chosen == "cuda" else "torch fallback"
-        # CPU inputs always take torch: not worth a line in the trainer's output
-        logger.log(logging.INFO if on_cuda else logging.DEBUG, "sepico_fast.ops.%s: using the %s (%s)",
-                   op, name, why)
-    return chosen
+def _check_extension_runs(op: str, device: torch.device) -> None:
+    """Explicit impl='cuda': the extension must be loaded and run on ``device``."""
+    if not EXTENSION_AVAILABLE:
+        raise RuntimeError(f"{op}: impl='cuda' needs the sepico_fast CUDA extension, which is "
+                           f"{EXTENSION_STATUS}; rebuild with a CUDA torch and nvcc "
+                           "(pip install --no-build-isolation -e .) or use impl='torch'")
+    if device.type != "cuda":
+        raise ValueError(f"{op}: impl='cuda' needs CUDA tensors, got device {device}")
+    runs, why = extension_status(device)
+    if not runs:
+        raise RuntimeError(f"{op}: impl='cuda' cannot run: {why}; use impl='torch'")
 
 
-_warned: set[tuple[str, str]] = set()
+def _extension_choice(op: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """(implementation, reason) that impl=None picks for inputs on ``device``."""
+    runs, why = extension_status(device)
+    return ("cuda" if runs else "torch"), why
 
 
-def _warn_once(op: str, message: str) -> None:
-    if torch.compiler.is_compiling() or (op, message) in _warned:
-        return
-    _warned.add((op, message))
-    logger.warning(message)
+# impl=None / "cuda" of the ops: the rule of sepico_fast.dispatch.resolve_impl. The callers
+# check first that all their tensors are on one device and pass that device.
+EXTENSION = Backend(family="ops", fast="cuda", fast_name="CUDA extension (csrc/)",
+                    fallback_name="slower torch fallback", choose=_extension_choice,
+                    check_fast=_check_extension_runs)
+register(EXTENSION, CUDA_OPS)
 
 
 def implementation_report(device: torch.device | str) -> dict[str, tuple[str, str]]:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dispatch import resolve_impl
 from . import _validate
-from ._dispatch import resolve_impl
 
 __all__ = ["classmix", "choose_mix_classes", "mix_mask"]
 
@@ -100,8 +100,7 @@ def classmix(src_img: torch.Tensor, tgt_img: torch.Tensor, src_lbl: torch.Tensor
     _validate.same_device(src_img=src_img, tgt_img=tgt_img, src_lbl=src_lbl, tgt_lbl=tgt_lbl,
                           tgt_weight=tgt_weight, mix_classes=mix_classes)
 
-    chosen = resolve_impl("classmix", impl, src_img, tgt_img, src_lbl, tgt_lbl, tgt_weight,
-                          mix_classes)
+    chosen = resolve_impl("classmix", impl, src_img.device)
     # float64 images or weights stay on torch: the kernel takes fp32/16-bit images and an
     # fp32 weight, and rounding a float64 weight through fp32 would change its values
     if chosen == "cuda" and torch.float64 not in (src_img.dtype, tgt_weight.dtype):

@@ -33,8 +33,8 @@ from typing import Sequence
 
 import torch
 
+from ..dispatch import resolve_impl
 from . import _validate
-from ._dispatch import resolve_impl
 
 __all__ = ["sample_crop_offsets", "score_crop_windows", "select_crop_windows", "crop_batch"]
 
@@ -135,7 +135,7 @@ def _scores_and_best(labels, offsets, crop_hw, num_classes, cat_max_ratio, ignor
                      op):
     labels, offsets, crop_hw, cat_max_ratio = _check_window_args(
         labels, offsets, crop_hw, num_classes, cat_max_ratio, ignore_index)
-    chosen = resolve_impl(op, impl, labels, offsets)
+    chosen = resolve_impl(op, impl, labels.device)
     if chosen == "cuda":
         if num_classes > 1024:
             raise ValueError(f"{op}: impl='cuda' supports num_classes <= 1024, got {num_classes}")

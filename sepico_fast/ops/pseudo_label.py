@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dispatch import resolve_impl
 from . import _validate
-from ._dispatch import resolve_impl
 
 __all__ = ["pseudo_label"]
 
@@ -32,7 +32,7 @@ def pseudo_label(logits: torch.Tensor, threshold: float = 0.968, *,
     if logits.shape[1] < 1:
         raise ValueError(f"logits must have at least one class channel, got {tuple(logits.shape)}")
     threshold = float(threshold)
-    chosen = resolve_impl("pseudo_label", impl, logits)
+    chosen = resolve_impl("pseudo_label", impl, logits.device)
     if chosen == "cuda" and logits.dtype != torch.float64:
         return torch.ops.sepico_fast.pseudo_label(logits.contiguous(), threshold)
     prob, label = torch.softmax(logits.float(), dim=1).max(dim=1)

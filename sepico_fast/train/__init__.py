@@ -4,7 +4,7 @@
     step.py           train_step(): one iteration, top to bottom
     uda.py            EMA teacher, pseudo labels, Dark Zurich fusion, ClassMix classes
     schedule.py       warm-up + poly learning rate
-    checkpointing.py  atomic, verified checkpoints (weights_only-loadable), snapshot / restore
+    run_checkpoints.py  the run's checkpoints: atomic, verified (weights_only-loadable), snapshot / restore
     resume.py         --resume: newest intact checkpoint, the checkpoint's config, restore
     faults.py         signals, emergency checkpoints, one-line stops (RunStopped)
     workdir.py        one run, one folder: the work dir's lock, default names, another run's files

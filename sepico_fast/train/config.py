@@ -496,18 +496,11 @@ def _validate_crop(cfg: TrainConfig, bad) -> None:
 
 
 def _validate_device(cfg: TrainConfig, bad) -> None:
-    dev = cfg.device
-    if dev in ("auto", "cpu"):
-        return
-    if dev != "cuda" and not (dev.startswith("cuda:") and dev[5:].isdigit()):
-        bad("device", "expected auto, cpu, cuda or cuda:N")
-    import torch
+    from ..device import device_problem  # torch only when validating
 
-    if not torch.cuda.is_available():
-        bad("device", "CUDA is not available on this machine; use auto or cpu")
-    if dev.startswith("cuda:") and int(dev[5:]) >= torch.cuda.device_count():
-        bad("device", f"this machine has {torch.cuda.device_count()} CUDA device(s): cuda:0 .. "
-                      f"cuda:{torch.cuda.device_count() - 1}")
+    problem = device_problem(cfg.device)
+    if problem is not None:
+        bad("device", problem)
 
 
 # ----------------------------------------------------------------------------------------

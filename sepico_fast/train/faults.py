@@ -33,7 +33,7 @@ import torch
 
 from ..data.io import DataFileError
 from ..reporting import first_line
-from . import checkpointing as ckpt_io
+from . import run_checkpoints
 
 
 class RunStopped(Exception):
@@ -142,7 +142,7 @@ def _save(run, reason: str) -> tuple[str, bool]:
     if not run.main:
         return "the checkpoint is written by rank 0", False
     extra = {"emergency": {"reason": reason, "partial_step": bool(run.in_step)}}
-    path = ckpt_io.save_checkpoint(run.work_dir, run.snapshot(run.done, **extra), run.done, run.cfg.keep_checkpoints)
+    path = run_checkpoints.save_checkpoint(run.work_dir, run.snapshot(run.done, **extra), run.done, run.cfg.keep_checkpoints)
     run.saved_at = run.done
     note = " (taken inside the next iteration: teacher and class statistics may include part of it)" \
         if run.in_step else ""
@@ -165,7 +165,7 @@ def _emergency_stop(run, exc: BaseException) -> BaseException:
     if stop is not None:
         stop.shield()  # a signal now (torchrun passing one on, stopping the workers) must not cut the save
     resume = f"resume with --resume auto --work-dir {shlex.quote(str(run.work_dir))}"
-    if isinstance(exc, ckpt_io.CheckpointWriteError):
+    if isinstance(exc, run_checkpoints.CheckpointWriteError):
         return RunStopped(f"error: {exc}; free space and {resume}", 1)
     reason = f"{type(exc).__name__}: {first_line(exc)}"
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..reporting import first_line
-from . import checkpointing as ckpt_io
+from . import run_checkpoints
 from .config import TrainConfig, resumed_config
 
 
@@ -44,8 +44,8 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
     if cfg.resume == "auto":
         work_dir = Path(cfg.work_dir)
         try:
-            path, ckpt, skipped = ckpt_io.load_newest_intact(work_dir)
-        except ckpt_io.CheckpointFormatError as exc:
+            path, ckpt, skipped = run_checkpoints.load_newest_intact(work_dir)
+        except run_checkpoints.CheckpointFormatError as exc:
             raise SystemExit(f"--resume auto: {exc}") from None
         if path is None and skipped:
             raise SystemExit(f"--resume auto: no intact checkpoint in {work_dir}: "
@@ -59,8 +59,8 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, Path | N
     else:
         path = Path(cfg.resume)
         try:
-            ckpt = ckpt_io.load_checkpoint(path)
-        except ckpt_io.CheckpointError as exc:
+            ckpt = run_checkpoints.load_checkpoint(path)
+        except run_checkpoints.CheckpointError as exc:
             raise SystemExit(f"--resume: {exc}") from None
     try:
         new_cfg, applied = resumed_config(ckpt["meta"].get("config") or {}, cfg, path)
@@ -99,10 +99,10 @@ def _check_world_size(meta: dict, path: Path, cfg: TrainConfig) -> None:
 
 
 def restore_checkpoint(ctx, ckpt: dict, path: Path, device: torch.device) -> int:
-    """``checkpointing.restore`` with one line instead of a state_dict traceback when the
+    """``run_checkpoints.restore`` with one line instead of a state_dict traceback when the
     weights do not fit the model (possible only with --resume-override)."""
     try:
-        return ckpt_io.restore(ctx, ckpt, device)
+        return run_checkpoints.restore(ctx, ckpt, device)
     except (RuntimeError, ValueError, KeyError) as exc:
         saved = ckpt["meta"].get("config") or {}
         was = ", ".join(f"{k} {saved.get(k)!r}" for k in ("arch", "proj_dim", "variant", "method", "memory_length"))

@@ -27,6 +27,7 @@ from ..checkpoint import load_pretrained as load_pretrained_weights
 from ..contrast import ClassStats
 from ..data.io import DataFileError
 from ..data.labels import CLASSES
+from ..device import choose_precision, resolve_device
 from ..evaluate import (
     dark_zurich_class_weights,
     evaluate_model,
@@ -38,8 +39,7 @@ from ..evaluate import (
 )
 from ..models import build_segmentor, param_groups
 from ..reporting import first_line, iou_table
-from . import checkpointing as ckpt_io
-from . import faults, workdir
+from . import faults, run_checkpoints, workdir
 from .config import TrainConfig
 from .curves import update_curves
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
@@ -59,37 +59,13 @@ from .uda import log_frequency_class_weights, make_teacher
 # ----------------------------------------------------------------------------------------
 # Setup helpers
 # ----------------------------------------------------------------------------------------
-def resolve_device(cfg: TrainConfig, dist_info: DistInfo | None = None) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_info.local_rank if dist_info else 0)
-        return torch.device("cpu")
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {cfg.device} requested but CUDA is not available")
-    return dev
-
-
 def amp_setup(cfg: TrainConfig, device: torch.device):
-    """(autocast dtype or None, GradScaler or None, description).
-
-    CUDA: bf16 autocast when the GPU has bf16 tensor cores (Ampere and later), else fp16 +
-    GradScaler (``torch.cuda.is_bf16_supported()`` alone also says yes on Volta/Turing, where
-    bf16 is emulated, slowly). CPU: float32 unless ``--cpu-amp``: bf16 autocast measured
-    slower than float32 for the tiny models on a 2-core Intel Xeon CPU (see
-    docs/training.md), so --amp alone keeps fp32 there.
-    """
-    if not cfg.amp:
-        return None, None, "float32"
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        if native_bf16:
-            return torch.bfloat16, None, "bf16 autocast"
-        return torch.float16, torch.amp.GradScaler("cuda"), "fp16 autocast + GradScaler"
-    if cfg.cpu_amp:
-        return torch.bfloat16, None, "bf16 autocast (cpu)"
-    return None, None, "float32 (--amp on CPU: bf16 autocast is slower here; --cpu-amp forces it)"
+    """(autocast dtype or None, GradScaler or None, description): ``--amp`` / ``--cpu-amp`` by
+    ``sepico_fast.device.choose_precision`` (the rule ``evaluate --amp`` follows too)."""
+    precision = choose_precision(device, cfg.amp, cfg.cpu_amp)
+    if precision.grad_scaler:
+        return precision.dtype, torch.amp.GradScaler("cuda"), precision.description + " + GradScaler"
+    return precision.dtype, None, precision.description
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
@@ -136,7 +112,7 @@ class TrainRun:
     def snapshot(self, done: int, **meta) -> dict:
         """The checkpoint of the live state after ``done`` iterations: the requested config,
         the number of processes and the schedule record (a resume compares them)."""
-        return ckpt_io.snapshot(self.ctx, done, config=self.requested_cfg, world_size=self.dist_info.world_size,
+        return run_checkpoints.snapshot(self.ctx, done, config=self.requested_cfg, world_size=self.dist_info.world_size,
                                 schedule=self.schedule, counters={"train_seconds": self.loop_seconds()},
                                 run_id=self.run_id, **meta)
 
@@ -191,7 +167,7 @@ def _claim_work_dir(cfg: TrainConfig, run_id: str, resuming: bool) -> Path:
         if found:
             print(f"--overwrite: moved the earlier run's files ({len(found)} entries) to "
                   f"{workdir.move_aside(work_dir)}; nothing deleted")
-    stale = ckpt_io.remove_stale_temp_files(work_dir)
+    stale = run_checkpoints.remove_stale_temp_files(work_dir)
     if stale:
         print(f"removed {len(stale)} stale temp file(s) of an interrupted checkpoint write in {work_dir}")
     return work_dir
@@ -199,7 +175,7 @@ def _claim_work_dir(cfg: TrainConfig, run_id: str, resuming: bool) -> Path:
 
 def _supersede_newer(work_dir: Path, start_it: int, ckpt_path: Path) -> None:
     """Checkpoints past the resumed iteration belong to the abandoned continuation: moved aside."""
-    moved = ckpt_io.supersede_newer(work_dir, start_it, source=ckpt_path)
+    moved = run_checkpoints.supersede_newer(work_dir, start_it, source=ckpt_path)
     if moved:
         print(f"--resume: moved {', '.join(p.name for p in moved)} (past iteration {start_it}, from the run this "
               f"resume abandons) to {moved[0].parent}; not deleted")
@@ -283,9 +259,9 @@ def setup(cfg: TrainConfig) -> TrainRun:
     if ckpt is None and cfg.pretrained:  # a missing weights file: one line, before the data is opened
         check_pretrained_exists(cfg.pretrained, cfg.arch)
     requested_cfg = cfg
-    dist_info = init_distributed(resolve_device(cfg).type, cfg.ddp_timeout)
+    dist_info = init_distributed(resolve_device(cfg.device).type, cfg.ddp_timeout)
     cfg, schedule = ddp_schedule(cfg, dist_info.world_size)  # --ddp-schedule samples: counts / N
-    device = resolve_device(cfg, dist_info)
+    device = resolve_device(cfg.device, dist_info.local_rank)
     # --resume auto without a checkpoint yet: the first start (or a restart before the first
     # checkpoint) of the run that command names; its folder is its own.
     work_dir = _work_dir(cfg, dist_info, run_id, resuming=bool(cfg.resume))
@@ -487,7 +463,7 @@ def _iterations(run: TrainRun) -> None:
 
 def _checkpoint(run: TrainRun, done: int) -> None:
     if run.main:
-        ckpt_io.save_checkpoint(run.work_dir, run.snapshot(done), done, run.cfg.keep_checkpoints)
+        run_checkpoints.save_checkpoint(run.work_dir, run.snapshot(done), done, run.cfg.keep_checkpoints)
     run.saved_at = done
     barrier()
 

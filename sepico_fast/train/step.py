@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import augment, ops
 from ..contrast import ClassStats, bank_contrast_loss, dist_contrast_loss, prepare_contrast, proto_contrast_loss
+from ..device import autocast
 from .config import TrainConfig
 from .profiling import Profiler
 from .schedule import lr_factor, set_lr
@@ -112,8 +113,7 @@ def contrast_loss(cfg: TrainConfig, stats: ClassStats, proj: torch.Tensor, label
 
 
 def _autocast(ctx: StepContext):
-    return torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32,
-                          enabled=ctx.amp_dtype is not None)
+    return autocast(ctx.device, ctx.amp_dtype)
 
 
 def _backward(ctx: StepContext, loss: torch.Tensor) -> None:

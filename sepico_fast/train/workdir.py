@@ -141,7 +141,7 @@ def release_all() -> None:
 
 def prior_outputs(work_dir: str | os.PathLike) -> list[str]:
     """Names of another run's files and folders in ``work_dir`` (checkpoints first)."""
-    from .checkpointing import iteration_files
+    from .run_checkpoints import iteration_files
 
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
