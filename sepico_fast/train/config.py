@@ -61,7 +61,13 @@ class TrainConfig:
     data_root: str = _f("", "folder holding the dataset folders (e.g. <root>/gta, <root>/cityscapes)")
     pipeline: str = _f("torch", "input pipeline: auto (dali on CUDA when installed), torch (workers) or dali",
                        PIPELINES)
-    num_workers: int = _f(0, "data loader worker processes per rank")
+    num_workers: int = _f(-1, "data loader worker processes per rank (-1: from the CPU count: 0 when the data "
+                          "are held in memory, as the synthetic pair, else min(8, usable CPUs per rank - 1))")
+    # prepare --cache copies (docs/data.md, "Pre-resized cache")
+    cache: str = _f("auto", "read the pre-resized images of `python -m sepico_fast.prepare ... --cache`: auto (a "
+                    "dataset's png cache when it is complete and newer than its originals, else the originals, "
+                    "with one line saying why), png, jpeg (lossy; fails when missing or stale) or off",
+                    ("auto", "off", "png", "jpeg"))
     batch_size: int = _f(2, "source images (and target images) per rank and iteration")
     crop: list = _f([128, 128], "training crop H W (one number for a square; 0: the dataset's default); "
                     "a multiple of the network's output stride (8 for dlv2_*, 4 for daformer_*); "
@@ -177,7 +183,7 @@ class TrainConfig:
 _PAPER = dict(iters=40000, batch_size=2, crop=[640, 640], lr=6e-5, warmup_iters=1500,
               contrast_start=3000, ema_alpha=0.999, pseudo_threshold=0.968, proj_dim=512,
               log_interval=50, eval_interval=4000, checkpoint_interval=4000, debug_interval=1000,
-              num_workers=4, pipeline="auto", memory_length=200)
+              pipeline="auto", memory_length=200)
 
 PRESETS: dict[str, dict] = {
     "daformer_gta2cs": dict(_PAPER, arch="daformer_mitb5", source="gta", target="cityscapes", seed=76,
@@ -349,10 +355,12 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             bad(name, "must be >= 1")
     for name in ("warmup_iters", "contrast_start", "eval_interval", "checkpoint_interval", "keep_checkpoints",
-                 "debug_interval", "num_workers", "max_skipped_steps", "memory_length", "eval_max_images",
+                 "debug_interval", "max_skipped_steps", "memory_length", "eval_max_images",
                  "stop_at"):
         if getattr(cfg, name) < 0:
             bad(name, "must be >= 0")
+    if cfg.num_workers < -1:
+        bad("num_workers", "must be >= 0, or -1 for the default from the CPU count")
     if not 0 <= cfg.seed < 2**63:
         bad("seed", "must be in 0 .. 2**63-1")
     _validate_crop(cfg, bad)
