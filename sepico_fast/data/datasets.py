@@ -74,6 +74,7 @@ class _Files:
     def __getstate__(self):  # DataLoader workers get the file list, not the parent's cache
         state = dict(self.__dict__)
         state["_cache"] = {}
+        state.pop("_last_label", None)
         return state
 
     def ref_image(self, i: int) -> np.ndarray:
@@ -131,7 +132,15 @@ class SourceSet(_Files):
         self.rcs = rcs
 
     def resized_label(self, i: int) -> np.ndarray:
-        return self._cached("rlbl", i, lambda: resize_label(self.label(i), self.resized_size(i)))
+        if self.in_memory:
+            return self._cached("rlbl", i, lambda: resize_label(self.label(i), self.resized_size(i)))
+        # plan() and render() of one sample read the same label: decode it once (read-only use)
+        last = getattr(self, "_last_label", None)
+        if last is not None and last[0] == i:
+            return last[1]
+        label = resize_label(self.label(i), self.resized_size(i))
+        self._last_label = (i, label)
+        return label
 
     def resized_image(self, i: int) -> np.ndarray:
         """The image resized to fit (cached when in memory: resizing is deterministic)."""

@@ -44,8 +44,24 @@ class _SampleSet(torch.utils.data.Dataset):
 
 def collate(samples: list[dict]) -> dict:
     """Stack per-sample tensors with numpy: torch.stack's intra-op threads cost milliseconds
-    per call on a busy machine, numpy's single-threaded copy microseconds."""
-    return {k: torch.from_numpy(np.stack([s[k].numpy() for s in samples])) for k in samples[0]}
+    per call on a busy machine, numpy's single-threaded copy microseconds.
+
+    In a DataLoader worker the batch is stacked straight into shared memory (as torch's
+    default_collate does): sending it to the main process then passes a file descriptor
+    instead of copying the ~36 MB of a paper-size 2+2 batch into a new shared segment."""
+    shared = torch.utils.data.get_worker_info() is not None
+    out = {}
+    for k in samples[0]:
+        first = samples[0][k]
+        shape = (len(samples),) + tuple(first.shape)
+        if shared:
+            storage = first.untyped_storage()._new_shared(first.element_size() * len(samples) * first.numel())
+            batch = torch.empty(0, dtype=first.dtype).set_(storage).view(shape)
+        else:
+            batch = torch.empty(shape, dtype=first.dtype)
+        np.stack([s[k].numpy() for s in samples], out=batch.numpy())
+        out[k] = batch
+    return out
 
 
 class _CountFrom(torch.utils.data.Sampler):
