@@ -423,14 +423,18 @@ step_no_host_sync() {
 MORE_VARIANTS="fp16_dist_scaler,bf16_bank_full,bf16_proto"
 
 run_probe() {  # run_probe VARIANTS [--merge]: scripts/gpu_step_probe.py into step_probe.json
-  local args=(--out "$OUT_DIR/step_probe.json" --variants "$1")
+  local variants="$1" args=(--out "$OUT_DIR/step_probe.json" --variants "$1") v line notes=""
   shift
   args+=("$@")
   [ "$DRY" = 1 ] && args+=(--tiny)
   [ "$DRY" = 1 ] || [ "$GPU" = 1 ] || skip "no CUDA device"
   "$PY" scripts/gpu_step_probe.py "${args[@]}" 2>&1 | tee "$WORK/probe.$CURRENT"
   local rc=${PIPESTATUS[0]}
-  note "$(grep -E '^bf16_dist[a-z_]* ' "$WORK/probe.$CURRENT" | tail -3 | tr -s ' ' | cut -c1-60 | paste -sd'|' -)"
+  for v in ${variants//,/ }; do  # this step's table lines: variant ms/iter b2b busy wall/busy img/s ...
+    line="$(grep -E "^$v " "$WORK/probe.$CURRENT" | tail -1 | tr -s ' ' | cut -c1-64)"
+    [ -n "$line" ] && notes="${notes:+$notes | }$line"
+  done
+  note "$notes"
   return "$rc"
 }
 

@@ -247,6 +247,12 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def device_intervals(events) -> list[tuple[float, float]]:
+    """(start, end) in µs of the profiler events that ran on a CUDA device (kernels, copies, memsets)."""
+    return [(evt.time_range.start, evt.time_range.end) for evt in events
+            if str(getattr(evt, "device_type", "")).endswith("CUDA") and evt.time_range.end > evt.time_range.start]
+
+
 def gpu_busy(ctx, src, tgt, it0, steps, device) -> tuple[float | None, str]:
     """(GPU-busy ms per step, how): the union of the device intervals of kernels, copies and
     memsets that torch.profiler (CUPTI) records while ``steps`` steps run back to back."""
@@ -258,10 +264,7 @@ def gpu_busy(ctx, src, tgt, it0, steps, device) -> tuple[float | None, str]:
         for k in range(steps):
             train_step(ctx, src, tgt, it0 + k)
         _sync(device)
-    intervals = []
-    for evt in prof.events():
-        if str(getattr(evt, "device_type", "")).endswith("CUDA") and evt.time_range.end > evt.time_range.start:
-            intervals.append((evt.time_range.start, evt.time_range.end))
+    intervals = device_intervals(prof.events())
     if not intervals:
         return None, "not measured: the profiler recorded no device activity"
     return _union_ms(intervals) / steps, f"torch.profiler device intervals, union over {steps} steps"

@@ -140,3 +140,17 @@ def test_gpu_busy_is_the_union_of_device_intervals_and_merge_keeps_earlier_varia
     assert list(json.loads(out.read_text())["variants"]) == ["bf16_dist", "bf16_proto"]
     probe.main(["--tiny", "--variants", "bf16_proto", "--out", str(out)])  # without --merge: a new file
     assert list(json.loads(out.read_text())["variants"]) == ["bf16_proto"]
+
+
+def test_device_intervals_keep_only_cuda_events(probe):
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def evt(kind, a, b):
+        return types.SimpleNamespace(device_type=kind, time_range=types.SimpleNamespace(start=a, end=b))
+
+    events = [evt(DeviceType.CPU, 0, 50), evt(DeviceType.CUDA, 10, 20), evt(DeviceType.CUDA, 30, 30)]
+    assert probe.device_intervals(events) == [(10, 20)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # real events: the attributes exist
+        torch.ones(8, 8) @ torch.ones(8, 8)
+    assert len(prof.events()) > 0 and probe.device_intervals(prof.events()) == []
