@@ -147,10 +147,12 @@ def _cached_entries(root: Path, entries: list[Entry], fmt: str, scale: tuple[int
     return out
 
 
-def use_cache(root: Path, entries: list[Entry], fmt: str, scale: tuple[int, int], with_labels: bool) -> list[Entry]:
+def use_cache(root: Path, entries: list[Entry], fmt: str, scale: tuple[int, int], with_labels: bool,
+              checked: bool = False) -> list[Entry]:
     """The entries pointing at the cached copies (labels too when ``with_labels``); raises
-    CacheError when the cache is missing, incomplete or stale."""
-    state, why = cache_state(root, entries, fmt, scale, with_labels)
+    CacheError when the cache is missing, incomplete or stale (``checked``: the caller has
+    just seen ``cache_state`` say "ok", e.g. through ``detect_cache``)."""
+    state, why = ("ok", "") if checked else cache_state(root, entries, fmt, scale, with_labels)
     if state != "ok":
         raise CacheError(f"{why}: re-run `python -m sepico_fast.prepare <dataset> {root} --cache {fmt}` "
                          f"(scale {int(scale[0])} {int(scale[1])}), or train without --cache {fmt}")

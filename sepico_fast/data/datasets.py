@@ -338,7 +338,8 @@ def build_datasets(source: str, target: str, data_root=None, *, source_root=None
         sampler = RareClassSampler(counts, rcs_temperature, min_pixels, min_crop)
     src_cache, src_note = _cache_choice(cache, source, src_name, src_root, [(src_entries, source_scale, True)])
     if src_cache is not None:
-        src_entries = use_cache(src_root, src_entries, src_cache, source_scale, with_labels=True)
+        src_entries = use_cache(src_root, src_entries, src_cache, source_scale, with_labels=True,
+                                checked=cache == "auto")
     mem = (source == "synthetic") if in_memory is None else in_memory
     train_source = SourceSet(src_entries, name=source, scale=source_scale, crop_size=crop_size,
                              cat_max_ratio=cat_max_ratio, rcs=sampler, in_memory=mem, root=src_root)
@@ -359,9 +360,11 @@ def build_datasets(source: str, target: str, data_root=None, *, source_root=None
                                                      if eval_scale == target_scale else [])
     tgt_cache, tgt_note = _cache_choice(cache, target, tgt_name, tgt_root, groups)
     if tgt_cache is not None:
-        tgt_entries = use_cache(tgt_root, tgt_entries, tgt_cache, target_scale, with_labels=False)
+        tgt_entries = use_cache(tgt_root, tgt_entries, tgt_cache, target_scale, with_labels=False,
+                                checked=cache == "auto")
         if eval_scale == target_scale:
-            val_entries = use_cache(tgt_root, val_entries, tgt_cache, target_scale, with_labels=False)
+            val_entries = use_cache(tgt_root, val_entries, tgt_cache, target_scale, with_labels=False,
+                                    checked=cache == "auto")
     train_target = TargetSet(tgt_entries, name=target, scale=target_scale, in_memory=mem, root=tgt_root,
                              with_labels=target_labels)
     val_target = ValSet(val_entries, name=target, scale=eval_scale, in_memory=mem, root=tgt_root)
