@@ -2,9 +2,10 @@
 
 One configuration = fresh processes (``python -m bench.step_harness ...``):
 
-* ``--dataflow both``: both dataflows built in one process from the same initial weights
-  and timed *interleaved* — each measured iteration runs fast and upstream back to back,
-  alternating which goes first — so that load from other processes hits both alike.
+* ``--dataflow both``: the fast step, the upstream dataflow and the ``upstream_tf32_foreach``
+  baseline (TF32 + foreach AdamW, see ``bench/upstream_step.py``) built in one process from
+  the same initial weights and timed *interleaved* — each measured iteration runs them back
+  to back, alternating the order — so that load from other processes hits all alike.
   Median of ``--repeats`` iterations after ``--warmup`` ones (the warm-up times are
   reported too: with ``--compile`` they hold the compilation);
 * ``--dataflow fast|upstream --memory``: one dataflow alone, warm-up + one iteration, then
@@ -85,11 +86,11 @@ def build_fast(cfg, device, student, amp_dtype=None, compile_models=False):
     return lambda src, tgt, it: train_step(ctx, src, tgt, it)
 
 
-def build_upstream(cfg, device, student):
+def build_upstream(cfg, device, student, tf32_foreach=False):
     sys.path.insert(0, str(ROOT))
     from bench.upstream_step import build_upstream_step, upstream_train_step
 
-    u = build_upstream_step(cfg, device, student)
+    u = build_upstream_step(cfg, device, student, tf32_foreach=tf32_foreach)
     return lambda src, tgt, it: upstream_train_step(u, src, tgt, it)
 
 
@@ -114,7 +115,7 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
     cfg = bench_config(args.arch, args.crop, args.batch)
-    flows = ["fast", "upstream"] if args.dataflow == "both" else [args.dataflow]
+    flows = ["fast", "upstream", "upstream_tf32_foreach"] if args.dataflow == "both" else [args.dataflow]
     if args.compile and args.with_eager and "fast" in flows:
         flows.append("fast_eager")  # the same fast step without compilation, interleaved too
     torch.manual_seed(cfg.seed)
@@ -124,8 +125,8 @@ def run(args) -> dict:
     for name in flows:
         student = copy.deepcopy(base)
         # The upstream baseline is always what the authors ran: fp32, eager.
-        if name == "upstream":
-            steps[name] = build_upstream(cfg, device, student)
+        if name.startswith("upstream"):
+            steps[name] = build_upstream(cfg, device, student, tf32_foreach=name == "upstream_tf32_foreach")
         else:
             steps[name] = build_fast(cfg, device, student, amp_dtype, args.compile and name == "fast")
     setup_s = time.perf_counter() - t0
@@ -190,7 +191,7 @@ def main(argv=None) -> None:
     p.add_argument("--arch", default="daformer_mitb0")
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--batch", type=int, default=1, help="source images (and target images) per iteration")
-    p.add_argument("--dataflow", choices=("both", "fast", "upstream"), default="both")
+    p.add_argument("--dataflow", choices=("both", "fast", "upstream", "upstream_tf32_foreach"), default="both")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="of the fast dataflow (autocast); the upstream baseline is always fp32")

@@ -6,13 +6,22 @@ SePiCo iteration) for a fixed number of batches after a warm-up pass, and record
 * ``images_per_s``: (source + target) images delivered per second of wall time;
 * ``cpu_cores_busy``: CPU seconds used by this process and its (joined) worker processes,
   divided by the wall time, i.e. how many cores the pipeline keeps busy;
-* ``median_ms``: wall time per batch.
+* ``median_ms``: wall time per batch;
+* ``images_per_s_per_core``: images per CPU-second (``images_per_s / cpu_cores_busy``): the
+  throughput one core sustains, which is what decides how many cores keep up with a GPU;
+* ``per_core_vs_uncached``: on the cached rows, that figure over the uncached row of the same
+  pipeline and worker count measured in the same session.
 
 Cases: ``synthetic`` (the built-in pair: 384x216 sources cropped to 128, 256x128 targets; held in
-memory after the first pass) and ``gta_size`` (PNG files at real GTA/Cityscapes resolutions,
-1914x1052 → 1280x704 → 640x640 crops and 2048x1024 → 1280x640 targets, read from disk every
-time). DALI runs its CPU operators here (``device="cpu"``); the GPU rows (mixed decode and GPU
-resize) need a CUDA device and are skipped otherwise.
+memory after the first pass) and the paper resolution, generated into a temporary folder:
+PNG files at GTA/Cityscapes size, 1914x1052 → 1280x704 → 640x640 crops and 2048x1024 →
+1280x640 targets, read from disk every time, either decoded in full (``gta_size``) or from
+``prepare --cache`` copies at the training scale (``gta_size_png``: lossless, identical
+batches; ``gta_size_jpeg``: quality 95, lossy). DALI runs its CPU operators here
+(``device="cpu"``); the GPU rows (mixed decode and GPU resize) need a CUDA device and are
+skipped otherwise ("not measured: needs a GPU").
+
+    pytest bench/test_bench_pipeline.py -s -k "gta_size and cpu"    # paper size, ~2 min on 2 cores
 """
 from __future__ import annotations
 
@@ -72,23 +81,28 @@ def _gta_size(root):
                                       compress_level=1)
             Image.fromarray(np.where(yy > 512, 7, 23).astype(np.uint8)).save(
                 cs / "gtFine" / split / "bench" / f"{stem}_gtFine_labelIds.png")
-    prepare("gta", gta, workers=0, progress=False)
-    prepare("cityscapes", cs, workers=0, progress=False)
-    return build_datasets("gta", "cityscapes", data_root=root)[:2]
+    for fmt in ("png", "jpeg"):  # the training scales: GTA 1280x704, Cityscapes 1280x640
+        prepare("gta", gta, workers=0, progress=False, cache=fmt)
+        prepare("cityscapes", cs, workers=0, progress=False, cache=fmt)
+    return {f"gta_size{'_' + fmt if fmt else ''}": build_datasets("gta", "cityscapes", data_root=root,
+                                                                   cache=fmt or "off")[:2]
+            for fmt in ("", "png", "jpeg")}
 
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     syn = build_datasets("synthetic", "synthetic")[:2]
-    real = _gta_size(tmp_path_factory.mktemp("gta_size"))
-    return {"synthetic": syn, "gta_size": real}
+    return {"synthetic": syn, **_gta_size(tmp_path_factory.mktemp("gta_size"))}
 
 
 def _measure(loader_kwargs, sets, iters):
     src, tgt = sets
     # warm-up: the same batches once (fills the synthetic set's in-memory cache of decoded,
-    # resized files, as after the first epoch of a run; real-size files are read from disk anyway)
-    for _ in TrainLoader(src, tgt, BATCH, seed=1, num_iters=iters, **loader_kwargs):
+    # resized files, as after the first epoch of a run; files on disk are read again anyway,
+    # so two batches warm the page cache and the code paths). The measured pass includes
+    # starting and joining the workers, as every row does.
+    warm = iters if src.in_memory else 2
+    for _ in TrainLoader(src, tgt, BATCH, seed=1, num_iters=warm, **loader_kwargs):
         pass
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     n = 0
@@ -106,12 +120,13 @@ CASES = [
     ("synthetic", "torch", 2, "cpu", 300),
     ("synthetic", "dali", 0, "cpu", 300),
     ("synthetic", "dali", 2, "cpu", 300),
-    ("gta_size", "torch", 0, "cpu", 8),
-    ("gta_size", "torch", 2, "cpu", 8),
-    ("gta_size", "dali", 2, "cpu", 8),
+    *[(data, pipeline, workers, "cpu", 10) for pipeline, workers in (("torch", 0), ("torch", 2), ("dali", 2))
+      for data in ("gta_size", "gta_size_png", "gta_size_jpeg")],
     ("synthetic", "dali", 2, "cuda", 300),
     ("gta_size", "dali", 4, "cuda", 40),
+    ("gta_size_jpeg", "dali", 4, "cuda", 40),
 ]
+_PER_CORE: dict[tuple, float] = {}  # (pipeline, workers, device) -> images/s per core of the uncached row
 
 
 @pytest.mark.parametrize("case,pipeline,workers,device,iters", CASES,
@@ -120,13 +135,21 @@ def test_pipeline_throughput(datasets, case, pipeline, workers, device, iters):
     if pipeline == "dali" and not HAVE_DALI:
         pytest.skip("nvidia-dali is not installed")
     if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device: DALI GPU (mixed decode, GPU resize) rows not measured")
+        pytest.skip("not measured: needs a GPU (DALI mixed decode, GPU resize)")
     n, wall, cpu, last = _measure(dict(pipeline=pipeline, num_workers=workers, device=device), datasets[case], iters)
     assert n == iters and last["img"].shape[0] == BATCH
     images = n * 2 * BATCH
     extra = {"images_per_s": round(images / wall, 1), "cpu_cores_busy": round(cpu / wall, 2),
-             "cpu_ms_per_image": round(1e3 * cpu / images, 2), "num_workers": workers}
+             "cpu_ms_per_image": round(1e3 * cpu / images, 2), "num_workers": workers,
+             "images_per_s_per_core": round(images / max(cpu, 1e-9), 2)}
+    key = (pipeline, workers, device)
+    if case == "gta_size":
+        _PER_CORE[key] = extra["images_per_s_per_core"]
+    elif case.startswith("gta_size_") and key in _PER_CORE:
+        extra["per_core_vs_uncached"] = round(extra["images_per_s_per_core"] / _PER_CORE[key], 2)
     record(BENCH, f"{pipeline}-w{workers}", device,
            {"data": case, "batch": f"{BATCH}+{BATCH}", "crop": list(datasets[case][0].crop_size), "iters": n},
            1e3 * wall / n, extra=extra)
-    print(f"    images/s {extra['images_per_s']}, CPU cores busy {extra['cpu_cores_busy']}")
+    print(f"    images/s {extra['images_per_s']}, CPU cores busy {extra['cpu_cores_busy']}, images/s per core "
+          f"{extra['images_per_s_per_core']}" + (f" ({extra['per_core_vs_uncached']}x uncached)"
+                                                   if "per_core_vs_uncached" in extra else ""))

@@ -1,7 +1,9 @@
 """One whole SePiCo iteration: ``train_step`` (fast) vs the authors' dataflow, side by side.
 
 The baseline is ``bench/upstream_step.py`` (same networks and mathematics, the authors'
-passes, loops, dense statistics, per-parameter AdamW, fp32 eager). Each row runs
+passes, loops, dense statistics, per-parameter AdamW, fp32 eager), and next to it the same
+dataflow with TF32 matmuls/convolutions and the foreach AdamW (``upstream_tf32_foreach``:
+what two switches of current PyTorch give it; its peak memory is not measured separately). Each row runs
 ``bench/step_harness.py`` in fresh processes: one times both dataflows interleaved (median
 of 5 iterations after 2 warm-up ones, jitter and blur on, DistCL + regulariser, target
 images crop × 2·crop), then one process per dataflow measures its peak memory (CPU: peak
@@ -59,6 +61,7 @@ def _record(bench: str, device: str, result: dict, mode: str) -> None:
     shape["mode"] = mode
     images = 2 * result["batch"]  # source + target images per iteration
     up, fast = result["upstream"], result["fast"]
+    tf32 = result.get("upstream_tf32_foreach")
     for name, res in (("upstream", up), ("fast", fast)):
         ms = res["median_ms"]
         assert ms is not None and math.isfinite(ms) and ms > 0, (name, res)
@@ -66,13 +69,28 @@ def _record(bench: str, device: str, result: dict, mode: str) -> None:
         extra = {"images_per_s": round(images / (ms * 1e-3), 3), "times_ms": res["times_ms"],
                  "warmup_ms": res["warmup_ms"], "cpu_median_ms": round(res["cpu_median_ms"], 1),
                  "rss_setup_mb": res.get("rss_setup_mb"),
-                 "threads": result["threads"], "interleaved_with": "fast" if name == "upstream" else "upstream"}
+                 "threads": result["threads"],
+                 "interleaved_with": ", ".join(n for n in ("fast", "upstream", "upstream_tf32_foreach")
+                                               if n != name and n in result)}
         if name == "fast":
             extra["speedup_vs_upstream"] = round(up["median_ms"] / ms, 3)
+            if tf32 is not None:
+                extra["speedup_vs_upstream_tf32_foreach"] = round(tf32["median_ms"] / ms, 3)
             extra["peak_mem_vs_upstream"] = round(res["peak_mem_mb"] / up["peak_mem_mb"], 3)
         record(bench, name if name == "upstream" else f"fast_{mode}", device, shape, ms,
                peak_mem_mb=res["peak_mem_mb"], extra=extra)
-    print(f"[train_step] {shape}: upstream {up['median_ms']:.0f} ms, fast {fast['median_ms']:.0f} ms "
+    if tf32 is not None:
+        ms = tf32["median_ms"]
+        assert ms is not None and math.isfinite(ms) and ms > 0, tf32
+        record(bench, "upstream_tf32_foreach", device, shape, ms,
+               extra={"images_per_s": round(images / (ms * 1e-3), 3), "times_ms": tf32["times_ms"],
+                      "warmup_ms": tf32["warmup_ms"], "cpu_median_ms": round(tf32["cpu_median_ms"], 1),
+                      "threads": result["threads"], "interleaved_with": "fast, upstream",
+                      "baseline": "upstream dataflow with TF32 matmuls/convolutions and foreach AdamW",
+                      "peak_mem_mb_note": "not measured (the upstream row's plus foreach's temporaries)"})
+    print(f"[train_step] {shape}: upstream {up['median_ms']:.0f} ms"
+          + (f", upstream TF32+foreach {tf32['median_ms']:.0f} ms" if tf32 is not None else "")
+          + f", fast {fast['median_ms']:.0f} ms "
           f"({up['median_ms'] / fast['median_ms']:.2f}x); peak memory {up['peak_mem_mb']:.0f} -> "
           f"{fast['peak_mem_mb']:.0f} MB; fast warm-up {fast['warmup_ms']} ms")
 
@@ -86,7 +104,7 @@ def test_bench_train_step_cpu(row, mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU rows not measured")
 @pytest.mark.parametrize("mode", ["eager", "compile"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])  # bf16 first: the GPU check's headline row
 @pytest.mark.parametrize("row", CUDA_ROWS, ids=_row_id)
 def test_bench_train_step_cuda(row, precision, mode):
     arch, crop, batch = row

@@ -25,12 +25,21 @@ choice below is the authors' (method §6, §9), noted next to the code:
   path), gradients zeroed in place before the iteration, no non-finite check; the EMA
   teacher updated parameter by parameter.
 
+``tf32_foreach=True`` builds the second baseline, named ``upstream_tf32_foreach`` in the
+records: the same dataflow with TF32 matmuls and convolutions
+(``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``, set only
+while its iteration runs) and the multi-tensor AdamW (``foreach=True``) — what a user of
+current PyTorch gets by flipping two switches, so that the fast step's ratio over it is not
+one of precision and optimizer loops alone. On the CPU both switches change nothing but the
+optimizer.
+
 Only ``variant="dist"`` (DistCL with the regulariser, the configuration measured) and
 ``method="sepico"`` are implemented. The per-iteration random decisions (jitter, blur)
 come from the same ``iteration_rng`` as the fast step, so both take the same branches.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -60,12 +69,14 @@ class UpstreamStep:
     stats: UpstreamStats
     device: torch.device
     banks: list = field(default_factory=list)  # the authors' per-class deques (maxlen 0 for DistCL)
+    tf32: bool = False  # the upstream_tf32_foreach baseline: TF32 matmuls/convolutions during the step
 
 
 def build_upstream_step(cfg: TrainConfig, device: torch.device | str,
-                        student: nn.Module | None = None) -> UpstreamStep:
+                        student: nn.Module | None = None, *, tf32_foreach: bool = False) -> UpstreamStep:
     """Student (built from ``cfg`` unless given, then switched to the upstream layout),
-    EMA teacher, per-parameter AdamW with the same parameter groups, dense statistics."""
+    EMA teacher, per-parameter AdamW with the same parameter groups, dense statistics.
+    ``tf32_foreach``: TF32 during the iteration and the foreach AdamW (see the module doc)."""
     if cfg.method != "sepico" or cfg.variant != "dist":
         raise ValueError(f"upstream_step: only method 'sepico' with variant 'dist' is implemented, "
                          f"got {cfg.method!r} / {cfg.variant!r}")
@@ -79,10 +90,24 @@ def build_upstream_step(cfg: TrainConfig, device: torch.device | str,
     for g in groups:
         g["initial_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                  foreach=False, fused=False)
+                                  foreach=bool(tf32_foreach), fused=False)
     banks = [deque(maxlen=0) for _ in range(cfg.num_classes)]
     return UpstreamStep(cfg, student, teacher, optimizer, UpstreamStats(cfg.num_classes, cfg.proj_dim, device),
-                        device, banks)
+                        device, banks, tf32=bool(tf32_foreach))
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """TF32 matmuls and cuDNN convolutions inside the block (the process's settings restored after)."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,6 +179,11 @@ def _parse_losses(losses: dict, log: dict, prefix: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 def upstream_train_step(u: UpstreamStep, src: dict, tgt: dict, it: int) -> dict[str, float]:
     """Iteration ``it`` the authors' way; returns the logged losses as Python floats."""
+    with _tf32(u.tf32):
+        return _upstream_train_step(u, src, tgt, it)
+
+
+def _upstream_train_step(u: UpstreamStep, src: dict, tgt: dict, it: int) -> dict[str, float]:
     cfg, student, teacher = u.cfg, u.student, u.teacher
     log: dict[str, float] = {}
     for p in student.parameters():  # PyTorch 1.7 zero_grad: in place, one parameter at a time

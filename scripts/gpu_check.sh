@@ -24,34 +24,47 @@
 # All of them are written by this shell, not by the time-limited step, so a step stopped at
 # its limit still leaves what it measured.
 #
-# Steps in running order. Estimates are for the H200 machine (16 cores), from the work each
-# step does: none of them has been timed on it yet. A step starts only when its estimate
-# (partial steps: the least time worth starting) fits before the deadline, else it is
-# SKIPPED and says so; its hard limit is twice the estimate + 30 s, at most what is left.
+# Steps in running order: the headline numbers first (the step probe, the kernel rows, the
+# fast-vs-upstream train_step rows), then the tests. Estimates are for the H100/H200 machine
+# (16 cores), from the work each step does: none of them has been timed on it yet. A step
+# starts only when its estimate (partial steps: the least time worth starting) fits before
+# the deadline, else it is SKIPPED and says so; its hard limit is twice the estimate + 30 s,
+# at most what is left. docs/gpu_check.md has the same list with the clock times.
 #   env              15 s  device, versions, `python -m sepico_fast._cuda_toolkit`
-#   build            90 s  SEPICO_FAST_REQUIRE_EXT=1 python setup.py build_ext --inplace
-#                          (pip install -e . as the fallback); 10 s when the built extension
-#                          matches the sources (hash of csrc/, setup.py, toolkit lookup, torch)
-#   triton_tests     75 s  while build runs: compiled Triton kernels vs float64 in fp32/bf16/fp16,
-#                          CUDA host-sync and graph-timing checks (the extension is not loaded)
-#   ext_tests        40 s  extension vs torch (tests/test_ops_cuda.py), resume on CUDA
-#   cmake_sanitizer  60 s  alongside: CMake build (started at the beginning) + ctest +
-#                          compute-sanitizer memcheck and racecheck of csrc/tests
+#   build            90 s  in the background: SEPICO_FAST_REQUIRE_EXT=1 python setup.py build_ext
+#                          --inplace (MAX_JOBS 12: 4 cores stay with the kernel rows), pip
+#                          install -e . as the fallback; 10 s when the built extension matches
+#                          the sources (hash of csrc/, setup.py, toolkit lookup, torch)
+#   bench            60 s  partial, while build runs (extension not loaded): contrast kernel rows
+#                          at N = 51,200 (DistCL, ProtoCL, BankCL fwd+bwd, statistics update:
+#                          Triton, torch, upstream formulation; GB/s and % of the copy bandwidth
+#                          measured in the same run)
+#   step_probe       60 s  partial: scripts/gpu_step_probe.py, DAFormer MiT-B5 640, 2+2, bf16
+#                          DistCL, eager and with --cuda-graphs ("not available in this build"
+#                          without that switch): ms/iter, GPU-busy ms vs wall, img/s, MFU, host
+#                          syncs, peak memory
+#   train_step       60 s  partial: MiT-B5 640 2+2 eager, bf16: the fast step vs the upstream
+#                          dataflow (fp32) and vs upstream with TF32 + foreach AdamW
+#   -- at ~225 s (~195 s with a reused build): the probe's eager and graphs rows, the kernel
+#      rows and the bf16 train_step rows
+#   probe_compiled   90 s  partial: the same probe with --compile (inductor compile included)
+#   bench_ops        30 s  partial: pixel-op rows (upstream loops, torch, CUDA extension)
+#   cmake_sanitizer  60 s  alongside: CMake build + ctest + compute-sanitizer memcheck and
+#                          racecheck of csrc/tests
 #   train60          60 s  alongside: python -m sepico_fast.train --amp, 60 iterations, --nvtx
 #                          --profile (shares the GPU with the tests: its times are no measurement)
+#   triton_tests     75 s  compiled Triton kernels vs float64 in fp32/bf16/fp16, CUDA host-sync and
+#                          graph-timing checks
+#   ext_tests        40 s  extension vs torch (tests/test_ops_cuda.py), resume on CUDA
 #   no_host_sync     35 s  the CUDA cases of tests/test_no_host_sync.py (-k cuda; CI runs the rest)
-#   step_probe      110 s  partial: scripts/gpu_step_probe.py, DAFormer MiT-B5 640, 2+2: bf16 DistCL,
-#                          fp16 + GradScaler, BankCL full bank, ProtoCL
-#   bench            75 s  partial: kernel rows at N = 51,200 (DistCL, ProtoCL, BankCL fwd+bwd,
-#                          statistics update: Triton, torch, upstream formulation; GB/s and % of
-#                          the copy bandwidth measured in the same run) and the pixel-op rows
+#   probe_more       90 s  partial: the probe's other variants (fp16 + GradScaler, BankCL full bank,
+#                          ProtoCL), added to step_probe.json
+#   train_step_more  60 s  partial: the fp32 train_step rows (MiT-B5 640 2+2 eager)
 #   bench_compile   150 s  partial: torch.compile of the reference at N = 51,200 (one inductor
 #                          compile per row, 30-40 s each)
-#   train_step      130 s  partial: upstream dataflow vs fast train step on CUDA (MiT-B5 640,
-#                          2+2, fp32 and bf16, eager; bench/test_bench_train_step.py)
-# Critical path of a first call on a fresh machine: about 400 s; bench_compile gets what is
-# left of 440 s (a row or two), train_step none. The second call (<= 240 s, --deadline 200):
-# `--only build,<the steps you fixed>,bench_compile` or `...,train_step` (build is reused
+# With the default deadline (440 s) a first call gets the headline and some of the tests; the
+# second call (<= 240 s, --deadline 200) runs the rest:
+# `--only build,triton_tests,ext_tests,no_host_sync,cmake_sanitizer,train60` (build is reused
 # when the machine is still warm or ext_build.tar was carried).
 #
 # --dry-run runs every step on the CPU (GPU work collected, or run at a tiny size, or one CPU
@@ -74,8 +87,8 @@ DEADLINE=440
 OUT_DIR="${OUT:-}"
 ONLY=""
 SKIP=""
-ALL_STEPS="env triton_tests build ext_tests no_host_sync cmake_sanitizer train60 step_probe bench bench_compile train_step"
-usage() { sed -n '2,59p' "$0"; }
+ALL_STEPS="env build bench step_probe train_step probe_compiled bench_ops cmake_sanitizer train60 triton_tests ext_tests no_host_sync probe_more train_step_more bench_compile"
+usage() { sed -n '2,/^# Exit status/p' "$0"; }
 while [ -z "$INTERNAL_STEP" ] && [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -265,7 +278,7 @@ EOF
   return 0
 }
 
-start_background_jobs() {  # CPU work that later steps need, overlapped with the build
+start_background_jobs() {  # CPU work the tests need, started once the headline numbers are in
   [ "$GPU" = 1 ] || return 0
   if command -v cmake >/dev/null && selected cmake_sanitizer; then
     ( cmake_build ) >"$WORK/cmake.log" 2>&1 &
@@ -328,7 +341,7 @@ step_build() {
     how="reused (its stamp matches the sources)"
     echo "extension already built for these sources: $(ls sepico_fast/ops/_C*.so)"
   else
-    export SEPICO_FAST_REQUIRE_EXT=1 MAX_JOBS="${MAX_JOBS:-16}"
+    export SEPICO_FAST_REQUIRE_EXT=1 MAX_JOBS="${MAX_JOBS:-12}"  # the kernel rows run meanwhile
     rm -f sepico_fast/ops/_C*.so sepico_fast/ops/_ext_build.json "$EXT_STAMP"
     how="built in place (setup.py build_ext --inplace)"
     "$PY" setup.py build_ext --inplace 2>&1 | tee "$WORK/build.out"
@@ -386,7 +399,7 @@ run_tests() {  # run_tests WORKERS -k EXPR FILES...: collected only in a dry run
   return "$rc"
 }
 
-step_triton_tests() {  # runs during the build: the extension must not be loaded half-written
+step_triton_tests() {  # the Triton kernels alone: the extension stays out of the way
   CURRENT=triton_tests
   SEPICO_FAST_DISABLE_EXT=1 run_tests 6 tests/test_triton_contrast.py tests/test_triton_class_moments.py \
     tests/test_triton_interpreter_compat.py::test_loop_over_a_program_id_runs_in_the_interpreter \
@@ -405,15 +418,39 @@ step_no_host_sync() {
   run_tests 3 tests/test_no_host_sync.py -k cuda
 }
 
+# The headline: one step run eager and with --cuda-graphs, then (its own step: the inductor
+# compile takes a while) with --compile; the other variants come after the tests.
+MORE_VARIANTS="fp16_dist_scaler,bf16_bank_full,bf16_proto"
+
+run_probe() {  # run_probe VARIANTS [--merge]: scripts/gpu_step_probe.py into step_probe.json
+  local variants="$1" args=(--out "$OUT_DIR/step_probe.json" --variants "$1") v line notes=""
+  shift
+  args+=("$@")
+  [ "$DRY" = 1 ] && args+=(--tiny)
+  [ "$DRY" = 1 ] || [ "$GPU" = 1 ] || skip "no CUDA device"
+  "$PY" scripts/gpu_step_probe.py "${args[@]}" 2>&1 | tee "$WORK/probe.$CURRENT"
+  local rc=${PIPESTATUS[0]}
+  for v in ${variants//,/ }; do  # this step's table lines: variant ms/iter b2b busy wall/busy img/s ...
+    line="$(grep -E "^$v " "$WORK/probe.$CURRENT" | tail -1 | tr -s ' ' | cut -c1-64)"
+    [ -n "$line" ] && notes="${notes:+$notes | }$line"
+  done
+  note "$notes"
+  return "$rc"
+}
+
 step_step_probe() {
   CURRENT=step_probe
-  local args=(--out "$OUT_DIR/step_probe.json")
-  if [ "$DRY" = 1 ]; then args+=(--tiny --variants bf16_dist,bf16_bank_full); fi
-  [ "$DRY" = 1 ] || [ "$GPU" = 1 ] || skip "no CUDA device"
-  "$PY" scripts/gpu_step_probe.py "${args[@]}" 2>&1 | tee "$WORK/probe.out"
-  local rc=${PIPESTATUS[0]}
-  note "$(grep -E '^bf16_dist ' "$WORK/probe.out" | tr -s ' ' | head -1)"
-  return "$rc"
+  run_probe bf16_dist,bf16_dist_graphs
+}
+
+step_probe_compiled() {
+  CURRENT=probe_compiled
+  run_probe bf16_dist_compiled --merge
+}
+
+step_probe_more() {
+  CURRENT=probe_more
+  if [ "$DRY" = 1 ]; then run_probe bf16_bank_full --merge; else run_probe "$MORE_VARIANTS" --merge; fi
 }
 
 step_train60() {
@@ -454,18 +491,19 @@ step_cmake_sanitizer() {
 # tests/test_undefined_names.py, this is what keeps GPU-only bench code from rotting);
 # test_bench_pipeline.py and test_bench_train_step.py are only collected: their smallest
 # CPU rows take 30-100 s on CI's two cores.
-BENCH_SMOKE_ROWS="bench/test_bench_kernels.py::test_bench[proto_contrast_fwd_bwd-torch-12800-cpu] \
+BENCH_SMOKE_ROWS_bench="bench/test_bench_kernels.py::test_bench[proto_contrast_fwd_bwd-torch-12800-cpu] \
 bench/test_bench_kernels.py::test_bench[bank_contrast_fwd_bwd-upstream-12800-cpu] \
-bench/test_bench_ops.py::test_bench_classmix[torch-cpu] \
 bench/test_bench_contrast_reference.py::test_distcl_fwd_bwd[cpu]"
+BENCH_SMOKE_ROWS_bench_ops="bench/test_bench_ops.py::test_bench_classmix[torch-cpu]"
 
 run_bench() {  # run_bench -k EXPR FILES...: the GPU rows, recorded into WORK (see bench.json)
   if [ "$DRY" = 1 ]; then
     "$PY" -m pytest --collect-only -q -p no:cacheprovider "$@" >"$WORK/bench.$CURRENT" 2>&1 \
       || { tail -3 "$WORK/bench.$CURRENT"; note "collection failed"; return 1; }
     tail -1 "$WORK/bench.$CURRENT"
-    [ "$CURRENT" = bench ] || skip "dry run: $(last_count_line "$WORK/bench.$CURRENT"), not run"
-    SEPICO_FAST_BENCH_RECORD=1 "$PY" -m pytest -q -p no:cacheprovider -rs -s $BENCH_SMOKE_ROWS 2>&1 \
+    local smoke_var="BENCH_SMOKE_ROWS_$CURRENT"
+    [ -n "${!smoke_var:-}" ] || skip "dry run: $(last_count_line "$WORK/bench.$CURRENT"), not run"
+    SEPICO_FAST_BENCH_RECORD=1 "$PY" -m pytest -q -p no:cacheprovider -rs -s ${!smoke_var} 2>&1 \
       | tee "$WORK/smoke.out"
     local rc=${PIPESTATUS[0]}
     note "dry run: GPU rows collected; smoke CPU rows: $(last_count_line "$WORK/smoke.out")"
@@ -478,10 +516,15 @@ run_bench() {  # run_bench -k EXPR FILES...: the GPU rows, recorded into WORK (s
   return "$rc"
 }
 
-step_bench() {
+step_bench() {  # runs during the build: the extension must not be loaded half-written
   CURRENT=bench
-  run_bench -k "cuda and not 12800 and not 204800 and not torch_compile" \
-    bench/test_bench_kernels.py bench/test_bench_ops.py
+  SEPICO_FAST_DISABLE_EXT=1 run_bench -k "cuda and not 12800 and not 204800 and not torch_compile" \
+    bench/test_bench_kernels.py
+}
+
+step_bench_ops() {
+  CURRENT=bench_ops
+  run_bench -k "cuda" bench/test_bench_ops.py
 }
 
 step_bench_compile() {
@@ -489,11 +532,16 @@ step_bench_compile() {
   run_bench -k "cuda and 51200 and torch_compile" bench/test_bench_kernels.py
 }
 
-step_train_step() {
+step_train_step() {  # the bf16 row: fast (bf16) vs upstream (fp32) vs upstream TF32 + foreach AdamW
   CURRENT=train_step
   grep -qs "upstream_step" bench/test_bench_train_step.py \
     || skip "bench/test_bench_train_step.py has no upstream-dataflow rows in this checkout"
-  run_bench -k "cuda and mitb5 and eager" bench/test_bench_train_step.py
+  run_bench -k "cuda and mitb5 and eager and bf16" bench/test_bench_train_step.py
+}
+
+step_train_step_more() {
+  CURRENT=train_step_more
+  run_bench -k "cuda and mitb5 and eager and fp32" bench/test_bench_train_step.py
 }
 
 # ------------------------------------------------------------- results, built by this shell
@@ -544,13 +592,15 @@ try:
 except (OSError, ValueError):
     probe = None
 if probe and probe.get("variants"):
-    print(f"step probe ({probe['device']}): variant, ms/iter, b2b ms, img/s, host syncs/step, peak GB, MFU")
+    print(f"step probe ({probe['device']}): variant, ms/iter, b2b ms, GPU-busy ms, wall/busy, img/s, host syncs/step, "
+          "peak GB, MFU")
     for name, r in probe["variants"].items():
-        if "error" in r:
-            print(f"  {name:<18} ERROR {r['error'][:100]}")
+        if "error" in r or "skipped" in r:
+            print(f"  {name:<18} {'ERROR ' + r['error'][:100] if 'error' in r else r['skipped'][:100]}")
             continue
         mfu = r.get("mfu_counted") or r.get("mfu_documented")
-        print(f"  {name:<18} {r['ms_per_iter_median']:>8} {r['ms_per_iter_back_to_back']:>8} {r.get('images_per_s')!s:>7}"
+        print(f"  {name:<18} {r['ms_per_iter_median']:>8} {r['ms_per_iter_back_to_back']:>8} "
+              f"{r.get('gpu_busy_ms_per_iter')!s:>7} {r.get('wall_over_busy')!s:>6} {r.get('images_per_s')!s:>7}"
               f" {r['host_syncs_per_step']!s:>6} {r['peak_mem_gb']!s:>6} {'n/a' if mfu is None else f'{100 * mfu:.1f}%':>6}")
 try:
     rows = json.loads((out / "bench.json").read_text())
@@ -580,25 +630,34 @@ FAILED=0
   echo "python: $PY; output: $OUT_DIR"
 } | tee -a "$SUMMARY" "$LOG"
 est() { [ "$DRY" = 1 ] && echo "$1" || echo "$2"; }   # est DRY_SECONDS GPU_SECONDS
+# --- the headline numbers: probe, kernel rows, train_step rows
 run_step env 15
-start_background_jobs
 if [ "$DRY" = 0 ] && ext_is_current; then BUILD_EST=10; else BUILD_EST=$(est 15 90); fi
 run_step build "$BUILD_EST" bg
-run_step triton_tests "$(est 20 75)"
+run_step bench "$(est 45 60)" min="$(est 30 30)"
+collect_bench_json
 join_step build
+run_step step_probe "$(est 45 60)" min="$(est 20 40)"
+run_step train_step "$(est 15 60)" min="$(est 10 45)"
+collect_bench_json
+run_step probe_compiled "$(est 60 90)" min="$(est 20 60)"
+run_step bench_ops "$(est 20 30)" min="$(est 10 15)"
+collect_bench_json
+# --- the tests (train60 and the CMake/sanitizer run alongside them)
+start_background_jobs
 run_step cmake_sanitizer "$(est 10 60)" bg
 run_step train60 "$(est 60 60)" bg
+run_step triton_tests "$(est 20 75)"
 run_step ext_tests "$(est 15 40)"
 run_step no_host_sync "$(est 15 35)"
 join_step cmake_sanitizer
 join_step train60
 [ -f "$WORK/meta.train60" ] && collect_train_json
-run_step step_probe "$(est 60 110)" min="$(est 30 45)"
-run_step bench "$(est 45 75)" min="$(est 30 30)"
+# --- the rest of the measurements
+run_step probe_more "$(est 60 90)" min="$(est 20 40)"
+run_step train_step_more "$(est 15 60)" min="$(est 10 45)"
 collect_bench_json
 run_step bench_compile "$(est 15 150)" min="$(est 10 45)"
-collect_bench_json
-run_step train_step "$(est 15 130)" min="$(est 10 60)"
 collect_bench_json
 echo "total $(elapsed)s; full log: $LOG" | tee -a "$SUMMARY"
 print_results

@@ -2,15 +2,23 @@
 
     python scripts/gpu_step_probe.py --out probe.json              # GPU: DAFormer MiT-B5
     python scripts/gpu_step_probe.py --tiny --out probe.json       # CPU smoke run (CI dry run)
+    python scripts/gpu_step_probe.py --variants bf16_proto --merge --out probe.json   # add to a file
 
 Default size (method §6, §8): DAFormer MiT-B5 (random init: no download), source crop
 640×640, target image 640×1280 (the class-balanced crop is searched in it), batch 2+2,
-19 classes, projection dim 512, contrast on from the first step. Variants:
+19 classes, projection dim 512, contrast on from the first step. Variants (the first three,
+the headline of the GPU check, are the same step run three ways):
 
-    bf16_dist            bf16 autocast, DistCL              (the default --amp path)
+    bf16_dist            bf16 autocast, DistCL, eager       (the default --amp path)
+    bf16_dist_graphs     the same with the trainer's --cuda-graphs (cfg.cuda_graphs=True);
+                         "not available in this build" when TrainConfig has no such field
+    bf16_dist_compiled   the same with the trainer's --compile (runner._compile_models)
     fp16_dist_scaler     fp16 autocast + GradScaler, DistCL (pre-Ampere --amp path)
     bf16_bank_full       bf16, BankCL with every class bank full (M = 200)
     bf16_proto           bf16, ProtoCL
+
+The graphs and compiled variants work on copies of the networks, so the other variants
+stay eager whatever order they run in.
 
 Per variant: the implementation each contrast op and pixel op took (from the one-time
 log records of the dispatchers), host synchronisations per step (CUDA sync debug mode
@@ -19,7 +27,10 @@ back-to-back steps), images per second (source + target), peak memory, a per-pha
 table (``train_step``'s phases, each synchronised at its boundaries: their sum is above
 the back-to-back time), and MFU from the FLOPs that ``FlopCounterMode`` counts in one
 step (matmuls/convolutions; the Triton kernels' few GFLOPs are not counted) and from the
-trainer's documented count.
+trainer's documented count. GPU-busy time: the union of the intervals in which a CUDA
+kernel, copy or memset ran (torch.profiler, ``--busy-steps`` back-to-back steps) per step,
+next to the back-to-back wall time: ``wall_over_busy`` near 1 means the GPU never waits
+for the host (a host-bound step shows its launch gaps here).
 
 ``--out`` is rewritten after every variant and one table line is printed as each one
 ends, so a probe stopped by a time limit keeps what it measured.
@@ -28,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -49,7 +62,8 @@ if str(ROOT) not in sys.path:
 from sepico_fast.contrast import ClassStats  # noqa: E402
 from sepico_fast.device import resolve_device  # noqa: E402
 from sepico_fast.models import build_segmentor  # noqa: E402
-from sepico_fast.train.config import make_config  # noqa: E402
+from sepico_fast.train import runner  # noqa: E402
+from sepico_fast.train.config import TrainConfig, make_config  # noqa: E402
 from sepico_fast.train.implementations import implementation_lines  # noqa: E402
 from sepico_fast.train.runner import build_optimizer  # noqa: E402
 from sepico_fast.train.step import StepContext, train_step  # noqa: E402
@@ -57,11 +71,19 @@ from sepico_fast.train.uda import make_teacher  # noqa: E402
 
 VARIANTS = {
     "bf16_dist": dict(variant="dist", amp="bf16"),
+    "bf16_dist_graphs": dict(variant="dist", amp="bf16", mode="graphs"),
+    "bf16_dist_compiled": dict(variant="dist", amp="bf16", mode="compiled"),
     "fp16_dist_scaler": dict(variant="dist", amp="fp16"),
     "bf16_bank_full": dict(variant="bank", amp="bf16"),
     "bf16_proto": dict(variant="proto", amp="bf16"),
 }
 IGNORE = 255
+NOT_IN_BUILD = "not available in this build"
+
+
+def has_cuda_graphs_flag() -> bool:
+    """Whether this checkout's trainer has the ``--cuda-graphs`` switch (``TrainConfig.cuda_graphs``)."""
+    return any(f.name == "cuda_graphs" for f in dataclasses.fields(TrainConfig))
 
 
 class _Records(logging.Handler):
@@ -100,16 +122,24 @@ def make_batches(args, device, gen):
 
 
 def build_context(args, name, spec, device, models):
-    cfg = make_config(dict(arch=args.arch, variant=spec["variant"], crop=list(args.crop), iters=40000,
-                           batch_size=args.batch, contrast_start=0, warmup_iters=0, proj_dim=args.proj_dim,
-                           memory_length=args.memory, amp=True, num_workers=0, seed=0,
-                           pretrained="", debug_interval=0))
+    mode = spec.get("mode", "eager")
+    overrides = dict(arch=args.arch, variant=spec["variant"], crop=list(args.crop), iters=40000,
+                     batch_size=args.batch, contrast_start=0, warmup_iters=0, proj_dim=args.proj_dim,
+                     memory_length=args.memory, amp=True, num_workers=0, seed=0,
+                     pretrained="", debug_interval=0)
+    if mode == "graphs":
+        overrides["cuda_graphs"] = True  # only reached when the field exists (see probe_variant)
+    if mode == "compiled":
+        overrides["compile"] = True
+    cfg = make_config(overrides)
     if models.get("student") is None:
         torch.manual_seed(0)
         models["student"] = build_segmentor(args.arch, cfg.num_classes, cfg.proj_dim,
                                             drop_path_rate=cfg.drop_path_rate).to(device)
         models["teacher"] = make_teacher(models["student"])
     student, teacher = models["student"], models["teacher"]
+    if mode != "eager":  # compiling / capturing changes the modules: the other variants keep theirs
+        student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     amp_dtype = scaler = None
     if device.type == "cuda":
         amp_dtype = torch.bfloat16 if spec["amp"] == "bf16" else torch.float16
@@ -128,6 +158,8 @@ def build_context(args, name, spec, device, models):
     ctx = StepContext(cfg=cfg, student=student, teacher=teacher,
                       optimizer=build_optimizer(cfg, student, device), stats=stats, device=device,
                       amp_dtype=amp_dtype, scaler=scaler)
+    if mode == "compiled":
+        runner._compile_models(ctx, backend=args.compile_backend)  # what the trainer's --compile does
     return cfg, ctx
 
 
@@ -205,6 +237,40 @@ def peak_tflops(device) -> float | None:
         return None
 
 
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of (start, end) intervals (µs in, ms out)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total / 1e3
+
+
+def device_intervals(events) -> list[tuple[float, float]]:
+    """(start, end) in µs of the profiler events that ran on a CUDA device (kernels, copies, memsets)."""
+    return [(evt.time_range.start, evt.time_range.end) for evt in events
+            if str(getattr(evt, "device_type", "")).endswith("CUDA") and evt.time_range.end > evt.time_range.start]
+
+
+def gpu_busy(ctx, src, tgt, it0, steps, device) -> tuple[float | None, str]:
+    """(GPU-busy ms per step, how): the union of the device intervals of kernels, copies and
+    memsets that torch.profiler (CUPTI) records while ``steps`` steps run back to back."""
+    if device.type != "cuda" or steps < 1:
+        return None, "not measured: needs a GPU"
+    from torch.profiler import ProfilerActivity, profile
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for k in range(steps):
+            train_step(ctx, src, tgt, it0 + k)
+        _sync(device)
+    intervals = device_intervals(prof.events())
+    if not intervals:
+        return None, "not measured: the profiler recorded no device activity"
+    return _union_ms(intervals) / steps, f"torch.profiler device intervals, union over {steps} steps"
+
+
 def host_syncs(ctx, src, tgt, it0, steps, device) -> tuple[float | None, list[str]]:
     """Synchronisations per step under torch.cuda.set_sync_debug_mode("warn"), and where."""
     if device.type != "cuda" or steps < 1:
@@ -228,6 +294,9 @@ def host_syncs(ctx, src, tgt, it0, steps, device) -> tuple[float | None, list[st
 
 
 def probe_variant(args, name, spec, device, models, records) -> dict:
+    if spec.get("mode") == "graphs" and not has_cuda_graphs_flag():
+        return {"config": {"variant": spec["variant"], "amp": spec["amp"], "mode": "graphs"},
+                "skipped": f"{NOT_IN_BUILD}: TrainConfig has no cuda_graphs field (--cuda-graphs)"}
     _reset_dispatch_logs()
     records.lines.clear()
     cfg, ctx = build_context(args, name, spec, device, models)
@@ -259,9 +328,16 @@ def probe_variant(args, name, spec, device, models, records) -> dict:
     _sync(device)
     back_to_back_ms = (time.perf_counter() - t) * 1e3 / args.steps
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    busy_ms, busy_how = gpu_busy(ctx, src, tgt, it, args.busy_steps, device)
+    it += args.busy_steps
     phases = phase_table(ctx, src, tgt, it, args.phase_steps, device)
     it += args.phase_steps
-    counted = count_flops(ctx, src, tgt, it) if args.flops else None
+    mode = spec.get("mode", "eager")
+    if mode == "eager":
+        counted = count_flops(ctx, src, tgt, it) if args.flops else None
+        models.setdefault("flops_counted", counted)
+    else:  # the same step's FLOPs; counting under a dispatch mode could recompile or break a graph
+        counted = models.get("flops_counted")
     documented = documented_flops(cfg, tuple(tgt["img"].shape[-2:]), it)
     peak = peak_tflops(device)
     ms = statistics.median(times)
@@ -271,13 +347,17 @@ def probe_variant(args, name, spec, device, models, records) -> dict:
 
     skipped = float(ctx.skipped.item())
     return {
-        "config": {"arch": cfg.arch, "variant": cfg.variant, "amp": spec["amp"], "batch": args.batch,
+        "config": {"arch": cfg.arch, "variant": cfg.variant, "amp": spec["amp"], "mode": spec.get("mode", "eager"),
+                   "batch": args.batch,
                    "crop": list(args.crop), "target": list(args.target), "proj_dim": cfg.proj_dim,
                    "memory_length": cfg.memory_length if cfg.variant == "bank" else 0},
         "dispatch_log": list(records.lines),
         "ms_per_iter_median": round(ms, 2),
         "ms_per_iter_all": [round(x, 2) for x in times],
         "ms_per_iter_back_to_back": round(back_to_back_ms, 2),
+        "gpu_busy_ms_per_iter": round(busy_ms, 2) if busy_ms is not None else None,
+        "wall_over_busy": round(back_to_back_ms / busy_ms, 3) if busy_ms else None,
+        "gpu_busy_method": busy_how,
         "images_per_s": round(2 * args.batch / (ms * 1e-3), 2),  # source + target images
         "phases": phases,
         "warmup_s": round(warmup_s, 1),
@@ -303,30 +383,41 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--sync-steps", type=int, default=2)
     p.add_argument("--phase-steps", type=int, default=3, help="steps of the per-phase table")
+    p.add_argument("--busy-steps", type=int, default=3, help="steps profiled for the GPU-busy time")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of bf16_dist_compiled (default inductor; with --tiny: eager, "
+                        "which traces the step without generating code)")
+    p.add_argument("--merge", action="store_true", help="keep the variants already in --out (add to them)")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     args = p.parse_args(argv)
     if args.tiny:  # checks the script, measures nothing: one step of each kind per variant
         args.arch, args.crop, args.target, args.batch, args.proj_dim, args.memory = \
             "daformer_tiny", (32, 32), (32, 64), 2, 16, 8
         args.warmup, args.steps, args.sync_steps, args.phase_steps, args.flops = 0, 1, 0, 1, False
+        args.busy_steps = 0
+        args.compile_backend = args.compile_backend or "eager"
     else:
         args.arch, args.crop, args.target, args.batch, args.proj_dim, args.memory = \
             "daformer_mitb5", (640, 640), (640, 1280), 2, 512, 200
+    args.compile_backend = args.compile_backend or "inductor"
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     return args
 
 
-HEADER = (f"{'variant':<18} {'ms/iter':>8} {'b2b ms':>8} {'img/s':>7} {'syncs/step':>10} "
-          f"{'peak GB':>8} {'MFU':>6}")
+HEADER = (f"{'variant':<18} {'ms/iter':>8} {'b2b ms':>8} {'busy ms':>8} {'wall/busy':>9} {'img/s':>7} "
+          f"{'syncs/step':>10} {'peak GB':>8} {'MFU':>6}")
 
 
 def table_line(name: str, r: dict) -> str:
     if "error" in r:
         return f"{name:<18} ERROR {r['error'][:100]}"
+    if "skipped" in r:
+        return f"{name:<18} {r['skipped'][:110]}"
     mfu = r["mfu_counted"] if r["mfu_counted"] is not None else r["mfu_documented"]
-    return (f"{name:<18} {r['ms_per_iter_median']:>8} {r['ms_per_iter_back_to_back']:>8} {r['images_per_s']:>7} "
+    return (f"{name:<18} {r['ms_per_iter_median']:>8} {r['ms_per_iter_back_to_back']:>8} "
+            f"{str(r.get('gpu_busy_ms_per_iter')):>8} {str(r.get('wall_over_busy')):>9} {r['images_per_s']:>7} "
             f"{str(r['host_syncs_per_step']):>10} {str(r['peak_mem_gb']):>8} "
             f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%':>6}")
 
@@ -351,6 +442,11 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "cuda": torch.version.cuda,
               "commit": os.environ.get("GPU_CHECK_COMMIT") or None,
               "implementations": implementation_lines(device), "variants": {}}
+    if args.merge and args.out and Path(args.out).is_file():
+        try:
+            result["variants"] = dict(json.loads(Path(args.out).read_text()).get("variants") or {})
+        except ValueError:
+            pass  # written atomically: a damaged file is not ours to keep
     write_json(args.out, result)
     print("\n".join(result["implementations"]))
     print(HEADER, flush=True)

@@ -162,7 +162,7 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
 TRAINING_FORMAT = "sepico_fast/2"
 KNOWN_TRAINING_FORMATS = ("sepico_fast/1", "sepico_fast/2")
 TRAINING_CONFIG_FIELDS = frozenset({
-    "amp", "arch", "batch_size", "betas", "blur", "cat_max_ratio", "ce_mean_over_all", "checkpoint_interval",
+    "amp", "arch", "batch_size", "betas", "blur", "cache", "cat_max_ratio", "ce_mean_over_all", "checkpoint_interval",
     "color_jitter_p", "color_jitter_strength", "compile", "contrast_start", "contrast_weight", "cpu_amp", "crop",
     "crop_tries", "data_root", "day_ratio", "ddp_schedule", "ddp_timeout", "debug_checks", "debug_interval",
     "deterministic", "device", "drop_path_rate", "dz_class_weight", "dz_test_reweight", "ema_alpha",

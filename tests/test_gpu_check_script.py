@@ -19,8 +19,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-ORDER = ["env", "triton_tests", "build", "ext_tests", "no_host_sync", "cmake_sanitizer", "train60",
-         "step_probe", "bench", "bench_compile", "train_step"]
+# The summary's order: the headline numbers (kernel rows while the extension builds, the step
+# probe eager and with graphs, the bf16 train_step rows, the compiled probe) before the tests.
+ORDER = ["env", "bench", "build", "step_probe", "train_step", "probe_compiled", "bench_ops", "triton_tests",
+         "ext_tests", "no_host_sync", "cmake_sanitizer", "train60", "probe_more", "train_step_more", "bench_compile"]
+HEADLINE = ["bench", "step_probe", "train_step", "probe_compiled"]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
 
@@ -55,6 +58,8 @@ def test_steps_that_do_not_fit_the_deadline_are_skipped_and_said(tmp_path):
     assert "commit feedbee" in (tmp_path / "summary.txt").read_text().splitlines()[0]
     rows = rows_of(tmp_path)
     assert list(rows) == ORDER
+    first_test = min(ORDER.index(t) for t in ("triton_tests", "ext_tests", "no_host_sync", "train60"))
+    assert all(ORDER.index(h) < first_test for h in HEADLINE), "headline numbers come before the tests"
     for name, line in rows.items():
         assert " SKIPPED " in line and "left of the 5s deadline" in line, line
     assert (tmp_path / "gpu_check.log").exists()
@@ -104,3 +109,17 @@ def test_a_training_stopped_at_its_limit_fails_and_train_json_says_so(tmp_path, 
     assert " FAIL " in line and "stopped after 2s" in line, line
     train = json.loads((out / "train.json").read_text())
     assert train["complete"] is False and train["metrics"] is None and train["exit"] in ("124", "137")
+
+
+def test_the_headline_fits_the_first_minutes_by_the_scripts_own_estimates():
+    """By the script's own GPU estimates (run_step ... "$(est DRY GPU)"), the probe's eager and
+    graphs rows, the kernel rows and the bf16 train_step rows are in within ~4 minutes of a
+    fresh machine (the build overlaps the kernel rows), the compiled probe within ~5.5."""
+    import re
+    text = SCRIPT.read_text()
+    run = text[text.index("# --- the headline numbers"):text.index("# --- the tests")]
+    gpu = {m.group(1): int(m.group(2)) for m in re.finditer(r'run_step (\w+) "\$\(est \d+ (\d+)\)"', run)}
+    assert list(gpu) == ["bench", "step_probe", "train_step", "probe_compiled", "bench_ops"], gpu
+    assert "run_step build" in run and "bg" in run.split("run_step build")[1].splitlines()[0]
+    headline = 15 + max(90, gpu["bench"]) + gpu["step_probe"] + gpu["train_step"]
+    assert headline <= 240 and headline + gpu["probe_compiled"] <= 330, headline

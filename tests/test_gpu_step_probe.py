@@ -5,6 +5,7 @@ must be in ``--out`` as soon as its table line is printed, so a stop during the 
 variant loses only that one. The measuring itself is run for real (tiny, on the CPU) by
 the dry run of scripts/gpu_check.sh in .ci/run; here the variants are stand-ins.
 """
+import dataclasses
 import importlib.util
 import json
 import types
@@ -90,3 +91,66 @@ def test_phase_table_times_each_phase_of_the_step(probe, monkeypatch):
     assert sum(r["share"] for r in rows) == pytest.approx(1.0, abs=2e-3)
     assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
     assert probe.phase_table(ctx, None, None, 0, 0, torch.device("cpu")) == []
+
+
+def test_headline_variants_come_first_and_graphs_not_in_this_build_is_no_failure(probe, monkeypatch, tmp_path, capsys):
+    assert list(probe.VARIANTS)[:3] == ["bf16_dist", "bf16_dist_graphs", "bf16_dist_compiled"]
+    monkeypatch.setattr(probe, "has_cuda_graphs_flag", lambda: False)
+    out = tmp_path / "probe.json"
+    rc = probe.main(["--tiny", "--variants", "bf16_dist_graphs", "--out", str(out)])
+    written = json.loads(out.read_text())["variants"]["bf16_dist_graphs"]
+    assert rc == 0 and written["skipped"].startswith("not available in this build") and "error" not in written
+    assert any(line.startswith("bf16_dist_graphs") and "not available in this build" in line
+               for line in capsys.readouterr().out.splitlines())
+
+
+def test_graphs_variant_sets_the_trainer_switch_when_it_exists(probe, monkeypatch):
+    from sepico_fast.train.config import TrainConfig
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert probe.has_cuda_graphs_flag() == ("cuda_graphs" in fields)
+    seen = {}
+
+    def make_config(overrides):
+        seen.update(overrides)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(probe, "has_cuda_graphs_flag", lambda: True)
+    monkeypatch.setattr(probe, "make_config", make_config)
+    args = probe.parse_args(["--tiny"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        probe.probe_variant(args, "bf16_dist_graphs", probe.VARIANTS["bf16_dist_graphs"], torch.device("cpu"), {},
+                            probe._Records())
+    assert seen["cuda_graphs"] is True and "compile" not in seen
+    seen.clear()
+    with pytest.raises(RuntimeError, match="stop here"):
+        probe.probe_variant(args, "bf16_dist_compiled", probe.VARIANTS["bf16_dist_compiled"], torch.device("cpu"),
+                            {}, probe._Records())
+    assert seen["compile"] is True and "cuda_graphs" not in seen
+
+
+def test_gpu_busy_is_the_union_of_device_intervals_and_merge_keeps_earlier_variants(probe, monkeypatch, tmp_path):
+    # overlapping kernels on two streams count once; a gap does not count
+    assert probe._union_ms([(0.0, 1000.0), (500.0, 1500.0), (3000.0, 3500.0), (3100.0, 3200.0)]) == 2.0
+    assert probe._union_ms([]) == 0.0
+    assert probe.gpu_busy(None, None, None, 0, 3, torch.device("cpu")) == (None, "not measured: needs a GPU")
+    monkeypatch.setattr(probe, "probe_variant", lambda args, name, *a: _fake_result(100.0 if name == "bf16_dist" else 50.0))
+    out = tmp_path / "probe.json"
+    probe.main(["--tiny", "--variants", "bf16_dist", "--out", str(out)])
+    probe.main(["--tiny", "--variants", "bf16_proto", "--merge", "--out", str(out)])
+    assert list(json.loads(out.read_text())["variants"]) == ["bf16_dist", "bf16_proto"]
+    probe.main(["--tiny", "--variants", "bf16_proto", "--out", str(out)])  # without --merge: a new file
+    assert list(json.loads(out.read_text())["variants"]) == ["bf16_proto"]
+
+
+def test_device_intervals_keep_only_cuda_events(probe):
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def evt(kind, a, b):
+        return types.SimpleNamespace(device_type=kind, time_range=types.SimpleNamespace(start=a, end=b))
+
+    events = [evt(DeviceType.CPU, 0, 50), evt(DeviceType.CUDA, 10, 20), evt(DeviceType.CUDA, 30, 30)]
+    assert probe.device_intervals(events) == [(10, 20)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # real events: the attributes exist
+        torch.ones(8, 8) @ torch.ones(8, 8)
+    assert len(prof.events()) > 0 and probe.device_intervals(prof.events()) == []

@@ -90,3 +90,31 @@ def test_upstream_source_losses_equal_fast_step():
 def test_upstream_step_rejects_unimplemented_variants():
     with pytest.raises(ValueError, match="variant 'dist'"):
         build_upstream_step(config(variant="bank"), "cpu", tiny_student())
+
+
+def test_tf32_foreach_baseline_is_the_same_dataflow_with_two_switches():
+    """``upstream_tf32_foreach``: foreach AdamW, TF32 only while its iteration runs, same losses
+    as the plain baseline on the CPU (where TF32 does not apply)."""
+    cfg = config()
+    plain = build_upstream_step(cfg, "cpu", tiny_student())
+    fast = build_upstream_step(cfg, "cpu", tiny_student(), tf32_foreach=True)
+    assert fast.optimizer.defaults["foreach"] is True and plain.optimizer.defaults["foreach"] is False
+    assert fast.tf32 and not plain.tf32
+    seen = []
+    real_extract = type(fast.student).extract
+
+    def spy(self, img):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real_extract(self, img)
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    src, tgt = batches()
+    a = upstream_train_step(plain, src, tgt, 0)
+    try:
+        type(fast.student).extract = spy
+        b = upstream_train_step(fast, src, tgt, 0)
+    finally:
+        type(fast.student).extract = real_extract
+    assert seen and all(flags == (True, True) for flags in seen)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a)

@@ -87,20 +87,98 @@ def cache_jobs(root: Path, entries: list[Entry], fmt: str, scale: tuple[int, int
     return jobs
 
 
-def use_cache(root: Path, entries: list[Entry], fmt: str, scale: tuple[int, int], with_labels: bool) -> list[Entry]:
-    """The entries pointing at the cached copies (labels too when ``with_labels``)."""
+class CacheError(FileNotFoundError):
+    """A cache that was asked for (``cache="png"|"jpeg"``) is missing, incomplete or older
+    than its originals; ``str()`` is one line saying what to re-run."""
+
+
+def cache_state(root: Path, entries: list[Entry], fmt: str, scale: tuple[int, int],
+                with_labels: bool) -> tuple[str, str]:
+    """Whether the cache at ``scale`` holds a fresh copy of every file the entries read.
+
+    Returns ``("ok", "")``, ``("missing", why)`` (no cache folder), ``("partial", why)``
+    (some cached files do not exist) or ``("stale", why)`` (some are older than the file
+    they were made from: the original was replaced after ``prepare --cache``). Files: the
+    images, the Dark Zurich day references and, with ``with_labels``, the train-id labels.
+    One ``stat`` per file and per original (no decoding).
+    """
+    root = Path(root)
     croot = cache_root(root, fmt, scale)
     if not croot.is_dir():
-        raise FileNotFoundError(f"{croot} not found: run `python -m sepico_fast.prepare <dataset> {root} "
-                                f"--cache {fmt}` with the same scale first")
+        return "missing", f"{croot} does not exist"
+    total = missing = stale = 0
+    first_missing = first_stale = None
+    for e in entries:
+        pairs = [(e.image, cached_image_path(root, croot, e.image, fmt))]
+        if with_labels and e.label is not None:
+            pairs.append((e.label, cached_label_path(root, croot, e.label)))
+        if e.ref is not None:
+            pairs.append((e.ref, cached_image_path(root, croot, e.ref, fmt)))
+        for orig, cached in pairs:
+            total += 1
+            try:
+                cached_mtime = cached.stat().st_mtime
+            except OSError:
+                missing += 1
+                first_missing = first_missing or cached
+                continue
+            try:
+                if cached_mtime < Path(orig).stat().st_mtime:
+                    stale += 1
+                    first_stale = first_stale or cached
+            except OSError:  # a missing original is reported by whoever reads it
+                pass
+    if missing:
+        return "partial", f"{missing} of {total} cached files missing in {croot}, e.g. {first_missing}"
+    if stale:
+        return "stale", f"{stale} of {total} cached files in {croot} are older than their originals, e.g. {first_stale}"
+    return "ok", ""
+
+
+def _cached_entries(root: Path, entries: list[Entry], fmt: str, scale: tuple[int, int],
+                    with_labels: bool) -> list[Entry]:
+    croot = cache_root(root, fmt, scale)
     out = []
     for e in entries:
         img = cached_image_path(root, croot, e.image, fmt)
         lbl = cached_label_path(root, croot, e.label) if (with_labels and e.label is not None) else e.label
         ref = cached_image_path(root, croot, e.ref, fmt) if e.ref is not None else None
-        for p in (img, lbl if with_labels else None, ref):
-            if p is not None and not p.is_file():
-                raise FileNotFoundError(f"cached file {p} is missing: re-run `python -m sepico_fast.prepare "
-                                        f"<dataset> {root} --cache {fmt}`")
         out.append(Entry(img, e.raw_label, lbl, e.name, ref))
     return out
+
+
+def use_cache(root: Path, entries: list[Entry], fmt: str, scale: tuple[int, int], with_labels: bool,
+              checked: bool = False) -> list[Entry]:
+    """The entries pointing at the cached copies (labels too when ``with_labels``); raises
+    CacheError when the cache is missing, incomplete or stale (``checked``: the caller has
+    just seen ``cache_state`` say "ok", e.g. through ``detect_cache``)."""
+    state, why = ("ok", "") if checked else cache_state(root, entries, fmt, scale, with_labels)
+    if state != "ok":
+        raise CacheError(f"{why}: re-run `python -m sepico_fast.prepare <dataset> {root} --cache {fmt}` "
+                         f"(scale {int(scale[0])} {int(scale[1])}), or train without --cache {fmt}")
+    return _cached_entries(root, entries, fmt, scale, with_labels)
+
+
+def detect_cache(name: str, root: Path, groups: list[tuple[list[Entry], tuple[int, int], bool]]
+                 ) -> tuple[str | None, str]:
+    """``cache="auto"``: ``("png", note)`` when a png cache holds a fresh copy of every file
+    of every group ``(entries, scale, with_labels)``, else ``(None, note)``.
+
+    Only the lossless png cache is picked (its batches are bit-identical to decoding the
+    originals); a jpeg cache changes the pixels and is used only when asked for. ``note``
+    is one line for the log: which cache is read, or why one that exists is not ("" when
+    there is no cache folder at all).
+    """
+    root = Path(root)
+    states = [cache_state(root, entries, "png", scale, labels) for entries, scale, labels in groups]
+    if states and all(state == "ok" for state, _ in states):
+        folders = sorted({str(cache_root(root, "png", scale)) for _, scale, _ in groups})
+        return "png", f"{name}: reading the png cache {', '.join(folders)} (lossless; --cache off to decode the originals)"
+    bad = next(((state, why) for state, why in states if state in ("partial", "stale")), None)
+    if bad is not None:
+        return None, (f"{name}: png cache ignored ({bad[0]}: {bad[1]}); decoding the originals. Re-run "
+                      f"`python -m sepico_fast.prepare {name} {root} --cache png` to use it")
+    if (root / CACHE_DIR).is_dir() and any(p.name.startswith("jpeg_") for p in (root / CACHE_DIR).iterdir()):
+        return None, (f"{name}: a jpeg cache exists in {root / CACHE_DIR} but --cache auto reads only png "
+                      "(jpeg is lossy); pass --cache jpeg to use it")
+    return None, ""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import io, stats
-from .cache import use_cache
+from .cache import detect_cache, use_cache
 from .labels import NUM_CLASSES
 from .layouts import TRAIN_SCALES, Entry, LayoutError, acdc_condition, list_files
 from .rcs import MIN_CROP_PIXELS, MIN_PIXELS, RareClassSampler
@@ -48,6 +48,9 @@ RCS_REDRAWS = 10
 class _Files:
     """File list with lazily cached image sizes and (optionally) decoded arrays in memory."""
 
+    cache: str | None = None  # the prepare --cache format the entries point at (build_datasets sets it)
+    cache_note = ""
+
     def __init__(self, entries: list[Entry], scale: tuple[int, int], in_memory: bool = False):
         if not entries:
             raise ValueError("entries: expected at least one file")
@@ -74,6 +77,7 @@ class _Files:
     def __getstate__(self):  # DataLoader workers get the file list, not the parent's cache
         state = dict(self.__dict__)
         state["_cache"] = {}
+        state.pop("_last_label", None)
         return state
 
     def ref_image(self, i: int) -> np.ndarray:
@@ -131,7 +135,15 @@ class SourceSet(_Files):
         self.rcs = rcs
 
     def resized_label(self, i: int) -> np.ndarray:
-        return self._cached("rlbl", i, lambda: resize_label(self.label(i), self.resized_size(i)))
+        if self.in_memory:
+            return self._cached("rlbl", i, lambda: resize_label(self.label(i), self.resized_size(i)))
+        # plan() and render() of one sample read the same label: decode it once (read-only use)
+        last = getattr(self, "_last_label", None)
+        if last is not None and last[0] == i:
+            return last[1]
+        label = resize_label(self.label(i), self.resized_size(i))
+        self._last_label = (i, label)
+        return label
 
     def resized_image(self, i: int) -> np.ndarray:
         """The image resized to fit (cached when in memory: resizing is deterministic)."""
@@ -294,9 +306,16 @@ def build_datasets(source: str, target: str, data_root=None, *, source_root=None
     ``synthetic.ensure_synthetic(synthetic_cache, **synthetic_options)`` (``data_root`` is not
     used for it). ``cache`` ("png" | "jpeg") reads the pre-resized copies written by
     ``prepare --cache`` at the source/target scales (validation images only when the eval
-    scale equals the target scale; validation labels always at full size). ``target_labels``
-    makes the target training set yield its labels too (``--pseudo-diagnostics``).
+    scale equals the target scale; validation labels always at full size) and raises
+    ``cache.CacheError`` when one is missing, incomplete or stale; ``"auto"`` reads a png
+    cache of a dataset when it is complete and fresh, else the originals
+    (``cache.detect_cache``); None or ``"off"``: the originals. The three sets get
+    ``.cache`` (the format read, or None) and ``.cache_note`` (one line for the log, or "").
+    ``target_labels`` makes the target training set yield its labels too (``--pseudo-diagnostics``).
     """
+    if cache not in (None, "off", "auto", "png", "jpeg"):
+        raise ValueError(f"cache: expected None, 'off', 'auto', 'png' or 'jpeg', got {cache!r}")
+    cache = None if cache == "off" else cache
     d = dataset_defaults(source, target)
     source_scale = tuple(source_scale or d["source_scale"])
     target_scale = tuple(target_scale or d["target_scale"])
@@ -326,11 +345,14 @@ def build_datasets(source: str, target: str, data_root=None, *, source_root=None
     if rcs:
         counts = stats.counts_for(src_root, [e.label for e in src_entries], NUM_CLASSES)
         sampler = RareClassSampler(counts, rcs_temperature, min_pixels, min_crop)
-    if cache is not None:
-        src_entries = use_cache(src_root, src_entries, cache, source_scale, with_labels=True)
+    src_cache, src_note = _cache_choice(cache, source, src_name, src_root, [(src_entries, source_scale, True)])
+    if src_cache is not None:
+        src_entries = use_cache(src_root, src_entries, src_cache, source_scale, with_labels=True,
+                                checked=cache == "auto")
     mem = (source == "synthetic") if in_memory is None else in_memory
     train_source = SourceSet(src_entries, name=source, scale=source_scale, crop_size=crop_size,
                              cat_max_ratio=cat_max_ratio, rcs=sampler, in_memory=mem, root=src_root)
+    train_source.cache, train_source.cache_note = src_cache, src_note
 
     # target
     if target == "synthetic":
@@ -343,14 +365,31 @@ def build_datasets(source: str, target: str, data_root=None, *, source_root=None
     _require_prepared(tgt_name, tgt_root, val_entries)
     if target_labels:
         _require_prepared(tgt_name, tgt_root, tgt_entries)
-    if cache is not None:
-        tgt_entries = use_cache(tgt_root, tgt_entries, cache, target_scale, with_labels=False)
+    groups = [(tgt_entries, target_scale, False)] + ([(val_entries, target_scale, False)]
+                                                     if eval_scale == target_scale else [])
+    tgt_cache, tgt_note = _cache_choice(cache, target, tgt_name, tgt_root, groups)
+    if tgt_cache is not None:
+        tgt_entries = use_cache(tgt_root, tgt_entries, tgt_cache, target_scale, with_labels=False,
+                                checked=cache == "auto")
         if eval_scale == target_scale:
-            val_entries = use_cache(tgt_root, val_entries, cache, target_scale, with_labels=False)
+            val_entries = use_cache(tgt_root, val_entries, tgt_cache, target_scale, with_labels=False,
+                                    checked=cache == "auto")
     train_target = TargetSet(tgt_entries, name=target, scale=target_scale, in_memory=mem, root=tgt_root,
                              with_labels=target_labels)
     val_target = ValSet(val_entries, name=target, scale=eval_scale, in_memory=mem, root=tgt_root)
+    train_target.cache, train_target.cache_note = tgt_cache, tgt_note
+    val_target.cache = tgt_cache if eval_scale == target_scale else None
+    val_target.cache_note = ""
     return train_source, train_target, val_target
+
+
+def _cache_choice(cache: str | None, dataset: str, name: str, root: Path, groups) -> tuple[str | None, str]:
+    """(format to read or None, log note) for one dataset under ``build_datasets(cache=...)``."""
+    if cache is None or (cache == "auto" and dataset == "synthetic"):  # the synthetic pair is held in memory
+        return None, ""
+    if cache == "auto":
+        return detect_cache(name, root, groups)
+    return cache, f"{name}: reading the {cache} cache in {root / '.sepico_cache'} (--cache {cache})"
 
 
 def build_val_set(target: str, data_root=None, *, target_root=None, eval_scale=None, split: str = "val",

@@ -114,7 +114,14 @@ class TrainConfig:
                         resume="harmless")
     pipeline: str = _f("torch", "input pipeline: auto (dali on CUDA when installed), torch (workers) or dali",
                        PIPELINES)
-    num_workers: int = _f(0, "data loader worker processes per rank", resume="harmless", allowed=Allowed(0, 256))
+    num_workers: int = _f(-1, "data loader worker processes per rank (-1: from the CPU count: 0 when the data "
+                          "are held in memory, as the synthetic pair, else min(8, usable CPUs per rank - 1))",
+                          resume="harmless", allowed=Allowed(-1, 256))
+    # prepare --cache copies (docs/data.md, "Pre-resized cache")
+    cache: str = _f("auto", "read the pre-resized images of `python -m sepico_fast.prepare ... --cache`: auto (a "
+                    "dataset's png cache when it is complete and newer than its originals, else the originals, "
+                    "with one line saying why), png, jpeg (lossy; fails when missing or stale) or off",
+                    ("auto", "off", "png", "jpeg"), resume="harmless")
     batch_size: int = _f(2, "source images (and target images) per rank and iteration", allowed=Allowed(1, 1024))
     crop: list = _f([128, 128], "training crop H W (one number for a square; 0: the dataset's default); "
                     "a multiple of the network's output stride (8 for dlv2_*, 4 for daformer_*); "
@@ -258,7 +265,7 @@ class TrainConfig:
 _PAPER = dict(iters=40000, batch_size=2, crop=[640, 640], lr=6e-5, warmup_iters=1500,
               contrast_start=3000, ema_alpha=0.999, pseudo_threshold=0.968, proj_dim=512,
               log_interval=50, eval_interval=4000, checkpoint_interval=4000, debug_interval=1000,
-              num_workers=4, pipeline="auto", memory_length=200)
+              pipeline="auto", memory_length=200)
 
 PRESETS: dict[str, dict] = {
     "daformer_gta2cs": dict(_PAPER, arch="daformer_mitb5", source="gta", target="cityscapes", seed=76,

@@ -184,13 +184,17 @@ def _supersede_newer(work_dir: Path, start_it: int, ckpt_path: Path) -> None:
 def _datasets(cfg: TrainConfig):
     """(train_source, train_target, val_target); resolves ``--crop 0`` to the dataset default."""
     from ..data import build_datasets, dataset_defaults
+    from ..data.cache import CacheError
 
     crop = tuple(cfg.crop) if min(cfg.crop) > 0 else None
     where = cfg.data_root or "$SEPICO_FAST_DATA or ./data"
     try:
         datasets = build_datasets(cfg.source, cfg.target, cfg.data_root or None, crop_size=crop,
-                                  target_labels=cfg.pseudo_diagnostics)
+                                  target_labels=cfg.pseudo_diagnostics, cache=cfg.cache)
         th, tw = datasets[1].resized_size(0)  # reads the first target image's header
+    except CacheError as err:  # --cache png|jpeg asked for a cache that is not usable
+        print(f"--cache: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except DataFileError as err:
         raise SystemExit(f"--data-root: {err} (data root {where}; fix or remove the file; python -m "
                          "sepico_fast.prepare DATASET ROOT --check lists every bad file)") from None
@@ -298,7 +302,9 @@ def setup(cfg: TrainConfig) -> TrainRun:
     writer = ScalarWriter(work_dir, enabled=dist_info.is_main)
     loader = TrainLoader(train_source, train_target, cfg.batch_size, cfg.seed, start_iter=start_it,
                          pipeline=cfg.pipeline, device=device, rank=dist_info.rank,
-                         world_size=dist_info.world_size, num_workers=cfg.num_workers)
+                         world_size=dist_info.world_size, num_workers=None if cfg.num_workers < 0 else cfg.num_workers)
+    if dist_info.is_main:
+        _announce_data(cfg, loader, train_source, train_target)
     end_it = min(cfg.stop_at, cfg.iters) if cfg.stop_at else cfg.iters
     if dist_info.is_main:
         method = cfg.method + (f"/{cfg.variant}" if cfg.method == "sepico" else "")
@@ -326,13 +332,30 @@ def _check_stop_at(cfg: TrainConfig, ckpt: dict | None, ckpt_path) -> None:
         raise SystemExit(2)
 
 
+def _announce_data(cfg: TrainConfig, loader, train_source, train_target) -> None:
+    """One line: pipeline, workers (and where their number came from), caches read; then the
+    cache notes (a cache found but not used, and why)."""
+    from ..data.loader import usable_cpus
+
+    workers = f"{loader.num_workers} worker{'s' if loader.num_workers != 1 else ''}"
+    if cfg.num_workers < 0:
+        workers += (" (--num-workers -1: data held in memory)" if loader.num_workers == 0 else
+                    f" (--num-workers -1: from {usable_cpus()} usable CPUs)")
+    caches = ", ".join(f"{ds.name} {ds.cache or 'originals'}" for ds in (train_source, train_target))
+    print(f"data: {loader.pipeline} pipeline, {workers}; reading {caches} (--cache {cfg.cache})")
+    for ds in (train_source, train_target):
+        if ds.cache_note and (ds.cache is None or cfg.cache == "auto"):
+            print(f"data: {ds.cache_note}")
+
+
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
 class _LogWindow:
     """Loss sums and timing since the last log line; time spent in ``paused()`` (evaluations,
     checkpoints, debug pictures, the one-time FLOP count) is left out of the window's
-    seconds, its iterations still count. Each loss is averaged
+    seconds, its iterations still count. ``data_wait``: seconds the loop spent blocked in
+    ``next(loader)`` (host clock only: no device sync). Each loss is averaged
     over the iterations that produced it (the contrast losses start at ``contrast_start``,
     which need not be a multiple of ``log_interval``)."""
 
@@ -344,6 +367,7 @@ class _LogWindow:
     def reset(self, it: int) -> None:
         self.acc, self.count = {}, {}
         self.t0, self.it0, self.excluded = time.perf_counter(), it, 0.0
+        self.data_wait = 0.0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for k, v in losses.items():
@@ -385,6 +409,10 @@ def _log(run: TrainRun, window: _LogWindow, done: int, bar: ProgressBar | None, 
     ips = iters * cfg.batch_size * world * (2 if cfg.method == "sepico" else 1) / seconds
     scalars = {k: v for k, v in zip(names, values)}
     scalars.update(lr=ctx.optimizer.param_groups[0]["lr"], images_per_s=ips, skipped_steps=skipped)
+    # Fraction of the window's wall time the loop waited for a batch (as torchtitan's
+    # data_loading(%) and timm's data time): near 0 when the input pipeline keeps up.
+    data_wait = min(window.data_wait / seconds, 1.0)
+    scalars["data_wait"] = data_wait
     mfu = None
     if flops_iter is not None:
         flops = flops_iter.between(window.it0, done)
@@ -394,7 +422,8 @@ def _log(run: TrainRun, window: _LogWindow, done: int, bar: ProgressBar | None, 
             scalars["mfu"] = mfu
     if run.main:
         loss_txt = " ".join(f"{k}={v:.4f}" for k, v in zip(names, values))
-        bar.update(done, f"{ips:.1f} img/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+        bar.update(done, f"{ips:.1f} img/s | data wait {100 * data_wait:.0f}% | "
+                         f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
                          f"{loss_txt} | skipped {skipped}")
         run.writer.write(done, scalars)
     if skipped > cfg.max_skipped_steps:
@@ -428,8 +457,10 @@ def _iterations(run: TrainRun) -> None:
     flops_iter, flops_known, peak = None, False, device_peak_tflops(run.device)  # None is also an answer
     run.loop_t0 = time.perf_counter()
     for it in range(run.start_it, run.end_it):
+        t_data = time.perf_counter()
         with profiler.phase("data"):
             src, tgt = next(batches)
+        window.data_wait += time.perf_counter() - t_data
         if not flops_known:  # once, on the first batch's target size; not training time
             with window.paused(run.device):
                 flops_iter, flops_known = flops_per_iteration(cfg, tuple(tgt["img"].shape[-2:])), True
