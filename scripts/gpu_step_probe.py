@@ -99,12 +99,9 @@ class _Records(logging.Handler):
 
 def _reset_dispatch_logs() -> None:
     """Forget what was logged so that every variant reports its own choices."""
-    from sepico_fast.contrast import validation
-    from sepico_fast.ops import _dispatch
-    _dispatch._logged.clear()
-    _dispatch._warned.clear()
-    validation._warned.clear()
-    getattr(validation, "_logged", set()).clear()
+    from sepico_fast import dispatch
+    dispatch._logged.clear()
+    dispatch._warned.clear()
 
 
 def blocky_labels(batch, h, w, block, gen):
