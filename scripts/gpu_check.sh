@@ -8,7 +8,7 @@
 # Options: --out DIR (default $OUT, else a new temporary folder), --deadline SECONDS (default
 # 440: all work ends by then, counted from the script's start; give it the call's time limit
 # minus 40 s), --only STEP,..., --skip STEP,..., --dry-run.
-# GPU_CHECK_COMMIT: the commit the tree is (the device tool copies the tree without .git); it
+# GPU_CHECK_COMMIT: the commit the tree is (for a copy of the tree without .git); it
 # is written into every record (bench/record.py reads it too). Without it: git, else unknown.
 #
 # Writes into the output folder, at most 7 files, none in sub-folders:
@@ -19,8 +19,8 @@
 #   bench.json       every benchmark row this run recorded (bench, bench_compile, train_step);
 #                    `python -m bench.merge_rows bench.json` appends them to bench/results/
 #   train.json       the 60-iteration run: metrics, per-phase table, scalars (whatever exists)
-#   ext_build.tar    the built extension: `tar -xf` it in the checkout and name its three files
-#                    in `carry` so that a later call on a fresh machine reuses it (build ~10 s)
+#   ext_build.tar    the built extension: `tar -xf` it in a checkout on a fresh machine so that
+#                    a later call reuses it instead of building again (~10 s instead of ~90 s)
 # All of them are written by this shell, not by the time-limited step, so a step stopped at
 # its limit still leaves what it measured.
 #
@@ -372,7 +372,7 @@ EOF
   ext_sources_hash >"$EXT_STAMP"
   tar -cf "$OUT_DIR/ext_build.tar" sepico_fast/ops/_C*.so "$EXT_STAMP" \
     $(ls sepico_fast/ops/_ext_build.json 2>/dev/null) && tar -tf "$OUT_DIR/ext_build.tar"
-  note "$how; ext_build.tar: carry $(tar -tf "$OUT_DIR/ext_build.tar" | tr '\n' ' ')"
+  note "$how; ext_build.tar holds $(tar -tf "$OUT_DIR/ext_build.tar" | tr '\n' ' ')"
 }
 
 pytest_args() {  # pytest_args WORKERS: parallel and per-test timeouts where the plugins are installed

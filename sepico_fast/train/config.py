@@ -295,7 +295,7 @@ PRESETS: dict[str, dict] = {
 # fit 960x540 for training and evaluation, crop 512x512, 40k iterations, seed 0.
 PRESETS.update({
     "daformer_cs2acdc": dict(_PAPER, arch="daformer_mitb5", source="cityscapes", target="acdc", seed=0,
-                             crop=[512, 512], pretrained="pretrained/mit_b5.pth"),
+                             crop=[512, 512], pretrained="pretrained/mit-b5"),
     "dlv2_cs2acdc": dict(_PAPER, arch="dlv2_r101", source="cityscapes", target="acdc", seed=0,
                          crop=[512, 512], pretrained="pretrained/resnet101_v1c.pth"),
 })

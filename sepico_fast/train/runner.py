@@ -517,7 +517,8 @@ def _evaluate(run: TrainRun, it: int) -> dict | None:
             result["per_condition"] = group_summary(groups)
         result.update(reweighting_record(reweight, report))
         print()
-        print(reweighting_line(result))
+        if cfg.target == "darkzurich":  # the rule only concerns Dark Zurich images
+            print(reweighting_line(result))
         print(iou_table([v / 100.0 for v in result["per_class_iou"]], CLASSES, title=cfg.target))
         if groups:
             print(group_lines(result["per_condition"]))
