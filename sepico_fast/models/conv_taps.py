@@ -174,5 +174,24 @@ def summed_conv_taps(x: torch.Tensor, weights: Sequence[torch.Tensor],
     y = _ShiftSum.apply(z, tuple(offsets))
     bias = [bb for bb in biases if bb is not None]
     if bias:
-        y = y + torch.stack(bias).sum(0).to(y.dtype).view(1, out_ch, 1, 1)
+        y = y + _BiasSum.apply(*bias).to(y.dtype).view(1, out_ch, 1, 1)
     return y
+
+
+class _BiasSum(torch.autograd.Function):
+    """b_0 + b_1 + … of same-shaped biases, each bias receiving a gradient tensor of its own.
+
+    ``torch.stack(biases).sum(0)`` computes the same sum, but its backward hands every bias
+    a view of one buffer; autograd adopts such a view as ``.grad``, so the biases' ``.grad``
+    would share storage and every later backward pass (training accumulates three before a
+    step) would add its gradient once per alias.
+    """
+
+    @staticmethod
+    def forward(ctx, *biases):
+        ctx.n = len(biases)
+        return torch.stack(biases).sum(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(g.clone(memory_format=torch.contiguous_format) for _ in range(ctx.n))
