@@ -1,4 +1,8 @@
-"""Strong augmentation (method §6.4): colour jitter and Gaussian blur, batched."""
+"""Strong augmentation (method §6.4): colour jitter and Gaussian blur, batched.
+
+References: colorsys pixel by pixel, and kornia 0.5.8's ColorJitter written out op by op
+(radians, eps 1e-6, one HSV round trip per op) at the end of this file.
+"""
 from __future__ import annotations
 
 import colorsys
@@ -243,3 +247,72 @@ def test_device_constants_are_built_once():
     assert all(p is q for p, q in zip(a, b))
     assert a[0].flatten().tolist() == pytest.approx(IMAGENET_MEAN)
     assert a[1].flatten().tolist() == pytest.approx(IMAGENET_STD)
+
+
+# ---------------------------------------------------------------------------------------
+# kornia 0.5.8's ColorJitter, op by op, as documented there: H in radians, S with eps 1e-6,
+# hue shifted by h·2π with fmod, HSV→RGB through an 18-candidate gather; each of saturation
+# and hue makes its own round trip; fp32 as kornia runs it.
+# ---------------------------------------------------------------------------------------
+def kornia_rgb_to_hsv(img, eps=1e-6):
+    maxc, argmax = img.max(1)
+    minc = img.min(1).values
+    delta = maxc - minc
+    s = delta / (maxc + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc.unsqueeze(1) - img).unbind(1)
+    h = torch.stack((bc - gc, (rc - bc) + 2.0 * delta, (gc - rc) + 4.0 * delta), 1) / delta.unsqueeze(1)
+    h = h.gather(1, argmax.unsqueeze(1)).squeeze(1)
+    h = 2 * math.pi * ((h / 6.0) % 1.0)
+    return torch.stack((h, s, maxc), 1)
+
+
+def kornia_hsv_to_rgb(hsv):
+    h, s, v = hsv[:, 0] / (2 * math.pi), hsv[:, 1], hsv[:, 2]
+    hi = torch.floor(h * 6) % 6
+    f = (h * 6) % 6 - hi
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    hi = hi.long()
+    cand = torch.stack((v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q), 1)
+    return cand.gather(1, torch.stack((hi, hi + 6, hi + 12), 1))
+
+
+def kornia_jitter(img01, u, s, order):
+    w = u.view(-1, 4, 1, 1, 1)
+    x = img01
+    for op in order:
+        if op == 0:
+            x = (x + (2 * w[:, 0] - 1) * s).clamp(0, 1)
+        elif op == 1:
+            x = (x * (1 - s + 2 * s * w[:, 1])).clamp(0, 1)
+        elif op == 2:
+            hsv = kornia_rgb_to_hsv(x)
+            sat = (hsv[:, 1:2] * (1 - s + 2 * s * w[:, 2])).clamp(0, 1)
+            x = kornia_hsv_to_rgb(torch.cat((hsv[:, :1], sat, hsv[:, 2:]), 1))
+        else:
+            hsv = kornia_rgb_to_hsv(x)
+            hue = torch.fmod(hsv[:, :1] + (2 * w[:, 3] - 1) * s * 2 * math.pi, 2 * math.pi)
+            x = kornia_hsv_to_rgb(torch.cat((hue, hsv[:, 1:]), 1))
+    return x
+
+
+def test_rgb_to_hsv_uses_kornias_eps():
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(8)) * 0.02  # dark: eps matters
+    ours, ref = rgb_to_hsv(x), kornia_rgb_to_hsv(x)
+    torch.testing.assert_close(ours[:, 1:], ref[:, 1:], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(ours[:, 0] * 2 * math.pi, ref[:, 0], atol=2e-5, rtol=0)
+    assert (rgb_to_hsv(x, eps=1e-8)[:, 1] - ref[:, 1]).abs().max() > 1e-5  # the old eps is visibly off
+
+
+def test_every_order_matches_kornia_058_and_fused_is_the_deviation():
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g) * 0.05])
+    u = torch.cat([U_TEETH, torch.rand(2, 4, generator=g)])
+    fused_apart = 0.0
+    for order in ALL_ORDERS:
+        ref = kornia_jitter(x, u, 0.2, order)
+        torch.testing.assert_close(color_jitter(x, 0.2, factors=u, order=order), ref, atol=1e-6, rtol=0,
+                                   msg=f"order {order}")
+        fused_apart = max(fused_apart, (color_jitter(x, 0.2, factors=u, order=order, fused=True) - ref)
+                          .abs().max().item())
+    assert 1e-6 < fused_apart < 3e-5  # the shared round trip: a visible, small deviation
