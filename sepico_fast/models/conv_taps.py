@@ -174,8 +174,16 @@ def summed_conv_taps(x: torch.Tensor, weights: Sequence[torch.Tensor],
     y = _ShiftSum.apply(z, tuple(offsets))
     bias = [bb for bb in biases if bb is not None]
     if bias:
-        y = y + _BiasSum.apply(*bias).to(y.dtype).view(1, out_ch, 1, 1)
+        y = y + _sum_of_biases(bias).to(y.dtype).view(1, out_ch, 1, 1)
     return y
+
+
+@torch.compiler.disable
+def _sum_of_biases(biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:class:`_BiasSum`, kept out of ``torch.compile`` graphs (one graph break): a compiled
+    backward may hand the identical bias gradients back as one buffer (inductor does), so
+    the biases' ``.grad`` would share storage again; run eagerly, each gets its own copy."""
+    return _BiasSum.apply(*biases)
 
 
 class _BiasSum(torch.autograd.Function):
