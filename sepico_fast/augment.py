@@ -12,8 +12,13 @@ each op:
 applied in a random order, as kornia 0.5.8's ``ColorJitter``: a fresh permutation of the
 four ops on each call (one for the source batch, one for the target batch, one per mixed
 sample, since upstream augments every mixed sample separately). ``order=(0, 1, 2, 3)``
-is the fixed order of earlier versions. Saturation and hue next to each other share one
-HSV round trip (they touch different HSV channels, so either order gives the same image).
+is the fixed order of earlier versions. As in kornia 0.5.8, saturation and hue each make
+their own fp32 RGB→HSV→RGB round trip, and RGB→HSV divides by max + 1e-6.
+
+``fused=True`` (training flag ``--fused-jitter``, off by default) is a deviation for speed:
+saturation and hue next to each other in the order share one HSV round trip (they touch
+different HSV channels, so either order gives the same image up to rounding; measured
+≤ 1.1e-5 apart in normalised units).
 
 Blur: separable Gaussian with σ ~ U(0.15, 1.15) shared by the images of one call (one σ
 per image for the mixed batch), odd kernel size k = the largest odd number ≤
@@ -100,8 +105,11 @@ def renormalize(img01: torch.Tensor) -> torch.Tensor:
     return (img01 * 255.0 - mean) / std
 
 
-def rgb_to_hsv(rgb: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """[B,3,H,W] in [0,1] -> HSV with H in [0,1) turns."""
+RGB_TO_HSV_EPS = 1e-6  # kornia 0.5.8's rgb_to_hsv: S = (max - min) / (max + eps)
+
+
+def rgb_to_hsv(rgb: torch.Tensor, eps: float = RGB_TO_HSV_EPS) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> HSV with H in [0,1) turns (kornia: radians, the same angle)."""
     maxc, argmax = rgb.max(dim=1)
     minc = rgb.min(dim=1).values
     delta = maxc - minc
@@ -137,8 +145,12 @@ def _check_order(order) -> tuple[int, ...]:
     return order
 
 
-def _jitter_in_order(x: torch.Tensor, u: torch.Tensor, s: float, order: tuple[int, ...]) -> torch.Tensor:
-    """The four ops on x [B,3,H,W] in ``order``; u [B,4,1,1,1] the U(0,1) draws."""
+def _jitter_in_order(x: torch.Tensor, u: torch.Tensor, s: float, order: tuple[int, ...],
+                     fused: bool = False) -> torch.Tensor:
+    """The four ops on x [B,3,H,W] in ``order``; u [B,4,1,1,1] the U(0,1) draws.
+
+    Saturation and hue: one HSV round trip each, or (``fused``) one shared by the two when
+    they are adjacent in ``order``."""
     i = 0
     while i < len(order):
         op = order[i]
@@ -146,9 +158,9 @@ def _jitter_in_order(x: torch.Tensor, u: torch.Tensor, s: float, order: tuple[in
             x = (x + (2.0 * u[:, 0] - 1.0) * s).clamp(0.0, 1.0)
         elif op == 1:
             x = (x * (1.0 - s + 2.0 * s * u[:, 1])).clamp(0.0, 1.0)
-        else:  # saturation / hue in HSV; the other one too when it comes next (one round trip)
+        else:  # saturation / hue in HSV; with ``fused`` the other one too when it comes next
             ops = {op}
-            if i + 1 < len(order) and order[i + 1] in (2, 3):
+            if fused and i + 1 < len(order) and order[i + 1] in (2, 3):
                 ops.add(order[i + 1])
                 i += 1
             hsv = rgb_to_hsv(x)
@@ -164,12 +176,14 @@ def _jitter_in_order(x: torch.Tensor, u: torch.Tensor, s: float, order: tuple[in
 
 def color_jitter(img01: torch.Tensor, strength: float, generator: torch.Generator | None = None,
                  factors: torch.Tensor | None = None,
-                 order: Sequence[int] | Sequence[Sequence[int]] = FIXED_ORDER) -> torch.Tensor:
+                 order: Sequence[int] | Sequence[Sequence[int]] = FIXED_ORDER,
+                 fused: bool = False) -> torch.Tensor:
     """Jitter a [B,3,H,W] 0..1 batch.
 
     ``factors`` [B,4] (U(0,1) draws, columns in JITTER_OPS order) are drawn on the
     device from ``generator`` unless given. ``order``: one permutation of (0, 1, 2, 3)
-    for the batch, or one per image.
+    for the batch, or one per image. ``fused``: adjacent saturation and hue share one
+    HSV round trip (a deviation from kornia, see the module docstring).
     """
     b = img01.shape[0]
     per_image = len(order) > 0 and not isinstance(order[0], int)
@@ -181,8 +195,9 @@ def color_jitter(img01: torch.Tensor, strength: float, generator: torch.Generato
     u = factors.to(torch.float32).view(b, 4, 1, 1, 1)
     x = img01.float()
     if len(set(orders)) == 1:
-        return _jitter_in_order(x, u, strength, orders[0])
-    return torch.cat([_jitter_in_order(x[i:i + 1], u[i:i + 1], strength, o) for i, o in enumerate(orders)])
+        return _jitter_in_order(x, u, strength, orders[0], fused)
+    return torch.cat([_jitter_in_order(x[i:i + 1], u[i:i + 1], strength, o, fused)
+                      for i, o in enumerate(orders)])
 
 
 def blur_kernel_size(side: int) -> int:
@@ -219,20 +234,22 @@ def gaussian_blur(img: torch.Tensor, sigma) -> torch.Tensor:
 
 
 def strong_augment(img: torch.Tensor, params: StrongParams, rng: random.Random,
-                   generator: torch.Generator | None = None, per_image: bool = False) -> torch.Tensor:
+                   generator: torch.Generator | None = None, per_image: bool = False,
+                   fused_jitter: bool = False) -> torch.Tensor:
     """Jitter (if params.jitter) then blur (if params.blur) a normalised batch.
 
     One jitter order (from ``rng``, the host) and one σ for the call, or one each per
     image when ``per_image`` (mixed samples). Draws, in this order: the order(s) from
     ``rng``; the jitter factors [B,4] and then σ ~ U(0.15, 1.15) [1 or B] from
-    ``generator`` on the image's device (no host→device copy).
+    ``generator`` on the image's device (no host→device copy). ``fused_jitter``: see
+    :func:`color_jitter`'s ``fused``.
     """
     out = img
     n = img.shape[0] if per_image else 1
     if params.jitter:
         orders = [draw_jitter_order(rng) for _ in range(n)]
         jittered = color_jitter(denormalize(out), params.strength, generator,
-                                order=orders if per_image else orders[0])
+                                order=orders if per_image else orders[0], fused=fused_jitter)
         out = renormalize(jittered).to(img.dtype)
     if params.blur:
         lo, hi = BLUR_SIGMA

@@ -174,5 +174,32 @@ def summed_conv_taps(x: torch.Tensor, weights: Sequence[torch.Tensor],
     y = _ShiftSum.apply(z, tuple(offsets))
     bias = [bb for bb in biases if bb is not None]
     if bias:
-        y = y + torch.stack(bias).sum(0).to(y.dtype).view(1, out_ch, 1, 1)
+        y = y + _sum_of_biases(bias).to(y.dtype).view(1, out_ch, 1, 1)
     return y
+
+
+@torch.compiler.disable
+def _sum_of_biases(biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:class:`_BiasSum`, kept out of ``torch.compile`` graphs (one graph break): a compiled
+    backward may hand the identical bias gradients back as one buffer (inductor does), so
+    the biases' ``.grad`` would share storage again; run eagerly, each gets its own copy."""
+    return _BiasSum.apply(*biases)
+
+
+class _BiasSum(torch.autograd.Function):
+    """b_0 + b_1 + … of same-shaped biases, each bias receiving a gradient tensor of its own.
+
+    ``torch.stack(biases).sum(0)`` computes the same sum, but its backward hands every bias
+    a view of one buffer; autograd adopts such a view as ``.grad``, so the biases' ``.grad``
+    would share storage and every later backward pass (training accumulates three before a
+    step) would add its gradient once per alias.
+    """
+
+    @staticmethod
+    def forward(ctx, *biases):
+        ctx.n = len(biases)
+        return torch.stack(biases).sum(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(g.clone(memory_format=torch.contiguous_format) for _ in range(ctx.n))

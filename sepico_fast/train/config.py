@@ -152,6 +152,8 @@ class TrainConfig:
     color_jitter_p: float = _f(0.2, "jitter happens when u > p, u ~ U(0,1) drawn once per iteration",
                                allowed=Allowed(0.0, 1.0))
     blur: bool = _f(True, "Gaussian blur when u' > 0.5 (drawn once per iteration)")
+    fused_jitter: bool = _f(False, "colour jitter: adjacent saturation and hue share one HSV round trip "
+                            "(faster; kornia 0.5.8, the default, makes one per op)")
     crop_tries: int = _f(10, "class-balanced crop: random windows scored per target image", allowed=Allowed(1, 1000))
     cat_max_ratio: float = _f(0.75, "class-balanced crop: largest class share allowed",
                               allowed=Allowed(0.0, 1.0, lo_open=True))

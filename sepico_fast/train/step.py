@@ -263,8 +263,9 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
 
     # 4. Strong augmentation of the student's source image and target crop.
     with phase("augment"):
-        img_s_strong = augment.strong_augment(img_s, strong, rng, gen)
-        img_t_strong = augment.strong_augment(img_t, strong, rng, gen) if uda else None
+        fused = cfg.fused_jitter
+        img_s_strong = augment.strong_augment(img_s, strong, rng, gen, fused_jitter=fused)
+        img_t_strong = augment.strong_augment(img_t, strong, rng, gen, fused_jitter=fused) if uda else None
 
     # 6. Student, source: seg CE (+ contrast). Backward.
     with phase("student_source"):
@@ -295,7 +296,8 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
             mix_classes = ops.choose_mix_classes(gt_s, gen)
             mixed_img, mixed_lbl, mixed_w = ops.classmix(img_s, img_t, gt_s, plabel.unsqueeze(1),
                                                          pweight.unsqueeze(1), mix_classes)
-            mixed_img = augment.strong_augment(mixed_img, strong, rng, gen, per_image=True)
+            mixed_img = augment.strong_augment(mixed_img, strong, rng, gen, per_image=True,
+                                               fused_jitter=cfg.fused_jitter)
             with _autocast(ctx):
                 loss_mix = seg_ce(student.predict(mixed_img), mixed_lbl, mixed_w, class_weight,
                                   cfg.ce_mean_over_all)
