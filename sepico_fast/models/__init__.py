@@ -1,14 +1,16 @@
-"""Segmentors of SePiCo (method §2): DAFormer (MiT-B0..B5) and DeepLab-v2 (ResNet-V1c 50/101).
+"""Segmentors of SePiCo (method §2): DAFormer (MiT-B0..B5) and DeepLab-v2 (ResNet-V1c 50/101),
+and SePiCo's heads on DINOv2 ViT encoders (``dinov2_*``, not upstream; docs/models.md).
 
 ``build_segmentor(arch)`` returns a :class:`Segmentor` whose ``state_dict`` keys, order,
 dtypes and shapes equal the upstream SePiCo checkpoints (``shared/reference/keys_*.txt``).
-``daformer_tiny`` and ``dlv2_tiny`` are NOT upstream: small CPU variants with the same
-module structure for smoke runs and tests.
+``daformer_tiny``, ``dlv2_tiny`` and ``dinov2_tiny`` are NOT upstream: small CPU variants with
+the same module structure for smoke runs and tests.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from .dinov2 import DINOV2_CONFIGS, DinoVisionTransformer
 from .heads import DAFormerHead, DLV2Head, ProjHead
 from .mit import MIT_CONFIGS, MixVisionTransformer
 from .resnet import RESNET_CONFIGS, ResNetV1c
@@ -21,8 +23,11 @@ ARCHS: dict[str, tuple[str, str, int]] = {
     "dlv2_r50": ("dlv2", "r50", 0),
     "dlv2_r101": ("dlv2", "r101", 0),
     "dlv2_tiny": ("dlv2", "tiny", 0),
+    # DINOv2 encoders (facebook/dinov2-*, -with-registers-*) with DAFormer's head: not upstream.
+    **{f"dinov2_{v}": ("dinov2", v, 256) for v in DINOV2_CONFIGS if v != "tiny"},
+    "dinov2_tiny": ("dinov2", "tiny", 64),
 }
-UPSTREAM_ARCHS = tuple(a for a in ARCHS if not a.endswith("_tiny"))
+UPSTREAM_ARCHS = tuple(a for a in ARCHS if not a.endswith("_tiny") and ARCHS[a][0] != "dinov2")
 
 
 def build_daformer(variant: str, num_classes: int = 19, proj_dim: int = 512, *,
@@ -44,6 +49,17 @@ def build_dlv2(variant: str, num_classes: int = 19, proj_dim: int = 512, *,
     return Segmentor(arch or f"dlv2_{variant}", backbone, decode_head, auxiliary_head, 8)
 
 
+def build_dinov2(variant: str, num_classes: int = 19, proj_dim: int = 512, *,
+                 embed_dim: int = 256, drop_path_rate: float = 0.1, dropout: float = 0.1,
+                 arch: str | None = None) -> Segmentor:
+    """DINOv2 ViT -> stride-4/8/16/32 pyramid (models/dinov2.py), then DAFormer's head and
+    SePiCo's resize-concat ProjHead exactly as on MiT (output stride 4)."""
+    backbone = DinoVisionTransformer(DINOV2_CONFIGS[variant], drop_path_rate=drop_path_rate)
+    decode_head = DAFormerHead(backbone.widths, num_classes, embed_dim, dropout=dropout)
+    auxiliary_head = ProjHead(backbone.widths, proj_dim, resize_concat=True)
+    return Segmentor(arch or f"dinov2_{variant}", backbone, decode_head, auxiliary_head, 4)
+
+
 def build_segmentor(arch: str, num_classes: int = 19, proj_dim: int = 512, *,
                     drop_path_rate: float = 0.1) -> Segmentor:
     """Build a segmentor by name with random weights (upstream init).
@@ -62,6 +78,9 @@ def build_segmentor(arch: str, num_classes: int = 19, proj_dim: int = 512, *,
     if family == "daformer":
         model = build_daformer(variant, num_classes, proj_dim, embed_dim=embed_dim,
                                drop_path_rate=drop_path_rate, arch=arch)
+    elif family == "dinov2":
+        model = build_dinov2(variant, num_classes, proj_dim, embed_dim=embed_dim,
+                             drop_path_rate=drop_path_rate, arch=arch)
     else:
         model = build_dlv2(variant, num_classes, proj_dim, arch=arch)
     return model
@@ -106,5 +125,6 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
 
 __all__ = [
     "ARCHS", "UPSTREAM_ARCHS", "Segmentor", "build_segmentor", "build_daformer", "build_dlv2",
-    "param_groups", "DAFormerHead", "DLV2Head", "ProjHead", "MixVisionTransformer", "ResNetV1c",
+    "build_dinov2", "param_groups", "DAFormerHead", "DLV2Head", "ProjHead", "MixVisionTransformer",
+    "ResNetV1c", "DinoVisionTransformer",
 ]
