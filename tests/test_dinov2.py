@@ -176,9 +176,9 @@ def test_hf_dinov2_files_fail_with_one_clear_line():
     with pytest.raises(ValueError, match=r"1 encoder keys .*mlp\.weights_in\.weight"):
         load_official(build_segmentor("dinov2_tiny"), swiglu)
     with pytest.raises(ValueError, match=r"shape mismatches.*pos_embed") as err:
-        load_official(build_segmentor("dinov2_tiny"), hf_model(DinoV2Config(96, 4, 3, pos_grid=3)).state_dict())
+        load_official(build_segmentor("dinov2_tiny"), hf_model(DinoV2Config(64, 4, 2, pos_grid=3)).state_dict())
     assert "\n" not in str(err.value)
-    reg = hf_model(DinoV2Config(96, 4, 3, pos_grid=10, num_registers=4)).state_dict()
+    reg = hf_model(DinoV2Config(64, 4, 2, pos_grid=10, num_registers=4)).state_dict()
     with pytest.raises(ValueError, match=r"1 keys not in this architecture.*register_tokens"):
         load_official(build_segmentor("dinov2_tiny"), reg)
     with pytest.raises(ValueError, match=r"DINOv2 encoder but daformer_tiny has a MixVisionTransformer backbone"):

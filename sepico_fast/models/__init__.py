@@ -86,14 +86,41 @@ def build_segmentor(arch: str, num_classes: int = 19, proj_dim: int = 512, *,
     return model
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float,
-                 head_lr_mult: float = 10.0) -> list[dict]:
-    """AdamW parameter groups as upstream's ``paramwise_cfg`` custom keys.
+DECAY_RULES = ("auto", "upstream", "vit")
+# Backbone parameters of a ViT that are embeddings rather than weights: no weight decay.
+_VIT_TOKENS = ("cls_token", "pos_embed", "register_tokens")
 
-    Upstream (mmcv DefaultOptimizerConstructor, custom keys ``head``: lr x10, and for MiT
-    ``pos_block`` / ``norm``: decay x0) applies only the FIRST matching key, tried longest
-    first then alphabetically: ``pos_block``, ``head``, ``norm``. Hence, by substring of the
-    parameter name:
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """BEiT/MAE layer index of a DINOv2 backbone parameter (name relative to the backbone):
+    0 for the patch/position/cls/register embeddings, i+1 for ``blocks.i``, depth+1 for the
+    final norm."""
+    if name.startswith(("patch_embed.",) + _VIT_TOKENS):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".", 2)[1]) + 1
+    return depth + 1
+
+
+def resolved_decay_rule(model: nn.Module, rule: str = "auto") -> str:
+    """``auto`` -> ``vit`` for a DINOv2 backbone, ``upstream`` otherwise."""
+    if rule not in DECAY_RULES:
+        raise ValueError(f"decay rule must be one of {DECAY_RULES}, got {rule!r}")
+    if rule == "auto":
+        return "vit" if isinstance(getattr(model, "backbone", None), DinoVisionTransformer) else "upstream"
+    return rule
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float,
+                 head_lr_mult: float = 10.0, *, layer_decay: float = 1.0,
+                 decay_rule: str = "upstream") -> list[dict]:
+    """AdamW parameter groups.
+
+    ``decay_rule="upstream"`` (the SePiCo / DAFormer archs' default): upstream's
+    ``paramwise_cfg`` custom keys (mmcv DefaultOptimizerConstructor, custom keys ``head``: lr
+    x10, and for MiT ``pos_block`` / ``norm``: decay x0), which applies only the FIRST
+    matching key, tried longest first then alphabetically: ``pos_block``, ``head``, ``norm``.
+    Hence, by substring of the parameter name:
       * contains ``pos_block`` -> lr, no weight decay (no such parameter in these models);
       * contains ``head`` (``decode_head.*``, ``auxiliary_head.*``) -> lr x head_lr_mult,
         full weight decay (head BN parameters are therefore decayed, as upstream);
@@ -101,20 +128,49 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
         ``blockN.i.attn.norm``, ``normN``) -> lr, no weight decay, MiT only;
       * everything else -> lr, full weight decay (incl. ResNet BN ``bnN``/``stem.N``/
         ``downsample.1``, whose names do not contain ``norm``).
+
+    ``decay_rule="vit"`` (ViT fine-tuning, BEiT / MAE / timm): no weight decay on any
+    parameter with at most one dimension (biases, every norm incl. the heads' BN, LayerScale)
+    nor on the cls / position / register tokens; full decay on the other weights; heads at
+    lr x head_lr_mult.
+
+    ``layer_decay`` < 1 (DINOv2 backbones only): layer-wise learning-rate decay, backbone
+    parameter of layer i (:func:`vit_layer_id`, L blocks) at lr x layer_decay^(L+1-i): the
+    last block x layer_decay, the embeddings x layer_decay^(L+1); the final norm and the
+    heads are not decayed.
+
     Each group carries ``lr_mult`` and ``decay_mult`` so a scheduler can rescale the base lr.
     """
-    is_mit = isinstance(getattr(model, "backbone", None), MixVisionTransformer)
+    if decay_rule not in ("upstream", "vit"):
+        raise ValueError(f"decay_rule must be 'upstream' or 'vit' (resolve 'auto' with resolved_decay_rule), "
+                         f"got {decay_rule!r}")
+    backbone = getattr(model, "backbone", None)
+    is_mit = isinstance(backbone, MixVisionTransformer)
+    is_vit = isinstance(backbone, DinoVisionTransformer)
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if layer_decay != 1.0 and not is_vit:
+        raise ValueError(f"layer-wise lr decay needs a DINOv2 (ViT) backbone, not {type(backbone).__name__}")
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lr_mult, decay_mult = 1.0, 1.0
-        if is_mit and "pos_block" in name:
-            decay_mult = 0.0
-        elif "head" in name:
-            lr_mult = head_lr_mult
-        elif is_mit and "norm" in name:
-            decay_mult = 0.0
+        if decay_rule == "upstream":
+            if is_mit and "pos_block" in name:
+                decay_mult = 0.0
+            elif "head" in name:
+                lr_mult = head_lr_mult
+            elif is_mit and "norm" in name:
+                decay_mult = 0.0
+        else:
+            if p.ndim <= 1 or (is_vit and name.startswith("backbone.") and name[9:].startswith(_VIT_TOKENS)):
+                decay_mult = 0.0
+            if name.startswith(("decode_head.", "auxiliary_head.")):
+                lr_mult = head_lr_mult
+        if is_vit and layer_decay != 1.0 and name.startswith("backbone."):
+            depth = backbone.config.depth
+            lr_mult = layer_decay ** (depth + 1 - vit_layer_id(name[9:], depth))
         groups.setdefault((lr_mult, decay_mult), []).append(p)
     return [
         {"params": params, "lr": lr * lr_mult, "weight_decay": weight_decay * decay_mult,
@@ -125,6 +181,6 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
 
 __all__ = [
     "ARCHS", "UPSTREAM_ARCHS", "Segmentor", "build_segmentor", "build_daformer", "build_dlv2",
-    "build_dinov2", "param_groups", "DAFormerHead", "DLV2Head", "ProjHead", "MixVisionTransformer",
+    "build_dinov2", "param_groups", "resolved_decay_rule", "vit_layer_id", "DECAY_RULES", "DAFormerHead", "DLV2Head", "ProjHead", "MixVisionTransformer",
     "ResNetV1c", "DinoVisionTransformer",
 ]

@@ -80,7 +80,7 @@ DINOV2_CONFIGS: dict[str, DinoV2Config] = {
     **{f"vit{k}14_reg": DinoV2Config(d, n, h, num_registers=4) for k, (d, n, h) in _SIZES.items()},
     # Not a published model: a small CPU-sized variant for smoke runs, tests and the synthetic
     # pair (trained from scratch); position grid 10x10 = a 140-pixel input (128 padded).
-    "tiny": DinoV2Config(96, 4, 3, pos_grid=10),
+    "tiny": DinoV2Config(64, 4, 2, pos_grid=10),
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.loader import PIPELINES
-from ..models import ARCHS
+from ..models import ARCHS, DECAY_RULES
 
 DATASETS = ("gta", "synthia", "cityscapes", "darkzurich", "synthetic")
 METHODS = ("sepico", "source_only")
@@ -64,7 +64,8 @@ class TrainConfig:
     num_workers: int = _f(0, "data loader worker processes per rank")
     batch_size: int = _f(2, "source images (and target images) per rank and iteration")
     crop: list = _f([128, 128], "training crop H W (one number for a square; 0: the dataset's default); "
-                    "a multiple of the network's output stride (8 for dlv2_*, 4 for daformer_*); "
+                    "a multiple of the network's output stride (8 for dlv2_*, 4 for daformer_* and dinov2_*, which pad to a "
+                    "multiple of 14 inside); "
                     "the target crop is chosen on pseudo labels")
     # --- schedule ----------------------------------------------------------------------
     iters: int = _f(2000, "number of training iterations")
@@ -75,6 +76,13 @@ class TrainConfig:
     warmup_iters: int = _f(75, "linear warm-up iterations")
     warmup_ratio: float = _f(1e-6, "learning-rate factor at iteration 0 of the warm-up")
     poly_power: float = _f(1.0, "power of the polynomial decay to 0 at the last iteration")
+    # ViT fine-tuning (dinov2_* archs; docs/models.md)
+    layer_decay: float = _f(1.0, "layer-wise learning-rate decay of a dinov2_* backbone: block i of L at lr x "
+                            "decay^(L+1-i), patch/position embeddings at decay^(L+1), final norm and heads "
+                            "undecayed (1.0: off; other archs need 1.0)")
+    decay_rule: str = _f("auto", "which parameters get weight decay: upstream (SePiCo's paramwise_cfg: none on MiT "
+                         "norms only), vit (none on biases, norms, LayerScale, position/cls/register tokens), "
+                         "auto (vit for dinov2_*, upstream otherwise)", DECAY_RULES)
     # DDP schedule (issue 13)
     ddp_schedule: str = _f("steps", "with N processes (torchrun): 'steps' runs --iters steps of N x the batch "
                            "(N x the samples of one GPU, same lr); 'samples' divides --iters, --warmup-iters, "
@@ -199,6 +207,14 @@ PRESETS: dict[str, dict] = {
     # because a 2000-iteration from-scratch model is never as confident as a pretrained
     # MiT-B5 at 40k.
     "synthetic": {},
+    # SePiCo on DINOv2 ViT encoders (not upstream; docs/models.md): the DAFormer GTA->Cityscapes
+    # schedule with the ViT recipe (layer-wise lr decay 0.7 for ViT-B / 0.8 for ViT-L as ViTDet,
+    # weight decay 0.05 as BEiT / MAE segmentation fine-tuning, none on norms, biases and tokens).
+    # Weights: the Hugging Face model folder (facebook/dinov2-base, facebook/dinov2-large).
+    "dinov2b_gta2cs": dict(_PAPER, arch="dinov2_vitb14", source="gta", target="cityscapes", seed=76,
+                           pretrained="pretrained/dinov2-base", layer_decay=0.7, weight_decay=0.05, decay_rule="vit"),
+    "dinov2l_gta2cs": dict(_PAPER, arch="dinov2_vitl14", source="gta", target="cityscapes", seed=76,
+                           pretrained="pretrained/dinov2-large", layer_decay=0.8, weight_decay=0.05, decay_rule="vit"),
 }
 
 
@@ -367,6 +383,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.weight_decay < 0 or cfg.head_lr_mult <= 0 or cfg.poly_power < 0:
         bad("weight_decay" if cfg.weight_decay < 0 else "head_lr_mult" if cfg.head_lr_mult <= 0 else "poly_power",
             "out of range")
+    if not 0.0 < cfg.layer_decay <= 1.0:
+        bad("layer_decay", "must be in (0, 1] (1.0: off)")
+    if cfg.layer_decay != 1.0 and ARCHS[cfg.arch][0] != "dinov2":
+        bad("layer_decay", f"layer-wise lr decay is for dinov2_* (ViT) archs; use 1.0 with {cfg.arch}")
     if not 0.0 <= cfg.color_jitter_strength <= 0.5:
         bad("color_jitter_strength", "must be in [0, 0.5] (hue shift is a fraction of a half turn)")
     if cfg.source == "darkzurich":

@@ -25,7 +25,7 @@ from ..contrast import ClassStats
 from ..data.io import DataFileError
 from ..data.labels import CLASSES
 from ..evaluate import dark_zurich_class_weights, evaluate_model, iou_summary, reweighting_line, reweighting_record
-from ..models import build_segmentor, param_groups
+from ..models import build_segmentor, param_groups, resolved_decay_rule
 from ..reporting import first_line, iou_table
 from . import checkpointing as ckpt_io
 from . import faults
@@ -88,7 +88,8 @@ def default_work_dir(cfg: TrainConfig) -> str:
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr_mult, layer_decay=cfg.layer_decay,
+                          decay_rule=resolved_decay_rule(model, cfg.decay_rule))
     for g in groups:
         g["initial_lr"] = g["lr"]
     # fused: one kernel per step, and it honours a device-side found_inf flag (no sync).
