@@ -202,3 +202,71 @@ def test_train_mode_drop_path_and_grads_reach_every_parameter():
     logits, emb = model(x)
     (logits.square().mean() + emb.sum()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- training recipe
+def _groups_by_param(groups):
+    return {id(p): (g["lr_mult"], g["decay_mult"], g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+
+
+def test_vit_param_groups_layer_decay_and_no_decay_on_norms_biases_tokens():
+    from sepico_fast.models import param_groups, resolved_decay_rule, vit_layer_id
+
+    model = build_segmentor("dinov2_tiny", proj_dim=16)
+    assert resolved_decay_rule(model) == "vit" and resolved_decay_rule(build_segmentor("dlv2_tiny")) == "upstream"
+    groups = param_groups(model, lr=1.0, weight_decay=0.05, head_lr_mult=10.0, layer_decay=0.5, decay_rule="vit")
+    by = _groups_by_param(groups)
+    depth = model.backbone.config.depth  # 4
+    named = dict(model.named_parameters())
+    assert len(by) == len(named)
+    expect = {
+        "backbone.cls_token": (0.5 ** 5, 0.0), "backbone.pos_embed": (0.5 ** 5, 0.0),
+        "backbone.patch_embed.proj.weight": (0.5 ** 5, 1.0), "backbone.patch_embed.proj.bias": (0.5 ** 5, 0.0),
+        "backbone.blocks.0.attn.qkv.weight": (0.5 ** 4, 1.0), "backbone.blocks.0.ls1.gamma": (0.5 ** 4, 0.0),
+        "backbone.blocks.3.norm2.weight": (0.5, 0.0), "backbone.blocks.3.mlp.fc2.weight": (0.5, 1.0),
+        "backbone.norm.weight": (1.0, 0.0),
+        "decode_head.conv_seg.weight": (10.0, 1.0), "decode_head.conv_seg.bias": (10.0, 0.0),
+        "auxiliary_head.convs.0.bn.weight": (10.0, 0.0), "auxiliary_head.convs.1.conv.weight": (10.0, 1.0),
+    }
+    for name, (lr_mult, decay_mult) in expect.items():
+        got = by[id(named[name])]
+        assert got[:2] == (pytest.approx(lr_mult), decay_mult), name
+        assert got[2] == pytest.approx(lr_mult) and got[3] == pytest.approx(0.05 * decay_mult)
+    assert vit_layer_id("register_tokens", depth) == 0 and vit_layer_id("blocks.2.attn.proj.bias", depth) == 3
+    # Every weight matrix / kernel decays, nothing with <= 1 dimension does.
+    for name, p in named.items():
+        token = name.split(".")[1] in ("cls_token", "pos_embed", "register_tokens")
+        assert by[id(p)][1] == (0.0 if p.ndim <= 1 or token else 1.0), name
+    # layer_decay 1.0: one lr for the whole backbone
+    plain = _groups_by_param(param_groups(model, 1.0, 0.05, decay_rule="vit"))
+    assert {plain[id(p)][0] for n, p in named.items() if n.startswith("backbone.")} == {1.0}
+    with pytest.raises(ValueError, match="DINOv2"):
+        param_groups(build_segmentor("daformer_tiny"), 1.0, 0.01, layer_decay=0.9)
+
+
+def test_recipe_flags_presets_and_optimizer(tmp_path):
+    from sepico_fast.train.config import PRESETS, make_config, parse_args
+    from sepico_fast.train.runner import build_optimizer
+
+    for name, arch, decay in (("dinov2b_gta2cs", "dinov2_vitb14", 0.7), ("dinov2l_gta2cs", "dinov2_vitl14", 0.8)):
+        cfg = make_config(preset=name)
+        assert (cfg.arch, cfg.layer_decay, cfg.decay_rule, cfg.weight_decay) == (arch, decay, "vit", 0.05)
+        assert cfg.crop == [640, 640] and cfg.pretrained.startswith("pretrained/dinov2-")
+    assert list(PRESETS)[-2:] == ["dinov2b_gta2cs", "dinov2l_gta2cs"]
+    cfg = make_config(dict(arch="dinov2_tiny", layer_decay=0.75, proj_dim=16))
+    model = build_segmentor("dinov2_tiny", proj_dim=16)
+    opt = build_optimizer(cfg, model, torch.device("cpu"))
+    mults = sorted({g["lr_mult"] for g in opt.param_groups})
+    assert mults == pytest.approx(sorted({0.75 ** k for k in range(0, 6)} | {cfg.head_lr_mult}))
+    assert all(g["initial_lr"] == g["lr"] for g in opt.param_groups)
+    # bad values: one line naming the flag, exit status 2
+    for argv, msg in ((["--arch", "dlv2_tiny", "--layer-decay", "0.8"], "--layer-decay: layer-wise lr decay is for dinov2_"),
+                      (["--arch", "dinov2_tiny", "--layer-decay", "0"], "--layer-decay: must be in (0, 1]"),
+                      (["--decay-rule", "none"], "--decay-rule")):
+        with pytest.raises(SystemExit) as err:
+            parse_args(argv)
+        assert err.value.code == 2
+    # upstream rule on a ViT is allowed (explicit choice); crop: multiples of 4, padded to 14 inside
+    assert make_config(dict(arch="dinov2_tiny", decay_rule="upstream", crop=[100, 100])).crop == [100, 100]
+    with pytest.raises(ValueError, match=r"--crop: each side must be a multiple of 4"):
+        make_config(dict(arch="dinov2_tiny", crop=[98, 98]))

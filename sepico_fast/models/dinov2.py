@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import use_cpu_kernels
+from .layout import exporting, use_cpu_kernels
 from .mit import CPU_EXPLICIT_ATTENTION_MAX, DropPath, explicit_attention
 
 PATCH = 14
@@ -218,7 +218,7 @@ class DinoVisionTransformer(nn.Module):
         """Position embeddings of a gh x gw patch grid, [1, gh*gw, D] (transformers' rule)."""
         g = self.config.pos_grid
         pos = self.pos_embed[:, 1:]
-        if (gh, gw) == (g, g):
+        if not exporting() and (gh, gw) == (g, g):  # an exported graph resizes always (any input size)
             return pos
         grid = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False,
@@ -253,7 +253,7 @@ class DinoVisionTransformer(nn.Module):
         p = self.patch_size
         ph, pw = -h % p, -w % p
         top, left = ph // 2, pw // 2
-        if ph or pw:
+        if ph or pw or exporting():  # exported: always (a zero pad where none is needed)
             x = F.pad(x, (left, pw - left, top, ph - top))
         seq, gh, gw = self.embed(x)
         skip = 1 + self.num_registers
