@@ -125,10 +125,14 @@ def test_segmentor_structure_and_param_counts():
         keys = list(model.backbone.state_dict())
         assert ("register_tokens" in keys) == arch.endswith("_reg")
         assert f"blocks.{cfg.depth - 1}.ls2.gamma" in keys
-    with torch.device("meta"):
-        b = build_segmentor("dinov2_vitb14").backbone
-    # facebook/dinov2-base: 86.6 M parameters with its mask token (768 of them)
-    assert sum(p.numel() for p in b.parameters()) == 86_580_480 - 768
+    # the hub configs (image 518, patch 14): transformers' count less the unused mask token
+    for arch, (dim, depth, heads) in (("dinov2_vitb14", (768, 12, 12)), ("dinov2_vitl14", (1024, 24, 16))):
+        with torch.device("meta"):
+            ours = build_segmentor(arch).backbone
+            ref = transformers.Dinov2Model(transformers.Dinov2Config(
+                image_size=518, hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads))
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) - dim
+    assert sum(p.numel() for p in ours.parameters()) == 304_367_616  # ViT-L/14
 
 
 def test_hub_folder_safetensors_and_bin_load_strictly(tmp_path, caplog):
