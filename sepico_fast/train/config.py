@@ -51,7 +51,8 @@ class TrainConfig:
     arch: str = _f("dlv2_tiny", "segmentor (the *_tiny ones are small CPU variants, not upstream)", tuple(ARCHS))
     pretrained: str = _f("", "weights loaded into the student (and teacher): ImageNet backbone file (NVlabs mit_b*.pth, "
                          "mmcv ResNet-V1c), Hugging Face SegFormer encoder (nvidia/mit-b*: pytorch_model.bin, "
-                         "model.safetensors or its folder), or a segmentor / UDA checkpoint")
+                         "model.safetensors or its folder) or DINOv2 encoder (facebook/dinov2-*, same files), "
+                         "or a segmentor / UDA checkpoint")
     num_classes: int = _f(19, "number of classes")
     proj_dim: int = _f(64, "projection (contrast feature) dimension A (paper: 512)")
     drop_path_rate: float = _f(0.1, "student drop-path rate (the teacher always runs without)")
