@@ -28,6 +28,13 @@ Hugging Face SegFormer encoders (``nvidia/mit-b0`` ... ``nvidia/mit-b5``: ``pyto
 the MiT names (query + key/value -> ``q`` + ``kv``) and then loaded like an ImageNet backbone
 file, with the same strictness; their classifier / decode head is ignored.
 
+Hugging Face DINOv2 encoders (``facebook/dinov2-{small,base,large}`` and
+``facebook/dinov2-with-registers-*``: the same files or folder) are recognised by their
+``embeddings.patch_embeddings.projection.*`` key (bare, or under ``dinov2.`` /
+``dinov2_with_registers.``), renamed to the ``dinov2_*`` backbone names (query, key and value
+-> one ``qkv``; ``layer_scale{1,2}.lambda1`` -> ``ls{1,2}.gamma``) and loaded with the same
+strictness; the pre-training mask token and any classifier are ignored (listed in the report).
+
 Files: ``torch.save`` pickles are read with ``weights_only=True`` (tensors, plain containers and
 numeric numpy arrays only); ``.safetensors`` files (recognised by content) need the
 ``safetensors`` package.
@@ -47,6 +54,7 @@ import torch
 from torch import nn
 
 from .models import ARCHS, build_segmentor
+from .models.dinov2 import DinoVisionTransformer
 from .models.mit import MixVisionTransformer
 
 log = logging.getLogger(__name__)
@@ -162,16 +170,17 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
 TRAINING_FORMAT = "sepico_fast/2"
 KNOWN_TRAINING_FORMATS = ("sepico_fast/1", "sepico_fast/2")
 TRAINING_CONFIG_FIELDS = frozenset({
-    "amp", "arch", "batch_size", "betas", "blur", "cache", "cat_max_ratio", "ce_mean_over_all", "checkpoint_interval",
-    "color_jitter_p", "color_jitter_strength", "compile", "contrast_start", "contrast_weight", "cpu_amp", "crop",
-    "crop_tries", "data_root", "day_ratio", "ddp_schedule", "ddp_timeout", "debug_checks", "debug_interval",
-    "deterministic", "device", "drop_path_rate", "fused_jitter", "dz_class_weight", "dz_test_reweight", "ema_alpha",
-    "eval_interval", "eval_max_images", "head_lr_mult", "iters", "keep_checkpoints", "log_interval", "lr",
-    "max_skipped_steps", "memory_length", "method", "min_ratio", "num_classes", "num_workers", "nvtx",
-    "overwrite", "pipeline", "poly_power", "preset", "pretrained", "profile", "profile_iters", "proj_dim",
-    "pseudo_diagnostics", "pseudo_ignore_bottom", "pseudo_ignore_top", "pseudo_threshold", "reg_weight",
-    "regen_pseudo", "resume", "resume_override", "seed", "source", "stop_at", "target", "temperature", "variant",
-    "warmup_iters", "warmup_ratio", "weight_decay", "work_dir"})
+    "amp", "arch", "batch_size", "betas", "blur", "cache", "cat_max_ratio", "ce_mean_over_all",
+    "checkpoint_interval", "color_jitter_p", "color_jitter_strength", "compile", "contrast_start",
+    "contrast_weight", "cpu_amp", "crop", "crop_tries", "data_root", "day_ratio", "ddp_schedule", "ddp_timeout",
+    "debug_checks", "debug_interval", "decay_rule", "deterministic", "device", "drop_path_rate", "dz_class_weight",
+    "dz_test_reweight", "ema_alpha", "eval_interval", "eval_max_images", "fused_jitter", "head_lr_mult", "iters",
+    "keep_checkpoints", "layer_decay", "log_interval", "lr", "max_skipped_steps", "memory_length", "method",
+    "min_ratio", "num_classes", "num_workers", "nvtx", "overwrite", "pipeline", "poly_power", "preset",
+    "pretrained", "profile", "profile_iters", "proj_dim", "pseudo_diagnostics", "pseudo_ignore_bottom",
+    "pseudo_ignore_top", "pseudo_threshold", "reg_weight", "regen_pseudo", "resume", "resume_override", "seed",
+    "source", "stop_at", "target", "temperature", "variant", "warmup_iters", "warmup_ratio", "weight_decay",
+    "work_dir"})
 
 
 def newer_format_reason(checkpoint: Mapping) -> str | None:
@@ -325,6 +334,68 @@ def hf_segformer_to_mit(flat: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
     return out, ignored
 
 
+# ----------------------------------------------------------------------------- Hugging Face DINOv2
+# transformers 4.x Dinov2Model / Dinov2WithRegistersModel names (the facebook/dinov2-* hub files).
+_HF_DINO_PREFIX = re.compile(r"^(?:dinov2(?:_with_registers)?\.)?")
+_HF_DINO_MARK = re.compile(r"^(?:dinov2(?:_with_registers)?\.)?embeddings\.patch_embeddings\.projection\.")
+_HF_DINO_FIXED = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+_HF_DINO_IGNORED = ("embeddings.mask_token",)  # masked-image pre-training only
+_HF_DINO_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+_HF_DINO_LAYER_MODULES = {
+    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
+    "attention.output.dense.weight": "attn.proj.weight", "attention.output.dense.bias": "attn.proj.bias",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
+}
+_HF_DINO_QKV = re.compile(r"^attention\.attention\.(query|key|value)\.(weight|bias)$")
+
+
+def is_hf_dinov2(flat: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a flat state dict holds a Hugging Face DINOv2 encoder."""
+    return any(_HF_DINO_MARK.match(k) for k in flat)
+
+
+def hf_dinov2_to_vit(flat: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(``dinov2_*`` backbone state dict, ignored keys) of a HF DINOv2 file; query, key and value
+    become one ``qkv`` (rows q, k, v). Raises ValueError naming the keys it cannot place."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    unknown, ignored = [], []
+    for key, value in flat.items():
+        rest = _HF_DINO_PREFIX.sub("", key, count=1)
+        if not rest.startswith(("embeddings.", "encoder.", "layernorm.")):
+            ignored.append(key)  # classifier.*, ...
+        elif rest in _HF_DINO_IGNORED:
+            ignored.append(key)
+        elif rest in _HF_DINO_FIXED:
+            out[_HF_DINO_FIXED[rest]] = value
+        elif (m := _HF_DINO_LAYER.match(rest)) and m[2] in _HF_DINO_LAYER_MODULES:
+            out[f"blocks.{m[1]}.{_HF_DINO_LAYER_MODULES[m[2]]}"] = value
+        elif m and (q := _HF_DINO_QKV.match(m[2])):
+            qkv.setdefault(f"blocks.{m[1]}.attn.qkv.{q[2]}", {})[q[1]] = value
+        else:
+            unknown.append(key)
+    for name, parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            unknown.append(f"{name}: only attention.attention.{sorted(parts)} present (needs query, key and value)")
+            continue
+        out[name] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    if unknown:
+        raise ValueError(f"Hugging Face DINOv2 checkpoint has {len(unknown)} encoder keys that are not part of "
+                         f"the transformers 4.x Dinov2Model layout (MLP ViT-S/B/L), e.g. {sorted(unknown)[:_MAX_LISTED]}")
+    return out, ignored
+
+
 def _own_children(module: nn.Module) -> set[str]:
     """First key components that belong to ``module`` (its submodules and direct tensors)."""
     return {k.split(".", 1)[0] for k in module.state_dict()}
@@ -418,7 +489,19 @@ def load_official(model: nn.Module, checkpoint, prefix: str = "model.", *,
     if not flat:
         raise ValueError("checkpoint holds no tensors")
     layout, hf_ignored = "upstream", []
-    if is_hf_segformer(flat):
+    if is_hf_dinov2(flat):
+        if not isinstance(model.backbone, DinoVisionTransformer):
+            raise ValueError(f"checkpoint is a Hugging Face DINOv2 encoder but {_arch(model)} has a "
+                             f"{type(model.backbone).__name__} backbone; use a dinov2_* architecture")
+        flat, hf_ignored = hf_dinov2_to_vit(flat)
+        layout = "huggingface"
+        foreign = sorted(set(flat) - set(model.backbone.state_dict()))
+        if foreign:  # every encoder key is the backbone's (e.g. registers offered to a model without)
+            hint = (" (a with-registers model: use a dinov2_*_reg architecture)" if "register_tokens" in foreign
+                    else _guess_arch(flat, model))
+            raise ValueError(f"checkpoint does not fit the {_arch(model)} backbone: {len(foreign)} keys not in this "
+                             f"architecture, e.g. {foreign[:_MAX_LISTED]}{hint}")
+    elif is_hf_segformer(flat):
         if not isinstance(model.backbone, MixVisionTransformer):
             raise ValueError(f"checkpoint is a Hugging Face SegFormer (MiT) encoder but {_arch(model)} has a "
                              f"{type(model.backbone).__name__} backbone; use a daformer_mit* architecture")

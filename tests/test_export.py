@@ -40,7 +40,8 @@ def _assert_close(got, ref):
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("arch, exporter", [("dlv2_tiny", "dynamo"), ("daformer_tiny", "legacy")])
+@pytest.mark.parametrize("arch, exporter", [("dlv2_tiny", "dynamo"), ("daformer_tiny", "legacy"),
+                                            ("dinov2_tiny", "legacy"), ("dinov2_tiny", "dynamo")])
 def test_onnx_file_runs_in_onnxruntime_at_any_size(tmp_path, arch, exporter):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime (export extra) is not installed")
     pytest.importorskip("onnx", reason="onnx (export extra) is not installed")

@@ -158,7 +158,7 @@ def test_predict_does_not_run_projection_head():
     assert calls == []
 
 
-@pytest.mark.parametrize("arch", ["daformer_tiny", "dlv2_tiny"])
+@pytest.mark.parametrize("arch", ["daformer_tiny", "dlv2_tiny", "dinov2_tiny"])
 def test_autocast_bf16_close_to_fp32(arch):
     """bf16 autocast: logits within 5% relative (Frobenius) of fp32, embeddings cos > 0.99."""
     model = build_segmentor(arch).eval()
@@ -174,7 +174,7 @@ def test_autocast_bf16_close_to_fp32(arch):
     assert cos.min() > 0.99, cos.min()
 
 
-@pytest.mark.parametrize("arch", ["daformer_tiny", "dlv2_tiny"])
+@pytest.mark.parametrize("arch", ["daformer_tiny", "dlv2_tiny", "dinov2_tiny"])
 def test_channels_last_gives_same_result(arch):
     model = build_segmentor(arch).eval()
     img = torch.randn(2, 3, 64, 64)
@@ -214,7 +214,7 @@ def test_set_stochastic_false_keeps_bn_training_but_drops_no_paths():
     assert model.decode_head.dropout.training and model.backbone.block1[0].drop_path.training
 
 
-@pytest.mark.parametrize("arch", ["daformer_tiny", "dlv2_tiny"])
+@pytest.mark.parametrize("arch", ["daformer_tiny", "dlv2_tiny", "dinov2_tiny"])
 def test_dynamo_traces_without_graph_breaks(arch):
     import torch._dynamo
 

@@ -33,9 +33,9 @@ A = 16
 IGN = 255
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, arch="daformer_tiny"):
     torch.manual_seed(seed)
-    m = build_segmentor("daformer_tiny", C, A, drop_path_rate=0.0)
+    m = build_segmentor(arch, C, A, drop_path_rate=0.0)
     for mod in m.modules():  # deterministic student: the reference shares no dropout draws
         if isinstance(mod, torch.nn.modules.dropout._DropoutNd):
             mod.p = 0.0
@@ -53,12 +53,12 @@ def make_batches(seed=1):
     return {"img": img_s, "gt": gt}, {"img": img_t}
 
 
-def make_ctx(variant, seed):
+def make_ctx(variant, seed, arch="daformer_tiny"):
     cfg = make_config(dict(variant=variant, seed=seed, crop=[32, 32], iters=10, warmup_iters=5, lr=1e-3,
                            contrast_start=0, color_jitter_p=0.0, blur=True, crop_tries=10,
                            pseudo_ignore_top=40, pseudo_ignore_bottom=80, proj_dim=A, memory_length=5,
                            pseudo_threshold=0.06))
-    student = tiny_model()
+    student = tiny_model(arch=arch)
     teacher = make_teacher(student)
     opt = build_optimizer(cfg, student, torch.device("cpu"))
     stats = ClassStats(C, A, cfg.memory_length if variant == "bank" else 0)
@@ -320,11 +320,12 @@ def reference_iteration(cfg, ctx, src, tgt, it, variant):
     return losses, new_params, first_moments, [p.detach().clone() for p in teacher.parameters()], st
 
 
+@pytest.mark.parametrize("arch", ["daformer_tiny", "dinov2_tiny"])  # the ViT: vit decay rule, padded input
 @pytest.mark.parametrize("variant", ["dist", "bank", "proto"])
-def test_full_iteration_matches_reference(variant):
+def test_full_iteration_matches_reference(variant, arch):
     seed = next(s for s in range(100) if all(
         (lambda r: (r.random() > 0.0, r.random() > 0.5))(iteration_rng(s, 1, 0, torch.device("cpu"))[0])))
-    cfg, ctx = make_ctx(variant, seed)
+    cfg, ctx = make_ctx(variant, seed, arch)
     src, tgt = make_batches()
     train_step(ctx, src, tgt, 0)  # iteration 0: EMA copy, non-trivial AdamW state for iteration 1
     ref_ctx = copy.deepcopy(ctx)  # one memo: the copied optimizer points at the copied student

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from ..contrast.validation import debug_checks_from_env
 from ..data.loader import PIPELINES
-from ..models import ARCHS
+from ..models import ARCHS, DECAY_RULES
 
 DATASETS = ("gta", "synthia", "cityscapes", "darkzurich", "acdc", "synthetic")
 METHODS = ("sepico", "source_only")
@@ -101,7 +101,8 @@ class TrainConfig:
     arch: str = _f("dlv2_tiny", "segmentor (the *_tiny ones are small CPU variants, not upstream)", tuple(ARCHS))
     pretrained: str = _f("", "weights loaded into the student (and teacher): ImageNet backbone file (NVlabs mit_b*.pth, "
                          "mmcv ResNet-V1c), Hugging Face SegFormer encoder (nvidia/mit-b*: pytorch_model.bin, "
-                         "model.safetensors or its folder), or a segmentor / UDA checkpoint", resume="harmless")
+                         "model.safetensors or its folder) or DINOv2 encoder (facebook/dinov2-*, same files), "
+                         "or a segmentor / UDA checkpoint", resume="harmless")
     num_classes: int = _f(19, "number of classes",
                           allowed=Allowed(19, 255, why="the datasets' label ids are 0..18; 255 is the ignore id"))
     proj_dim: int = _f(64, "projection (contrast feature) dimension A (paper: 512)", allowed=Allowed(1, 4096))
@@ -124,7 +125,8 @@ class TrainConfig:
                     ("auto", "off", "png", "jpeg"), resume="harmless")
     batch_size: int = _f(2, "source images (and target images) per rank and iteration", allowed=Allowed(1, 1024))
     crop: list = _f([128, 128], "training crop H W (one number for a square; 0: the dataset's default); "
-                    "a multiple of the network's output stride (8 for dlv2_*, 4 for daformer_*); "
+                    "a multiple of the network's output stride (8 for dlv2_*, 4 for daformer_* and dinov2_*, which pad to a "
+                    "multiple of 14 inside); "
                     "the target crop is chosen on pseudo labels")
     # --- schedule ----------------------------------------------------------------------
     iters: int = _f(2000, "number of training iterations", allowed=Allowed(1, 10**9))
@@ -137,6 +139,14 @@ class TrainConfig:
     warmup_iters: int = _f(75, "linear warm-up iterations", allowed=Allowed(0, 10**9))
     warmup_ratio: float = _f(1e-6, "learning-rate factor at iteration 0 of the warm-up", allowed=Allowed(0.0, 1.0))
     poly_power: float = _f(1.0, "power of the polynomial decay to 0 at the last iteration", allowed=Allowed(0.0, 100.0))
+    # ViT fine-tuning (dinov2_* archs; docs/models.md)
+    layer_decay: float = _f(1.0, "layer-wise learning-rate decay of a dinov2_* backbone: block i of L at lr x "
+                            "decay^(L+1-i), patch/position embeddings at decay^(L+1), final norm and heads "
+                            "undecayed (1.0: off; other archs need 1.0)",
+                            allowed=Allowed(0.0, 1.0, lo_open=True))
+    decay_rule: str = _f("auto", "which parameters get weight decay: upstream (SePiCo's paramwise_cfg: none on MiT "
+                         "norms only), vit (none on biases, norms, LayerScale, position/cls/register tokens), "
+                         "auto (vit for dinov2_*, upstream otherwise)", DECAY_RULES)
     # DDP schedule
     ddp_schedule: str = _f("steps", "with N processes (torchrun): 'steps' runs --iters steps of N x the batch "
                            "(N x the samples of one GPU, same lr); 'samples' divides --iters, --warmup-iters, "
@@ -289,6 +299,14 @@ PRESETS: dict[str, dict] = {
     # because a 2000-iteration from-scratch model is never as confident as a pretrained
     # MiT-B5 at 40k.
     "synthetic": {},
+    # SePiCo on DINOv2 ViT encoders (not upstream; docs/models.md): the DAFormer GTA->Cityscapes
+    # schedule with the ViT recipe (layer-wise lr decay 0.7 for ViT-B / 0.8 for ViT-L as ViTDet,
+    # weight decay 0.05 as BEiT / MAE segmentation fine-tuning, none on norms, biases and tokens).
+    # Weights: the Hugging Face model folder (facebook/dinov2-base, facebook/dinov2-large).
+    "dinov2b_gta2cs": dict(_PAPER, arch="dinov2_vitb14", source="gta", target="cityscapes", seed=76,
+                           pretrained="pretrained/dinov2-base", layer_decay=0.7, weight_decay=0.05, decay_rule="vit"),
+    "dinov2l_gta2cs": dict(_PAPER, arch="dinov2_vitl14", source="gta", target="cityscapes", seed=76,
+                           pretrained="pretrained/dinov2-large", layer_decay=0.8, weight_decay=0.05, decay_rule="vit"),
 }
 
 # Cityscapes -> ACDC (docs/data.md): SePiCo published no ACDC configuration, so these are the
@@ -459,6 +477,8 @@ def validate(cfg: TrainConfig) -> None:
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
         bad("betas", "expected two numbers in [0, 1)")
     _validate_relations(cfg, bad)
+    if cfg.layer_decay != 1.0 and ARCHS[cfg.arch][0] != "dinov2":
+        bad("layer_decay", f"layer-wise lr decay is for dinov2_* (ViT) archs; use 1.0 with {cfg.arch}")
     if cfg.source == "darkzurich":
         bad("source", "darkzurich has no training labels; use it as --target")
     if cfg.source == "acdc":

@@ -37,7 +37,7 @@ from ..evaluate import (
     reweighting_line,
     reweighting_record,
 )
-from ..models import build_segmentor, param_groups
+from ..models import build_segmentor, param_groups, resolved_decay_rule
 from ..reporting import first_line, iou_table
 from . import faults, run_checkpoints, workdir
 from .config import TrainConfig
@@ -69,7 +69,8 @@ def amp_setup(cfg: TrainConfig, device: torch.device):
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr_mult, layer_decay=cfg.layer_decay,
+                          decay_rule=resolved_decay_rule(model, cfg.decay_rule))
     for g in groups:
         g["initial_lr"] = g["lr"]
     # fused: one kernel per step, and it honours a device-side found_inf flag (no sync).
