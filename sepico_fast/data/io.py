@@ -184,7 +184,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 TEMP_PREFIX = ".sepico_tmp."  # temp files of the atomic writes: ``remove_temp_files`` finds them
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -206,7 +206,7 @@ def remove_temp_files(folders) -> int:
             continue
         for p in folder.rglob(f"{TEMP_PREFIX}*.tmp"):
             pid = p.name[:-len(".tmp")].rsplit(".", 1)[-1]
-            if pid.isdigit() and _pid_alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 continue
             with contextlib.suppress(OSError):
                 p.unlink()

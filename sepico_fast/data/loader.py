@@ -74,7 +74,7 @@ def _split(batch: dict, device: torch.device, non_blocking: bool) -> tuple[dict,
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError:
+    except Exception:  # not installed, or installed without its CUDA libraries
         return False
     return True
 

@@ -24,6 +24,7 @@ from ..checkpoint import load_pretrained as load_pretrained_weights
 from ..contrast import ClassStats
 from ..data.io import DataFileError
 from ..data.labels import CLASSES
+from ..data.synthetic import SyntheticDataError
 from ..evaluate import (
     dark_zurich_class_weights,
     evaluate_model,
@@ -159,10 +160,30 @@ def _work_dir(cfg: TrainConfig, dist_info: DistInfo) -> Path:
         except OSError as err:  # an existing file, a read-only or unreachable place
             raise SystemExit(f"--work-dir: cannot create the folder {work_dir} "
                              f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
+        _require_writable(Path(work_dir), cfg)
         stale = ckpt_io.remove_stale_temp_files(work_dir)
         if stale:
             print(f"removed {len(stale)} stale temp file(s) of an interrupted checkpoint write in {work_dir}")
     return Path(work_dir)
+
+
+def _require_dali(cfg: TrainConfig) -> None:
+    """``--pipeline dali`` needs NVIDIA DALI: one line before any work when it does not import."""
+    from ..data.loader import dali_available
+
+    if cfg.pipeline == "dali" and not dali_available():
+        raise SystemExit("--pipeline: dali requested but nvidia.dali does not import (pip install "
+                         "nvidia-dali-cuda130, see docs/data.md); use --pipeline torch or auto")
+
+
+def _require_writable(work_dir: Path, cfg: TrainConfig) -> None:
+    """A read-only (or full) work dir is one line before anything is built: the run writes its
+    checkpoints, logs and config.json there."""
+    from ..evaluate import check_writable
+
+    hint = ("; a resumed run writes its checkpoints there: copy the run folder to a writable place and "
+            "--resume from the copy") if cfg.resume else "; pass --work-dir DIR in a writable place"
+    check_writable(work_dir, "--work-dir", hint)
 
 
 def _supersede_newer(work_dir: Path, start_it: int, ckpt_path: Path) -> None:
@@ -186,6 +207,8 @@ def _datasets(cfg: TrainConfig):
     except DataFileError as err:
         raise SystemExit(f"--data-root: {err} (data root {where}; fix or remove the file; python -m "
                          "sepico_fast.prepare DATASET ROOT --check lists every bad file)") from None
+    except SyntheticDataError as err:  # a full disk or an unwritable cache folder
+        raise SystemExit(f"synthetic data: {err}") from None
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--data-root / --source / --target: cannot load {cfg.source} -> {cfg.target} "
                          f"from {where}: {err}") from None
@@ -246,6 +269,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
     from ..data import TrainLoader
 
     cfg, ckpt, ckpt_path = resolve_resume(cfg)  # before any work: the checkpoint's config
+    _require_dali(cfg)
     requested_cfg = cfg
     dist_info = init_distributed(resolve_device(cfg).type, cfg.ddp_timeout)
     cfg, schedule = ddp_schedule(cfg, dist_info.world_size)  # --ddp-schedule samples: counts / N
@@ -277,9 +301,13 @@ def setup(cfg: TrainConfig) -> TrainRun:
         (work_dir / "config.json").write_text(
             json.dumps({**requested_cfg.to_dict(), "schedule": schedule}, indent=2) + "\n")
     writer = ScalarWriter(work_dir, enabled=dist_info.is_main)
-    loader = TrainLoader(train_source, train_target, cfg.batch_size, cfg.seed, start_iter=start_it,
-                         pipeline=cfg.pipeline, device=device, rank=dist_info.rank,
-                         world_size=dist_info.world_size, num_workers=cfg.num_workers)
+    try:
+        loader = TrainLoader(train_source, train_target, cfg.batch_size, cfg.seed, start_iter=start_it,
+                             pipeline=cfg.pipeline, device=device, rank=dist_info.rank,
+                             world_size=dist_info.world_size, num_workers=cfg.num_workers)
+    except ValueError as err:  # e.g. --pipeline dali with --pseudo-diagnostics
+        name, _, rest = first_line(err).partition(": ")
+        raise SystemExit(f"--{name.replace('_', '-')}: {rest}" if rest else first_line(err)) from None
     end_it = min(cfg.stop_at, cfg.iters) if cfg.stop_at else cfg.iters
     if dist_info.is_main:
         method = cfg.method + (f"/{cfg.variant}" if cfg.method == "sepico" else "")
