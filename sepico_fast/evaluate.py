@@ -281,6 +281,8 @@ def check_writable(folder: str | Path, flag: str, hint: str = "") -> Path:
         os.unlink(probe)
     except OSError as err:
         reason = err.strerror or (os.strerror(err.errno) if isinstance(err.errno, int) else type(err).__name__)
+        if folder.exists() and not folder.is_dir():
+            reason = "a file, not a folder"
         raise SystemExit(f"{flag}: cannot write in {folder} ({reason}){hint}") from None
     return folder
 

@@ -97,7 +97,9 @@ def test_evaluate_out_and_export_next_to_a_read_only_checkpoint(tmp_path, monkey
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     code, line = _cli("evaluate", "--checkpoint", ckpt, "--out", blocker / "pred", "--max-images", "1")
-    assert code == 2 and line.startswith(f"--out: cannot write in {blocker / 'pred'} (")
+    assert code == 2 and line.startswith(f"--out: cannot write in {blocker / 'pred'} (Not a directory)")
+    with pytest.raises(SystemExit, match=r"^--out: cannot write in .*a_file \(a file, not a folder\)"):
+        export.main(["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(blocker / "m.ts.pt")])
     ro = tmp_path / "ro"
     ro.mkdir()
     _deny_writes(monkeypatch, ro)
@@ -131,17 +133,12 @@ def test_trainer_resume_in_a_read_only_work_dir_and_dali_missing(tmp_path, monke
     with pytest.raises(SystemExit, match="^--pipeline: dali requested but nvidia.dali does not import"):
         run(make_config(dict(TINY, work_dir=str(tmp_path / "dali"), pipeline="dali")))
     assert not (tmp_path / "dali").exists()  # stopped before any work
-    if not _dali_imports():  # the command line itself, where DALI is not installed
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        proc = subprocess.run([sys.executable, "-m", "sepico_fast.train", "--pipeline", "dali", "--work-dir",
-                               str(tmp_path / "dali")], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr
-        assert proc.stderr.strip().splitlines()[-1].startswith("--pipeline: dali requested")
-
-
-def _dali_imports() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except Exception:
-        return False
-    return True
+    # the command line, in a process where ``import nvidia.dali`` fails (installed or not here)
+    code = ("import runpy, sys; sys.modules['nvidia.dali'] = None; "
+            f"sys.argv = ['sepico_fast.train', '--pipeline', 'dali', '--work-dir', {str(tmp_path / 'dali')!r}]; "
+            "runpy.run_module('sepico_fast.train', run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("--pipeline: dali requested")
+    assert not (tmp_path / "dali").exists()
