@@ -301,13 +301,9 @@ def setup(cfg: TrainConfig) -> TrainRun:
         (work_dir / "config.json").write_text(
             json.dumps({**requested_cfg.to_dict(), "schedule": schedule}, indent=2) + "\n")
     writer = ScalarWriter(work_dir, enabled=dist_info.is_main)
-    try:
-        loader = TrainLoader(train_source, train_target, cfg.batch_size, cfg.seed, start_iter=start_it,
-                             pipeline=cfg.pipeline, device=device, rank=dist_info.rank,
-                             world_size=dist_info.world_size, num_workers=cfg.num_workers)
-    except ValueError as err:  # e.g. --pipeline dali with --pseudo-diagnostics
-        name, _, rest = first_line(err).partition(": ")
-        raise SystemExit(f"--{name.replace('_', '-')}: {rest}" if rest else first_line(err)) from None
+    loader = TrainLoader(train_source, train_target, cfg.batch_size, cfg.seed, start_iter=start_it,
+                         pipeline=cfg.pipeline, device=device, rank=dist_info.rank,
+                         world_size=dist_info.world_size, num_workers=cfg.num_workers)
     end_it = min(cfg.stop_at, cfg.iters) if cfg.stop_at else cfg.iters
     if dist_info.is_main:
         method = cfg.method + (f"/{cfg.variant}" if cfg.method == "sepico" else "")
