@@ -266,3 +266,28 @@ def test_trainer_with_an_unwritable_synthetic_cache_one_line(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("synthetic data: cannot write the synthetic data set to ") and "Not a directory" in last
+
+
+def test_trainer_names_a_label_of_another_aspect_ratio_from_a_loader_worker(tmp_path, capsys):
+    """End to end: the DataLoader worker's error is the trainer's one line, not a worker traceback."""
+    from tests.test_prepare import _img
+
+    make_cityscapes(tmp_path / "cityscapes")
+    for i in range(3):  # big enough for rare class sampling's pixel thresholds
+        _img(tmp_path / "gta" / "images" / f"{i + 1:05d}.png", i, (80, 120))
+        (tmp_path / "gta" / "labels").mkdir(exist_ok=True)
+        _palette_label(tmp_path / "gta" / "labels" / f"{i + 1:05d}.png", _ids(i, (80, 120)))
+    for name in ("gta", "cityscapes"):
+        assert _run(capsys, name, tmp_path / name)[0] == 0
+    for i in range(3):
+        Image.fromarray(np.zeros((80, 60), np.uint8)).save(tmp_path / "gta" / "labels" / f"{i + 1:05d}_labelTrainIds.png")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "sepico_fast.train", "--source", "gta", "--target", "cityscapes",
+                           "--data-root", str(tmp_path), "--iters", "2", "--crop", "16", "--proj-dim", "16",
+                           "--batch-size", "1", "--debug-interval", "0", "--num-workers", "1",
+                           "--work-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=ROOT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sepico_fast.train: error: cannot use {tmp_path / 'gta' / 'labels'}")
+    assert "another aspect ratio" in last
