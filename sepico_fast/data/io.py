@@ -47,9 +47,10 @@ def _reason(exc: BaseException) -> str:
 # larger one would stretch the label over the wrong pixels and is refused.
 ASPECT_TOLERANCE = 0.05
 # The label ids a raw label of each dataset may hold: Cityscapes label ids 0..33 (the
-# official label definitions; GTA5 uses them as palette indices). A value past them is a
-# re-encoded or re-coloured label.
+# official label definitions; GTA5 uses them as palette indices), and 255 (the id -1 of
+# "license plate" as an unsigned byte). Any other value is a re-encoded or re-coloured label.
 MAX_LABEL_ID = {"gta": 33, "cityscapes": 33}
+UNSIGNED_MINUS_ONE = 255
 
 
 @contextlib.contextmanager
@@ -133,11 +134,13 @@ def check_label_ids(label: np.ndarray, path: str | os.PathLike, dataset: str) ->
     DataFileError naming ``path``: a label re-encoded through a lossy format or re-coloured."""
     top = MAX_LABEL_ID.get(dataset)
     if top is not None and label.size and int(label.max()) > top:
-        bad = label > top
-        values = np.unique(label[bad]).tolist()
-        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
-        raise DataFileError(path, f"value {shown} is not a Cityscapes label id (0..{top}; {int(bad.sum())} pixels): "
-                                  "a re-encoded (lossy) or re-coloured label? use the label as distributed", "use")
+        bad = (label > top) & (label != UNSIGNED_MINUS_ONE)
+        if bad.any():
+            values = np.unique(label[bad]).tolist()
+            shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+            raise DataFileError(path, f"value {shown} is not a Cityscapes label id (0..{top} or 255 for -1; "
+                                      f"{int(bad.sum())} pixels): a re-encoded (lossy) or re-coloured label? use the "
+                                      "label as distributed", "use")
     return label
 
 
