@@ -235,6 +235,66 @@ def training_crop(config: dict, fallback: tuple[int, int] = (640, 640)) -> tuple
     return int(crop[0]), int(crop[-1])
 
 
+# ----------------------------------------------------------------------------------------
+# Checks of the command lines (evaluate and export): one line naming the flag or the file
+# ----------------------------------------------------------------------------------------
+MIN_WINDOW = 32  # the coarsest backbone stride: a smaller window is less than one feature cell
+
+
+def non_finite_tensor(model: torch.nn.Module, prefix: str = "") -> str | None:
+    """``None`` when every floating-point parameter and buffer is finite, else one line naming
+    the first tensor holding NaN or Inf (a run that diverged still writes its checkpoints)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            return (f"tensor {prefix}{name} holds {bad} NaN/Inf value(s) of {t.numel()}: the training diverged "
+                    "before this checkpoint; use an earlier one")
+    return None
+
+
+def check_window(crop, flag: str = "--crop") -> tuple[int, int]:
+    """``--crop H W`` (or one value for both) of at least MIN_WINDOW pixels each, else SystemExit."""
+    crop = [int(c) for c in crop]
+    if len(crop) not in (1, 2) or min(crop) < MIN_WINDOW:
+        raise SystemExit(f"{flag}: expected H W (or one size) of at least {MIN_WINDOW} pixels each, the coarsest "
+                         f"stride of the networks (a smaller window sees less than one feature cell), got "
+                         f"{' '.join(map(str, crop))}")
+    return crop[0], crop[-1]
+
+
+def check_writable(folder: str | Path, flag: str, hint: str = "") -> Path:
+    """Create ``folder`` and write (then remove) a probe file in it; a read-only, full or
+    unreachable place is one SystemExit line naming ``flag`` instead of a traceback after
+    the work is done."""
+    import os
+
+    folder = Path(folder)
+    probe = folder / f".sepico_probe.{os.getpid()}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or (os.strerror(err.errno) if isinstance(err.errno, int) else type(err).__name__)
+        if folder.exists() and not folder.is_dir():
+            reason = "a file, not a folder"
+        raise SystemExit(f"{flag}: cannot write in {folder} ({reason}){hint}") from None
+    return folder
+
+
+def _cli(main) -> None:
+    """Run a command line's ``main``: a one-line SystemExit message (bad input, a file it
+    cannot read or write) goes to stderr with exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
 def iou_summary(cm: ConfusionMatrix) -> dict:
     iou = cm.iou().cpu().tolist()
     miou = float(cm.miou())
@@ -289,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision as in training: on CUDA bf16 autocast where the GPU has bf16 tensor "
                         "cores, else fp16; on the CPU float32 unless --cpu-amp")
     p.add_argument("--cpu-amp", action="store_true", help="with --amp on the CPU, use bf16 autocast")
-    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (default 0: all)")
     p.add_argument("--weights", default="model", choices=("model", "ema_model"),
                    help="student (upstream default) or teacher weights")
     p.add_argument("--no-dz-test-reweight", dest="dz_test_reweight", action="store_false",
@@ -324,12 +384,19 @@ def main(argv=None) -> dict:
         model, config = segmentor_from_checkpoint(ckpt_path, args.arch, prefix=args.weights + ".")
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--checkpoint: {err}") from None
+    bad = non_finite_tensor(model, args.weights + ".")
+    if bad:
+        raise SystemExit(f"--checkpoint: {ckpt_path}: {bad}")
+    if args.max_images < 0:
+        raise SystemExit(f"--max-images: expected 0 (all images) or a positive count, got {args.max_images}")
+    if args.out:
+        check_writable(args.out, "--out", "; pass --out DIR in a writable place")
     model = model.to(device)
     num_classes = int(config.get("num_classes") or num_classes_of(model) or 19)
     dataset = args.dataset or config.get("target") or "cityscapes"
     precision = choose_precision(device, args.amp, args.cpu_amp)  # the rule of training's --amp
     amp_dtype = precision.dtype
-    crop = tuple(args.crop) * (2 if len(args.crop) == 1 else 1) if args.crop else training_crop(config)
+    crop = check_window(args.crop) if args.crop else training_crop(config)
 
     from .data import build_val_set, val_loader
     writer = None
@@ -353,10 +420,13 @@ def main(argv=None) -> dict:
         root = dataset_root(dataset, args.data_root)
         batches = _unlabelled_batches(dataset, root, EVAL_SCALES[dataset], device)
     else:
+        from .data.synthetic import SyntheticDataError
         try:  # only the evaluation set: no source dataset has to be present
             val_set = build_val_set(dataset, args.data_root)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"--data-root: cannot load {dataset}: {err}") from None
+        except SyntheticDataError as err:  # a full disk or an unwritable cache folder
+            raise SystemExit(f"synthetic data: {err}") from None
         batches = val_loader(val_set, device)
     report: dict = {}
     groups: dict = {}
@@ -396,4 +466,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    _cli(main)

@@ -20,7 +20,6 @@ The ``export`` extra installs onnx, onnxruntime and onnxscript.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -95,7 +94,10 @@ def _check(fn, module: nn.Module, example: torch.Tensor, what: str) -> float:
     if tuple(got.shape) != tuple(ref.shape):
         raise SystemExit(f"export check failed: {what} gives shape {tuple(got.shape)} for input "
                          f"{tuple(other.shape)}, expected {tuple(ref.shape)}")
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    diff = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    if diff != diff or diff == float("inf"):
+        raise SystemExit(f"export check failed: {what} and PyTorch give non-finite logits (difference {diff})")
+    return diff
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,16 +115,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example input size used for tracing (default: the training crop, its dataset's "
                         "default for --crop 0, else 512 512)")
     p.add_argument("--onnx-exporter", default="dynamo", choices=EXPORTERS, help="torch.onnx exporter")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: the exporter's; dynamo 18 or newer, legacy 11..20)")
     p.add_argument("--no-check", action="store_true", help="skip running the exported file once")
     return p
 
 
+def opset_range(exporter: str) -> tuple[int, int]:
+    """Opsets ``--opset`` accepts: legacy 11 (the first whose Resize matches PyTorch's bilinear
+    interpolation) .. its newest; dynamo 18 (its own base; older ones go through a version
+    converter) .. the newest the installed onnx knows (past it the exporter writes 18)."""
+    from torch.onnx import _constants
+
+    if exporter == "legacy":
+        return 11, int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 17))
+    try:
+        import onnx
+
+        newest = int(onnx.defs.onnx_opset_version())
+    except ImportError:
+        newest = int(_constants.ONNX_MAX_OPSET)
+    return 18, newest
+
+
+def _check_args(args) -> None:
+    """One line naming the flag for values the exporters would ignore or fail on late."""
+    if args.opset is not None:
+        if args.format != "onnx":
+            raise SystemExit("--opset: only for --format onnx")
+        lo, hi = opset_range(args.onnx_exporter)
+        if not lo <= args.opset <= hi:
+            other = " (11..17: --onnx-exporter legacy)" if args.onnx_exporter == "dynamo" else ""
+            raise SystemExit(f"--opset: expected {lo}..{hi} with --onnx-exporter {args.onnx_exporter}{other}, "
+                             f"got {args.opset}")
+
+
+def _written_opset(path: Path) -> int | None:
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def main(argv=None) -> dict:
     from .checkpoint import segmentor_from_checkpoint
-    from .evaluate import training_crop
+    from .evaluate import check_writable, non_finite_tensor, training_crop
 
     args = build_parser().parse_args(argv)
+    _check_args(args)
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise SystemExit(f"--checkpoint: file {str(ckpt)!r} does not exist")
@@ -130,6 +172,9 @@ def main(argv=None) -> dict:
         segmentor, config = segmentor_from_checkpoint(ckpt, args.arch, prefix=args.weights + ".")
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--checkpoint: {err}") from None
+    bad = non_finite_tensor(segmentor, args.weights + ".")
+    if bad:
+        raise SystemExit(f"--checkpoint: {ckpt}: {bad}")
     module = inference_module(segmentor, upsample=not args.native_stride)
     size = args.size or list(training_crop(config, fallback=(512, 512)))
     if len(size) != 2 or min(size) < 32:
@@ -137,11 +182,24 @@ def main(argv=None) -> dict:
     example = torch.randn(2, 3, int(size[0]), int(size[-1]), generator=torch.Generator().manual_seed(0))
     suffix = ".onnx" if args.format == "onnx" else ".ts.pt"
     out = Path(args.out) if args.out else ckpt.with_name(ckpt.name.split(".")[0] + suffix)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out.parent, "--out", "" if args.out else " (the default, next to the checkpoint); pass --out "
+                   "FILE in a writable place")
     result = {"checkpoint": str(ckpt), "format": args.format, "out": str(out), "arch": segmentor.arch,
               "upsampled": not args.native_stride}
+    try:
+        if args.format == "onnx":
+            export_onnx(module, example, out, args.onnx_exporter, args.opset)
+        else:
+            export_torchscript(module, example, out)
+    except OSError as err:  # e.g. the disk filled up while writing
+        out.unlink(missing_ok=True)
+        raise SystemExit(f"--out: cannot write {out} ({err.strerror or type(err).__name__})") from None
     if args.format == "onnx":
-        export_onnx(module, example, out, args.onnx_exporter, args.opset)
+        written = _written_opset(out) if args.opset is not None else None
+        if written is not None and written != args.opset:
+            out.unlink(missing_ok=True)
+            raise SystemExit(f"--opset: the {args.onnx_exporter} exporter wrote opset {written} instead of "
+                             f"{args.opset}; file removed: choose another --opset or --onnx-exporter")
         result["exporter"] = args.onnx_exporter
         if not args.no_check:
             try:
@@ -153,7 +211,6 @@ def main(argv=None) -> dict:
                 result["check_rel_diff"] = _check(lambda x: torch.from_numpy(sess.run(None, {"image": x.numpy()})[0]),
                                                   module, example, "onnxruntime")
     else:
-        export_torchscript(module, example, out)
         if not args.no_check:
             loaded = torch.jit.load(str(out))
             with torch.no_grad():
@@ -165,4 +222,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from .evaluate import _cli
+
+    _cli(main)

@@ -3,8 +3,9 @@
 The command line of ``sepico_fast.data.preparation`` (the logic lives there): writes the
 train-id maps and ``ROOT/sample_class_stats.json``, or with ``--check`` verifies a
 prepared dataset without writing. Exit status: 0 fine; 1 bad files (every one listed, one
-line each); 2 a folder without the expected layout (one line naming it and the layout);
-130 interrupted.
+line each) or a file it cannot write (a full disk, a read-only folder: one line; its temp
+files removed); 2 a folder without the expected layout (one line naming it and the
+layout); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 
 from .data.cache import CACHE_FORMATS
 from .data.layouts import DATASETS, LayoutError
-from .data.preparation import BadFilesError, check, prepare
+from .data.preparation import BadFilesError, PrepareWriteError, check, prepare
 
 __all__ = ["main", "prepare", "check"]
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BadFilesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PrepareWriteError as exc:  # a full disk or a read-only folder: one line
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

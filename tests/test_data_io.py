@@ -58,3 +58,21 @@ def test_unreadable_files_name_the_file(tmp_path):
         io.read_image(tmp_path / "missing.png")
     with pytest.raises(ValueError, match="signature"):
         io.decode_png(b"not a png")
+
+
+def test_label_id_set_and_label_shape_checks(tmp_path):
+    ids = np.array([[0, 7, 33, 255]], np.uint8)  # 255: the id -1 ("license plate") as an unsigned byte
+    assert io.check_label_ids(ids, "a.png", "cityscapes") is ids
+    with pytest.raises(io.DataFileError, match=r"a.png: value 34, 200 is not a Cityscapes label id \(0..33 or 255"):
+        io.check_label_ids(np.array([[34, 200, 7]], np.uint8), "a.png", "gta")
+    assert io.check_label_ids(np.array([[200]], np.uint8), "a.png", "darkzurich") is not None  # train ids: not here
+    io.check_label_shape((1052, 1914), (1052, 1914), "l.png", "i.png")
+    io.check_label_shape((720, 1280), (1052, 1914), "l.png", "i.png")  # 2.3 % apart: resized onto the image
+    io.check_label_shape((48, 80), (24, 40), "l.png", "i.png")         # the same shape at twice the size
+    for label_hw in ((24, 20), (40, 24), (27, 40)):
+        with pytest.raises(io.DataFileError, match=r"l.png: label is .* but its image i.png is 24x40: another aspect"):
+            io.check_label_shape(label_hw, (24, 40), "l.png", "i.png")
+    png = tmp_path / "l.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(png, format="JPEG")
+    with pytest.raises(io.DataFileError, match="l.png: ValueError: a JPEG file, not a PNG"):
+        io.read_label(png)

@@ -53,12 +53,11 @@ def cache_job(args: tuple) -> tuple:
         size = fit_size(img.shape[0], img.shape[1], scale)
         small = resize_image(img, size)
         Path(out_image).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out_image).with_name(f".{Path(out_image).name}.{os.getpid()}.tmp")
         if fmt == "jpeg":
-            Image.fromarray(small).save(tmp, format="JPEG", quality=95, subsampling=0)
+            io.atomic_write(out_image, lambda tmp: Image.fromarray(small).save(tmp, format="JPEG", quality=95,
+                                                                               subsampling=0))
         else:
-            Image.fromarray(small).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, out_image)
+            io.atomic_write(out_image, lambda tmp: Image.fromarray(small).save(tmp, format="PNG", compress_level=1))
         if label is not None:
             Path(out_label).parent.mkdir(parents=True, exist_ok=True)
             io.write_label(out_label, np.ascontiguousarray(resize_label(io.read_label(label), size)))
@@ -66,7 +65,7 @@ def cache_job(args: tuple) -> tuple:
     except io.DataFileError as exc:
         return ("error", exc.path, exc.reason, exc.action)
     except OSError as exc:
-        return ("error", out_image, exc.strerror or str(exc), "write")
+        return ("error", out_image, io.os_reason(exc), "write")
 
 
 def cache_jobs(root: Path, entries: list[Entry], fmt: str, scale: tuple[int, int], with_labels: bool) -> list[tuple]:

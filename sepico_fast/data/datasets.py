@@ -84,7 +84,14 @@ class _Files:
         return self._cached("ref", i, lambda: io.read_image(self.entries[i].ref))
 
     def label(self, i: int) -> np.ndarray:
-        return self._cached("lbl", i, lambda: io.read_train_ids(self.entries[i].label, NUM_CLASSES))
+        return self._cached("lbl", i, lambda: self._checked_label(i))
+
+    def _checked_label(self, i: int) -> np.ndarray:
+        """The train-id map of entry i: valid ids, and the shape of its image (io.check_label_shape)."""
+        e = self.entries[i]
+        label = io.read_train_ids(e.label, NUM_CLASSES)
+        io.check_label_shape(label.shape, self.size(i), e.label, e.image)
+        return label
 
     def size(self, i: int) -> tuple[int, int]:
         """Original (h, w) of image i (file header; no decode)."""
@@ -99,7 +106,10 @@ class _Files:
         """Original (h, w) of label i (GTA has a few labels whose size differs from the image)."""
         key = -1 - i
         if key not in self._sizes:
-            self._sizes[key] = io.image_size(self.entries[i].label)
+            e = self.entries[i]
+            size = io.image_size(e.label)
+            io.check_label_shape(size, self.size(i), e.label, e.image)
+            self._sizes[key] = size
         return self._sizes[key]
 
 

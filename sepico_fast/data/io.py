@@ -12,8 +12,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -40,10 +42,36 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}".rstrip(": ")
 
 
+# Largest difference of aspect ratio (relative) between a label and its image that is still
+# resized onto it as the authors' pipeline does (a few GTA labels have another size); a
+# larger one would stretch the label over the wrong pixels and is refused.
+ASPECT_TOLERANCE = 0.05
+# The label ids a raw label of each dataset may hold: Cityscapes label ids 0..33 (the
+# official label definitions; GTA5 uses them as palette indices), and 255 (the id -1 of
+# "license plate" as an unsigned byte). Any other value is a re-encoded or re-coloured label.
+MAX_LABEL_ID = {"gta": 33, "cityscapes": 33}
+UNSIGNED_MINUS_ONE = 255
+
+
+@contextlib.contextmanager
+def _open(path: str | os.PathLike):
+    """``Image.open`` whose pixel-limit guard (``PIL.Image.MAX_IMAGE_PIXELS``; a warning past
+    it, an error past twice it) is a one-line DataFileError naming the file either way."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataFileError(path, f"{first_line(exc).split(',')[0]} (PIL.Image.MAX_IMAGE_PIXELS, PIL's guard "
+                                  "against decompression bombs): not an image of a dataset") from None
+    with im:
+        yield im
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to uint8 RGB ``[H, W, 3]``."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             im.load()
             arr = np.array(im.convert("RGB") if im.mode != "RGB" else im)
     except (OSError, ValueError, SyntaxError, struct.error, zlib.error) as exc:
@@ -54,7 +82,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) read from the file header, without decoding the pixels."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             w, h = im.size
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataFileError(path, _reason(exc)) from None
@@ -62,9 +90,15 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
-    """Decode an 8-bit single-channel label map (palette indices or gray levels), uint8 ``[H, W]``."""
+    """Decode an 8-bit single-channel label map (palette indices or gray levels), uint8 ``[H, W]``.
+
+    Only PNG files: a lossy format (a JPEG renamed ``.png``) changes the values at every
+    class edge, which no value check can see."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
+            if im.format != "PNG":
+                raise ValueError(f"a {im.format or 'non-PNG'} file, not a PNG: a lossy format changes label values "
+                                 "at every class edge; use the label as distributed (PNG)")
             im.load()
             if im.mode in ("P", "L"):
                 arr = np.array(im)
@@ -95,6 +129,33 @@ def check_train_ids(label: np.ndarray, path: str | os.PathLike, num_classes: int
     return label
 
 
+def check_label_ids(label: np.ndarray, path: str | os.PathLike, dataset: str) -> np.ndarray:
+    """``label`` if its values are label ids of ``dataset`` (``MAX_LABEL_ID``), else a
+    DataFileError naming ``path``: a label re-encoded through a lossy format or re-coloured."""
+    top = MAX_LABEL_ID.get(dataset)
+    if top is not None and label.size and int(label.max()) > top:
+        bad = (label > top) & (label != UNSIGNED_MINUS_ONE)
+        if bad.any():
+            values = np.unique(label[bad]).tolist()
+            shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+            raise DataFileError(path, f"value {shown} is not a Cityscapes label id (0..{top} or 255 for -1; "
+                                      f"{int(bad.sum())} pixels): a re-encoded (lossy) or re-coloured label? use the "
+                                      "label as distributed", "use")
+    return label
+
+
+def check_label_shape(label_hw, image_hw, label_path: str | os.PathLike, image_path: str | os.PathLike) -> None:
+    """A DataFileError naming ``label_path`` when the label's aspect ratio differs from its
+    image's by more than ``ASPECT_TOLERANCE`` (it would be stretched over the wrong pixels).
+    A label of another size but the same shape is resized onto the image (nearest), as the
+    authors' pipeline resizes it."""
+    (lh, lw), (ih, iw) = (int(v) for v in label_hw[:2]), (int(v) for v in image_hw[:2])
+    if (lh, lw) == (ih, iw) or abs(lh * iw - ih * lw) <= ASPECT_TOLERANCE * ih * lw:
+        return
+    raise DataFileError(label_path, f"label is {lh}x{lw} (HxW) but its image {image_path} is {ih}x{iw}: another "
+                                    "aspect ratio, the label would be stretched over the wrong pixels", "use")
+
+
 def read_train_ids(path: str | os.PathLike, num_classes: int = 19, ignore_index: int = 255) -> np.ndarray:
     """``read_label`` + ``check_train_ids``: an 8-bit train-id map whose values are valid."""
     return check_train_ids(read_label(path), path, num_classes, ignore_index)
@@ -104,10 +165,65 @@ def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
     """Write a uint8 ``[H, W]`` map as an 8-bit gray PNG, atomically (temp file + rename)."""
     if label.dtype != np.uint8 or label.ndim != 2:
         raise ValueError(f"label: expected uint8 [H, W], got {label.dtype} {list(label.shape)}")
+    atomic_write(path, lambda tmp: Image.fromarray(label, mode="L").save(tmp, format="PNG", compress_level=3))
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """``write(tmp)`` into a temp file next to ``path``, then rename it to ``path``. On any
+    failure (a full disk, an unwritable folder, an interrupt) the temp file is removed: no
+    empty or half-written file stays behind, and ``path`` is untouched."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(label, mode="L").save(tmp, format="PNG", compress_level=3)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
+
+
+TEMP_PREFIX = ".sepico_tmp."  # temp files of the atomic writes: ``remove_temp_files`` finds them
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_temp_files(folders) -> int:
+    """Delete the temp files of ``atomic_write`` in ``folders`` (recursively) whose writer
+    process is gone (killed, or stopped by a full disk); a live writer's are kept."""
+    removed = 0
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for p in folder.rglob(f"{TEMP_PREFIX}*.tmp"):
+            pid = p.name[:-len(".tmp")].rsplit(".", 1)[-1]
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+    return removed
+
+
+def os_reason(exc: OSError) -> str:
+    """``strerror`` of an OSError (also when it was raised with an errno only)."""
+    if exc.strerror:
+        return exc.strerror
+    if isinstance(exc.errno, int):
+        return os.strerror(exc.errno)
+    return first_line(exc) or type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- 16-bit PNG
@@ -130,7 +246,7 @@ def read_png16(path: str | os.PathLike) -> np.ndarray:
 def _read_png16_pil(path: str | os.PathLike) -> np.ndarray | None:
     """PIL fast path for 16-bit RGB PNGs (None when the file is not one, or PIL changed)."""
     try:
-        with Image.open(path) as probe:
+        with _open(path) as probe:
             if probe.format != "PNG":
                 raise ValueError(f"expected a PNG file, got {probe.format}")
             tile = probe.tile
@@ -142,7 +258,7 @@ def _read_png16_pil(path: str | os.PathLike) -> np.ndarray | None:
                 return None
         planes = []
         for rawmode in ("RGB;16B", "RGB;16L"):  # high bytes, then low bytes of every sample
-            with Image.open(path) as im:
+            with _open(path) as im:
                 codec, extents, offset, _ = tuple(im.tile[0])
                 im.tile = [type(im.tile[0])(codec, extents, offset, rawmode)]
                 im.load()

@@ -114,7 +114,7 @@ def default_num_workers(world_size: int = 1, in_memory: bool = False) -> int:
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError:
+    except Exception:  # not installed, or installed without its CUDA libraries
         return False
     return True
 

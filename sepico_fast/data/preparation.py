@@ -28,6 +28,11 @@ from .labels import NUM_CLASSES, cityscapes_ids_to_train_ids, class_pixel_counts
 from .layouts import DATASETS, TRAIN_SCALES, Entry, LayoutError, darkzurich_pairs, list_files
 
 
+class PrepareWriteError(Exception):
+    """A file ``prepare`` could not write (a full disk, a read-only folder): one line. The run
+    stops at the first (every other write would fail the same way); its temp files are removed."""
+
+
 class BadFilesError(Exception):
     """Data files that cannot be read or hold invalid values; ``errors`` lists them all.
 
@@ -50,7 +55,7 @@ def _convert(dataset: str, raw: Path) -> np.ndarray:
     label = io.read_label(raw)
     if dataset in ("darkzurich", "acdc"):  # already train ids: only check them
         return io.check_train_ids(label, raw, NUM_CLASSES)
-    return cityscapes_ids_to_train_ids(label)
+    return cityscapes_ids_to_train_ids(io.check_label_ids(label, raw, dataset))
 
 
 def _job(args: tuple[str, str, str | None, str | None, bool]) -> tuple:
@@ -64,32 +69,43 @@ def _job(args: tuple[str, str, str | None, str | None, bool]) -> tuple:
             return ("ok", None, None, [h, w], False)
         if convert:
             train_ids = _convert(dataset, Path(raw))
+            io.check_label_shape(train_ids.shape, (h, w), raw, image)
             if out != raw:
                 io.write_label(out, train_ids)
         else:
             train_ids = io.read_train_ids(out, NUM_CLASSES)
+            io.check_label_shape(train_ids.shape, (h, w), out, image)
         return ("ok", out, class_pixel_counts(train_ids, NUM_CLASSES).tolist(), list(train_ids.shape), convert)
     except io.DataFileError as exc:
         return ("error", exc.path, exc.reason, exc.action)
     except OSError as exc:  # e.g. the output folder is not writable
-        return ("error", out, exc.strerror or str(exc), "write")
+        return ("error", out, io.os_reason(exc), "write")
 
 
-def _check_job(args: tuple[str, str | None, list | None]) -> tuple:
-    """Worker of ``check``: ('ok',) or ('error', path, reason, action)."""
-    image, label, counts = args
+def _check_job(args: tuple) -> tuple:
+    """Worker of ``check``: ('ok',) or ('error', path, reason, action).
+
+    The label as distributed is decoded too (a lossy or re-coloured one is named) and its
+    conversion compared with the train-id map."""
+    image, label, counts, dataset, raw = (tuple(args) + (None, None))[:5]
     try:
-        io.read_image(image)
+        h, w = io.read_image(image).shape[:2]
         if label is None:
             return ("ok",)
         if not Path(label).is_file():
             return ("error", label, "train-id label missing (run python -m sepico_fast.prepare first)", "read")
         train_ids = io.read_train_ids(label, NUM_CLASSES)
+        io.check_label_shape(train_ids.shape, (h, w), label, image)
         if counts is None:
             return ("error", label, f"no entry in {stats.STATS_FILE} (run python -m sepico_fast.prepare)", "check")
         if class_pixel_counts(train_ids, NUM_CLASSES).tolist() != list(counts):
             return ("error", label, f"class counts differ from {stats.STATS_FILE} (the file changed after "
                                     "prepare: rerun python -m sepico_fast.prepare)", "check")
+        if raw is not None and raw != label and Path(raw).is_file():
+            converted = _convert(dataset, Path(raw))
+            if converted.shape != train_ids.shape or not np.array_equal(converted, train_ids):
+                return ("error", label, f"differs from the conversion of {raw} (the label changed after prepare: "
+                                        "rerun python -m sepico_fast.prepare)", "check")
         return ("ok",)
     except io.DataFileError as exc:
         return ("error", exc.path, exc.reason, exc.action)
@@ -132,7 +148,10 @@ def _run_jobs(fn, jobs: list, workers: int, bar: _Progress) -> tuple[list, list[
     try:
         for res in results:
             if res[0] == "error":
-                errors.append(io.DataFileError(*res[1:]))
+                err = io.DataFileError(*res[1:])
+                if err.action == "write":  # a full disk or an unwritable folder: every other write fails too
+                    raise PrepareWriteError(f"{err}; temp files removed, finished files kept: fix it and rerun")
+                errors.append(err)
             else:
                 done.append(res)
             bar.step()
@@ -141,6 +160,14 @@ def _run_jobs(fn, jobs: list, workers: int, bar: _Progress) -> tuple[list, list[
             pool.terminate()
             pool.join()
     return done, errors
+
+
+def _write_stats(root: Path, dataset: str, files: dict) -> Path:
+    try:
+        return stats.write_stats(root, dataset, files, NUM_CLASSES)
+    except OSError as exc:
+        raise PrepareWriteError(f"cannot write {root / stats.STATS_FILE}: {exc.strerror or exc}; labels kept: fix "
+                                "it and rerun") from None
 
 
 def _workers(workers: int | None) -> int:
@@ -169,6 +196,15 @@ def prepare(dataset: str, root: str | os.PathLike, workers: int | None = None, p
     """
     root = Path(root)
     entries = _entries(dataset, root)
+    io.remove_temp_files([root])  # left by an earlier run that was killed or ran out of disk
+    try:
+        return _prepare(dataset, root, entries, workers, progress, cache, cache_scale)
+    except BaseException:
+        io.remove_temp_files([root])  # those of worker processes stopped in the middle of a write
+        raise
+
+
+def _prepare(dataset, root, entries, workers, progress, cache, cache_scale) -> dict:
     old = (stats.read_stats(root) or {}).get("files", {})
     jobs, ref_images = [], []
     for e in entries:
@@ -197,7 +233,7 @@ def prepare(dataset: str, root: str | os.PathLike, workers: int | None = None, p
         converted += int(did_convert)
     keys = {e.label.relative_to(root).as_posix() for e in entries if e.label is not None}
     files = {k: v for k, v in files.items() if k in keys}  # drop entries of files that disappeared
-    stats_path = stats.write_stats(root, dataset, files, NUM_CLASSES)
+    stats_path = _write_stats(root, dataset, files)
     summary = {"dataset": dataset, "root": str(root), "files": len(entries), "labels": len(keys),
                "converted": converted, "skipped": len(keys) - converted, "stats": str(stats_path)}
     if cache is not None:
@@ -222,7 +258,8 @@ def check(dataset: str, root: str | os.PathLike, workers: int | None = None, pro
     for e in entries:
         key = e.label.relative_to(root).as_posix() if e.label is not None else None
         counts = recorded.get(key, {}).get("counts") if key is not None else None
-        jobs.append((str(e.image), str(e.label) if e.label is not None else None, counts))
+        raw = str(e.raw_label) if e.raw_label is not None and e.label is not None else None
+        jobs.append((str(e.image), str(e.label) if e.label is not None else None, counts, dataset, raw))
         if e.ref is not None:
             jobs.append((str(e.ref), None, None))
     _, errors = _run_jobs(_check_job, jobs, _workers(workers), _Progress(f"{dataset} check", len(jobs), progress))

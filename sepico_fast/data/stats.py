@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import io
+
 STATS_FILE = "sample_class_stats.json"
 STATS_FORMAT = "sepico_fast.sample_class_stats/1"
 
@@ -28,10 +30,7 @@ def write_stats(root: str | os.PathLike, dataset: str, files: dict[str, dict], n
            "files": dict(sorted(files.items())), "class_pixels": totals.tolist(),
            "class_frequencies": [round(float(f), 8) for f in freq]}
     path = Path(root) / STATS_FILE
-    tmp = path.with_name(f".{STATS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")))
-    os.replace(tmp, path)
-    return path
+    return io.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, separators=(",", ":"))))
 
 
 def read_stats(root: str | os.PathLike) -> dict | None:

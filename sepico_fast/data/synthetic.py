@@ -62,6 +62,11 @@ SOURCE_COLOURS = {
 }
 
 
+class SyntheticDataError(Exception):
+    """The synthetic pair could not be written (a full disk, an unwritable cache folder):
+    ``str()`` is one line; the half-written folder is already removed."""
+
+
 class SyntheticPaths(NamedTuple):
     source: Path  # GTA-like layout
     target: Path  # Cityscapes-like layout
@@ -464,17 +469,57 @@ def ensure_synthetic(cache_dir: str | os.PathLike | None = None, *, num_source: 
     final = cache / f"v{GENERATOR_VERSION}-{key}"
     paths = SyntheticPaths(final / "source", final / "target")
     stamp = final / "COMPLETE.json"
+    _remove_stale_temp_folders(cache)
     if stamp.is_file():
         return paths
-    with _lock(cache / ".lock"):
-        if stamp.is_file():  # another process finished it while we waited
-            return paths
-        tmp = cache / f".tmp-{key}-{os.getpid()}"
+    tmp = cache / f"{_TMP_PREFIX}{key}-{os.getpid()}"
+    try:
+        with _lock(cache / ".lock"):
+            if stamp.is_file():  # another process finished it while we waited
+                return paths
+            shutil.rmtree(tmp, ignore_errors=True)
+            _generate(tmp, seed, num_source, num_target_train, num_target_val)
+            prepare("gta", tmp / "source", workers=0, progress=False)
+            prepare("cityscapes", tmp / "target", workers=0, progress=False)
+            (tmp / "COMPLETE.json").write_text(json.dumps(params))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except BaseException as exc:  # a full disk, an unwritable folder, an interrupt: no half-written folder stays
         shutil.rmtree(tmp, ignore_errors=True)
-        _generate(tmp, seed, num_source, num_target_train, num_target_val)
-        prepare("gta", tmp / "source", workers=0, progress=False)
-        prepare("cityscapes", tmp / "target", workers=0, progress=False)
-        (tmp / "COMPLETE.json").write_text(json.dumps(params))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        raise SyntheticDataError(f"cannot write the synthetic data set to {cache}: {reason}; nothing half-written "
+                                 "is left: free disk space there, or set $SEPICO_FAST_CACHE to a writable folder "
+                                 "with space") from None
     return paths
+
+
+_TMP_PREFIX = ".tmp-"  # a folder being generated: ``.tmp-<key>-<pid>``
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """One-line reason of a failed write (OSError, or prepare's write error), None for other exceptions."""
+    from .io import os_reason
+    from .preparation import PrepareWriteError
+
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename else None
+        return f"{os_reason(exc)}" + (f" ({where})" if where else "")
+    if isinstance(exc, PrepareWriteError):
+        return str(exc).split("; temp files removed")[0]
+    return None
+
+
+def _remove_stale_temp_folders(cache: Path) -> None:
+    """Remove the half-written folders of generations that were killed (their process is gone)."""
+    from .io import pid_alive
+
+    try:
+        found = list(cache.glob(f"{_TMP_PREFIX}*"))
+    except OSError:  # no cache folder (yet), or not a folder: the write below names the problem
+        return
+    for p in found:
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)

@@ -27,6 +27,7 @@ from ..checkpoint import load_pretrained as load_pretrained_weights
 from ..contrast import ClassStats
 from ..data.io import DataFileError
 from ..data.labels import CLASSES
+from ..data.synthetic import SyntheticDataError
 from ..device import choose_precision, resolve_device
 from ..evaluate import (
     dark_zurich_class_weights,
@@ -150,6 +151,7 @@ def _claim_work_dir(cfg: TrainConfig, run_id: str, resuming: bool) -> Path:
     except OSError as err:  # an existing file, a read-only or unreachable place
         raise SystemExit(f"--work-dir: cannot create the folder {cfg.work_dir or 'under work_dirs'} "
                          f"({type(err).__name__}: {err.strerror or first_line(err)})") from None
+    _require_writable(work_dir, cfg)
     try:
         lock = workdir.RunLock.acquire(work_dir, run_id or workdir.new_run_id())
     except workdir.WorkDirBusy as busy:
@@ -172,6 +174,25 @@ def _claim_work_dir(cfg: TrainConfig, run_id: str, resuming: bool) -> Path:
     if stale:
         print(f"removed {len(stale)} stale temp file(s) of an interrupted checkpoint write in {work_dir}")
     return work_dir
+
+
+def _require_dali(cfg: TrainConfig) -> None:
+    """``--pipeline dali`` needs NVIDIA DALI: one line before any work when it does not import."""
+    from ..data.loader import dali_available
+
+    if cfg.pipeline == "dali" and not dali_available():
+        raise SystemExit("--pipeline: dali requested but nvidia.dali does not import (pip install "
+                         "nvidia-dali-cuda130, see docs/data.md); use --pipeline torch or auto")
+
+
+def _require_writable(work_dir: Path, cfg: TrainConfig) -> None:
+    """A read-only (or full) work dir is one line before anything is built: the run writes its
+    checkpoints, logs and config.json there."""
+    from ..evaluate import check_writable
+
+    hint = ("; a resumed run writes its checkpoints there: copy the run folder to a writable place and "
+            "--resume from the copy") if cfg.resume else "; pass --work-dir DIR in a writable place"
+    check_writable(work_dir, "--work-dir", hint)
 
 
 def _supersede_newer(work_dir: Path, start_it: int, ckpt_path: Path) -> None:
@@ -199,6 +220,8 @@ def _datasets(cfg: TrainConfig):
     except DataFileError as err:
         raise SystemExit(f"--data-root: {err} (data root {where}; fix or remove the file; python -m "
                          "sepico_fast.prepare DATASET ROOT --check lists every bad file)") from None
+    except SyntheticDataError as err:  # a full disk or an unwritable cache folder
+        raise SystemExit(f"synthetic data: {err}") from None
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--data-root / --source / --target: cannot load {cfg.source} -> {cfg.target} "
                          f"from {where}: {err}") from None
@@ -259,6 +282,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
     from ..data import TrainLoader
 
     cfg, ckpt, ckpt_path = resolve_resume(cfg)  # before any work: the checkpoint's config
+    _require_dali(cfg)
     _check_stop_at(cfg, ckpt, ckpt_path)
     run_id = str((ckpt or {}).get("meta", {}).get("run_id") or workdir.new_run_id())
     if ckpt is None and cfg.pretrained:  # a missing weights file: one line, before the data is opened
