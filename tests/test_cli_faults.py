@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from sepico_fast.train.checkpointing import atomic_save, prefixed
 
 from sepico_fast import evaluate, export
 from sepico_fast.models import build_segmentor
 from sepico_fast.train import make_config
+from sepico_fast.train.run_checkpoints import atomic_save, prefixed
 
 ROOT = Path(__file__).resolve().parents[1]
 
