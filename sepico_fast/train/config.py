@@ -108,6 +108,9 @@ class TrainConfig:
     cpu_amp: bool = _f(False, "with --amp on the CPU, really use bf16 autocast (slower than fp32 for the "
                        "tiny models on the 2-core dev machine, so off by default)")
     compile: bool = _f(False, "torch.compile the student and teacher")
+    # whole-step CUDA graphs (train/graphs.py)
+    cuda_graphs: bool = _f(False, "capture one iteration after contrast start as a CUDA graph and replay it "
+                           "(jitter/blur decisions as device data; eager on the CPU, with DDP or fp16)")
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes; slower)")
     max_skipped_steps: int = _f(20, "stop after this many optimizer steps skipped for NaN/Inf losses")
     # debugging (does not change the method)
