@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODES = ("fast", "compile", "upstream", "cuda_graphs")
+MODES = ("fast", "compile", "upstream")
 
 
 def cpu_model() -> str:
@@ -237,7 +237,7 @@ def build(mode: str, arch: str, crop: int, batch: int, counter: OpCounter | None
     from sepico_fast.models import build_segmentor
 
     device = torch.device("cpu")
-    cfg = bench_config(arch, crop, batch, **({"cuda_graphs": True} if mode == "cuda_graphs" else {}))
+    cfg = bench_config(arch, crop, batch)
     torch.manual_seed(cfg.seed)
     student = build_segmentor(cfg.arch, cfg.num_classes, cfg.proj_dim, drop_path_rate=cfg.drop_path_rate).to(device)
     src, tgt = synthetic_batches(batch, crop, device)
