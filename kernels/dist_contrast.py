@@ -206,11 +206,11 @@ def finish_loss(loss_sum: torch.Tensor, n: torch.Tensor, reg: torch.Tensor | Non
                 reg_weight: float):
     """Mean over the valid pixels plus the weighted regulariser; 0 when n = 0. Returns (L, 1/n or 0)."""
     has = n > 0
-    inv_n = torch.where(has, 1.0 / n.clamp_min(1.0), torch.zeros_like(n))
+    inv_n = torch.where(has, 1.0 / n.clamp_min(1.0), 0.0)  # a scalar 0: no zeros_like launch
     loss = loss_sum * inv_n
     if reg is not None:
         loss = loss + reg_weight * reg
-    return torch.where(has, loss, torch.zeros_like(loss)), inv_n
+    return torch.where(has, loss, 0.0), inv_n
 
 
 def kernel_config(feat_dtype: torch.dtype, a: int, c: int, *, use_var: bool = True,

@@ -157,7 +157,17 @@ def build_context(args, name, spec, device, models):
                       amp_dtype=amp_dtype, scaler=scaler)
     if mode == "compiled":
         runner._compile_models(ctx, backend=args.compile_backend)  # what the trainer's --compile does
+    if mode == "graphs":
+        from sepico_fast.train import graphs
+        ctx.probe_step = graphs.make_step(ctx)  # what the trainer's --cuda-graphs runs
     return cfg, ctx
+
+
+def run_step(ctx, src, tgt, it):
+    """One iteration as the trainer runs it: ``train_step``, or with ``--cuda-graphs`` the
+    trainer's ``GraphStep`` (eager warm-up, one capture, then replays)."""
+    step = getattr(ctx, "probe_step", None) or train_step
+    return step(ctx, src, tgt, it)
 
 
 def _sync(device):
@@ -199,7 +209,7 @@ def phase_table(ctx, src, tgt, it0, steps, device) -> list[dict]:
     ctx.profiler = timer
     try:
         for k in range(steps):
-            train_step(ctx, src, tgt, it0 + k)
+            run_step(ctx, src, tgt, it0 + k)
     finally:
         ctx.profiler = before
     return timer.rows(steps)
@@ -209,7 +219,7 @@ def count_flops(ctx, src, tgt, it) -> float | None:
     try:
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as counter:
-            train_step(ctx, src, tgt, it)
+            run_step(ctx, src, tgt, it)
         return float(counter.get_total_flops())
     except Exception as exc:  # noqa: BLE001 - a probe reports, it does not stop
         print(f"  FlopCounterMode failed: {type(exc).__name__}: {exc}")
@@ -260,7 +270,7 @@ def gpu_busy(ctx, src, tgt, it0, steps, device) -> tuple[float | None, str]:
     _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for k in range(steps):
-            train_step(ctx, src, tgt, it0 + k)
+            run_step(ctx, src, tgt, it0 + k)
         _sync(device)
     intervals = device_intervals(prof.events())
     if not intervals:
@@ -279,7 +289,7 @@ def host_syncs(ctx, src, tgt, it0, steps, device) -> tuple[float | None, list[st
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for k in range(steps):
-                train_step(ctx, src, tgt, it0 + k)
+                run_step(ctx, src, tgt, it0 + k)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     _sync(device)
@@ -299,10 +309,13 @@ def probe_variant(args, name, spec, device, models, records) -> dict:
     cfg, ctx = build_context(args, name, spec, device, models)
     gen = torch.Generator().manual_seed(2)
     src, tgt = make_batches(args, device, gen)
-    it = 1
+    it, warmup = 1, args.warmup
+    if spec.get("mode") == "graphs":  # from the first graph-ready iteration: 3 eager, 1 capture
+        from sepico_fast.train.graphs import static_from
+        it, warmup = static_from(cfg), max(args.warmup, 4)
     t0 = time.perf_counter()
-    for _ in range(args.warmup):  # compiles Triton kernels, cuDNN/cuBLAS heuristics
-        train_step(ctx, src, tgt, it)
+    for _ in range(warmup):  # compiles Triton kernels, cuDNN/cuBLAS heuristics
+        run_step(ctx, src, tgt, it)
         it += 1
     _sync(device)
     warmup_s = time.perf_counter() - t0
@@ -314,13 +327,13 @@ def probe_variant(args, name, spec, device, models, records) -> dict:
     for _ in range(args.steps):  # synchronised steps
         _sync(device)
         t = time.perf_counter()
-        train_step(ctx, src, tgt, it)
+        run_step(ctx, src, tgt, it)
         _sync(device)
         times.append((time.perf_counter() - t) * 1e3)
         it += 1
     t = time.perf_counter()
     for _ in range(args.steps):  # back to back: the host may run ahead (no syncs in a step)
-        train_step(ctx, src, tgt, it)
+        run_step(ctx, src, tgt, it)
         it += 1
     _sync(device)
     back_to_back_ms = (time.perf_counter() - t) * 1e3 / args.steps

@@ -173,7 +173,7 @@ TRAINING_CONFIG_FIELDS = frozenset({
     "amp", "arch", "batch_size", "betas", "blur", "cache", "cat_max_ratio", "ce_mean_over_all",
     "checkpoint_interval", "color_jitter_p", "color_jitter_strength", "compile", "contrast_start",
     "contrast_weight", "cpu_amp", "crop", "crop_tries", "data_root", "day_ratio", "ddp_schedule", "ddp_timeout",
-    "debug_checks", "debug_interval", "decay_rule", "deterministic", "device", "drop_path_rate", "dz_class_weight",
+    "cuda_graphs", "debug_checks", "debug_interval", "decay_rule", "deterministic", "device", "drop_path_rate", "dz_class_weight",
     "dz_test_reweight", "ema_alpha", "eval_interval", "eval_max_images", "fused_jitter", "head_lr_mult", "iters",
     "keep_checkpoints", "layer_decay", "log_interval", "lr", "max_skipped_steps", "memory_length", "method",
     "min_ratio", "num_classes", "num_workers", "nvtx", "overwrite", "pipeline", "poly_power", "preset",

@@ -76,6 +76,8 @@ def choose_precision(device: torch.device, amp: bool, cpu_amp: bool = False) -> 
     return Precision(None, False, "float32 (--amp on CPU: bf16 autocast is slower here; --cpu-amp forces it)")
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``'s type; ``dtype`` None: a disabled autocast (float32)."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
+    """Autocast to ``dtype`` on ``device``'s type; ``dtype`` None: a disabled autocast (float32).
+    ``cache_enabled=False`` for code captured into a CUDA graph (no reuse of cached casts)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                          cache_enabled=cache_enabled)

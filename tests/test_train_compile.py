@@ -59,3 +59,28 @@ def test_compiled_step_compiles_each_graph_once_and_matches_eager():
     # student extract, decode, project (grad mode). Later iterations reuse them all.
     assert per_iteration[0] >= 8, graphs
     assert per_iteration == [per_iteration[0]] * 4, per_iteration
+
+
+def test_student_passes_with_losses_trace_without_graph_breaks():
+    """Backbone, heads, seg CE and the contrast loss (with its value checks) of the student's
+    source and target passes trace as ONE graph each: no graph break (torch._dynamo.explain)."""
+    import torch._dynamo
+
+    from sepico_fast.train.step import contrast_loss, seg_ce
+
+    ctx = _ctx()
+    cfg, m, stats = ctx.cfg, ctx.student, ctx.stats
+    src, tgt = _batches()
+
+    def student_source(img, gt):
+        feats = m.extract(img)
+        return seg_ce(m.decode(feats), gt) + contrast_loss(cfg, stats, m.project(feats), gt)
+
+    def student_target(img, label):
+        return contrast_loss(cfg, stats, m.project(m.extract(img)), label)
+
+    label = torch.randint(0, 19, (2, 1, 32, 64))
+    for fn, args in ((student_source, (src["img"], src["gt"])), (student_target, (tgt["img"], label))):
+        torch._dynamo.reset()
+        e = torch._dynamo.explain(fn)(*args)
+        assert e.graph_break_count == 0 and e.graph_count == 1, [b.reason for b in e.break_reasons]

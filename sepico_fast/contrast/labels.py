@@ -35,6 +35,12 @@ def downscale_label_ratio(label: torch.Tensor, scale: int, min_ratio: float = 0.
     as average pooling, trailing rows/columns that do not fill an s x s window are dropped.
     """
     _check_label_map(label, num_classes, ignore_index)
+    return _downscale_checked(label, scale, min_ratio, num_classes, ignore_index)
+
+
+def _downscale_checked(label: torch.Tensor, scale: int, min_ratio: float, num_classes: int,
+                       ignore_index: int) -> torch.Tensor:
+    """``downscale_label_ratio`` after its label check (the caller made it)."""
     original_scale = scale
     try:
         scale = operator.index(scale) if not isinstance(scale, bool) else None
@@ -108,6 +114,6 @@ def prepare_contrast(proj: torch.Tensor, label: torch.Tensor, *, min_ratio: floa
         raise ValueError(f"label size {height}x{width} does not downscale to the feature size {h}x{w}: "
                          f"with s = label width // feature width = {scale} it gives "
                          f"{height // max(scale, 1)}x{width // max(scale, 1)}")
-    small = downscale_label_ratio(label, scale, min_ratio, num_classes, ignore_index)
+    small = _downscale_checked(label, scale, min_ratio, num_classes, ignore_index)  # label checked above
     feat = proj.permute(0, 2, 3, 1).reshape(batch * h * w, dim)
     return feat, small.reshape(-1)

@@ -1,6 +1,8 @@
 """The three pixel-contrast losses of SePiCo (method §5) with the shared regulariser.
 
-Public functions validate their arguments and dispatch on ``impl``; the ``*_torch``
+Public functions validate their arguments (``labels_checked=True``: labels made by
+``prepare_contrast``, whose values were checked there, skip the repeated value check)
+and dispatch on ``impl``; the ``*_torch``
 functions are the reference implementations in plain PyTorch. Conventions shared by
 all three (z_i = feat[i], y_i = labels[i], τ = temperature, V = pixels whose label is
 not ``ignore_index``):
@@ -152,9 +154,9 @@ def bank_contrast_loss_torch(feat, labels, bank, bank_len, temperature=100.0, me
 
 # ------------------------------------------------------------------------------ public API
 
-def _check_common(feat, labels, num_classes, ignore_index, temperature, reg_weight):
+def _check_common(feat, labels, num_classes, ignore_index, temperature, reg_weight, labels_checked=False):
     check_features(feat)
-    check_labels(labels, feat, num_classes, ignore_index)
+    check_labels(labels, feat, num_classes, ignore_index, values=not labels_checked)
     temperature = check_scalar(temperature, "temperature", positive=True)
     reg_weight = check_scalar(reg_weight, "reg_weight")
     if reg_weight != 0.0 and num_classes < 2:
@@ -167,12 +169,12 @@ def _as_float32_scalar(loss: torch.Tensor) -> torch.Tensor:
 
 
 def proto_contrast_loss(feat, labels, mean, *, temperature=100.0, reg_weight=0.0,
-                        ignore_index=255, impl=None):
+                        ignore_index=255, impl=None, labels_checked=False):
     """ProtoCL loss (method §5), 0-d float32. ``mean [C,A]`` are the class means μ."""
     check_features(feat)
     check_statistic(mean, "mean", feat)
     temperature, reg_weight = _check_common(feat, labels, mean.shape[0], ignore_index,
-                                            temperature, reg_weight)
+                                            temperature, reg_weight, labels_checked)
     impl = resolve_impl("proto_contrast_loss", impl, feat.device, dtype=feat.dtype)
     if impl == "triton":
         fn = triton_kernel("proto_contrast_loss")
@@ -182,7 +184,7 @@ def proto_contrast_loss(feat, labels, mean, *, temperature=100.0, reg_weight=0.0
 
 
 def dist_contrast_loss(feat, labels, mean, var, *, temperature=100.0, ratio=1.0, reg_weight=0.0,
-                       ignore_index=255, impl=None):
+                       ignore_index=255, impl=None, labels_checked=False):
     """DistCL loss (method §5), 0-d float32. ``mean, var [C,A]``: class means μ and diagonal
     variances σ²; ``ratio`` is λ."""
     check_features(feat)
@@ -190,7 +192,7 @@ def dist_contrast_loss(feat, labels, mean, var, *, temperature=100.0, ratio=1.0,
     check_statistic(var, "var", feat, shape=tuple(mean.shape))
     ratio = check_scalar(ratio, "ratio")
     temperature, reg_weight = _check_common(feat, labels, mean.shape[0], ignore_index,
-                                            temperature, reg_weight)
+                                            temperature, reg_weight, labels_checked)
     impl = resolve_impl("dist_contrast_loss", impl, feat.device, dtype=feat.dtype)
     if impl == "triton":
         fn = triton_kernel("dist_contrast_loss")
@@ -201,7 +203,7 @@ def dist_contrast_loss(feat, labels, mean, var, *, temperature=100.0, ratio=1.0,
 
 
 def bank_contrast_loss(feat, labels, bank, bank_len, *, temperature=100.0, mean=None,
-                       reg_weight=0.0, ignore_index=255, impl=None):
+                       reg_weight=0.0, ignore_index=255, impl=None, labels_checked=False):
     """BankCL loss (method §5), 0-d float32. ``bank [C,M,A]`` with ``bank_len [C]`` valid rows
     per class (rows 0..bank_len-1); ``mean [C,A]`` (the class means) is only used by the
     regulariser and is required when ``reg_weight != 0``."""
@@ -228,7 +230,7 @@ def bank_contrast_loss(feat, labels, bank, bank_len, *, temperature=100.0, mean=
         check_value((bank_len >= 0) & (bank_len <= length),
                     f"bank_len must hold values in 0..{length} (the bank's M)")
     temperature, reg_weight = _check_common(feat, labels, num_classes, ignore_index,
-                                            temperature, reg_weight)
+                                            temperature, reg_weight, labels_checked)
     if mean is not None:
         check_statistic(mean, "mean", feat, shape=(num_classes, feat.shape[1]))
     elif reg_weight != 0.0:

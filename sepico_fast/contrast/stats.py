@@ -173,7 +173,8 @@ class ClassStats:
         return count.to(self.dtype), mean.to(self.dtype), m2.to(self.dtype)
 
     @torch.no_grad()
-    def update(self, feat: torch.Tensor, labels: torch.Tensor, process_group=None) -> None:
+    def update(self, feat: torch.Tensor, labels: torch.Tensor, process_group=None,
+               labels_checked: bool = False) -> None:
         """Merge one batch of prepared features into the state (method §4), no host sync.
 
         Under torch.distributed (initialised with world size > 1, or an explicit
@@ -185,7 +186,8 @@ class ClassStats:
             raise ValueError(f"feat must have {self.dim} columns (ClassStats dim), got {feat.shape[1]}")
         if feat.device != self.device:
             raise ValueError(f"feat is on {feat.device} but the statistics are on {self.device}")
-        check_labels(labels, feat, self.num_classes, self.ignore_index)
+        # labels_checked: made by prepare_contrast, values checked there (7 launches fewer)
+        check_labels(labels, feat, self.num_classes, self.ignore_index, values=not labels_checked)
 
         k, m, m2 = self.batch_moments(feat.detach(), labels)
         group = _distributed_group(process_group)
@@ -193,8 +195,17 @@ class ClassStats:
             k, m, m2 = all_gather_moments(k, m, m2, group)
         self._merge(k, m, m2)
 
+    # True: updates write into the existing tensors (a captured CUDA graph replays them in place)
+    inplace = False
+
     def _merge(self, k: torch.Tensor, m: torch.Tensor, m2: torch.Tensor) -> None:
-        self.count, self.mean, self.var = merge_batch(self.count, self.mean, self.var, k, m, m2)
+        count, mean, var = merge_batch(self.count, self.mean, self.var, k, m, m2)
+        if self.inplace:
+            self.count.copy_(count)
+            self.mean.copy_(mean)
+            self.var.copy_(var)
+        else:
+            self.count, self.mean, self.var = count, mean, var
         if self.memory_length:
             self._push(m, k > 0)
 
@@ -208,8 +219,12 @@ class ClassStats:
         classes = torch.arange(self.num_classes, device=self.device)
         current = bank[classes, slot]
         bank[classes, slot] = torch.where(push[:, None], rows, current)
-        self.bank = bank
-        self.bank_len = torch.where(push, (self.bank_len + 1).clamp_max(length), self.bank_len)
+        bank_len = torch.where(push, (self.bank_len + 1).clamp_max(length), self.bank_len)
+        if self.inplace:
+            self.bank.copy_(bank)
+            self.bank_len.copy_(bank_len)
+        else:
+            self.bank, self.bank_len = bank, bank_len
 
     def state_dict(self) -> dict:
         return {"mean": self.mean.clone(), "var": self.var.clone(), "count": self.count.clone(),

@@ -63,11 +63,15 @@ def debug_checks() -> bool:
 def check_value(cond: torch.Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` unless the boolean tensor ``cond`` is all true.
 
-    CPU, or any device under debug checks: eager check. CUDA (or any non-CPU device):
-    asynchronous device assertion, no host synchronisation.
+    CPU, or any device under debug checks: eager check. CUDA (or any non-CPU device), and
+    under torch.compile: asynchronous device assertion, no host synchronisation.
     """
     cond = cond.all() if cond.dim() else cond
-    if cond.device.type == "cpu" or _debug_checks:
+    # Under torch.compile the check is an op in the graph (no graph break): a failure raises
+    # at run time from _assert_async, with the message, on every device.
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond, message)
+    elif cond.device.type == "cpu" or _debug_checks:
         if not bool(cond):
             raise ValueError(message)
     else:
@@ -84,8 +88,10 @@ def check_features(feat: torch.Tensor, name: str = "feat") -> None:
 
 
 def check_labels(labels: torch.Tensor, feat: torch.Tensor, num_classes: int, ignore_index: int,
-                 name: str = "labels") -> None:
-    """Shape/dtype checks plus the value check 0 <= label < num_classes or label == ignore."""
+                 name: str = "labels", values: bool = True) -> None:
+    """Shape/dtype checks plus (``values``) the value check 0 <= label < num_classes or
+    label == ignore; ``values=False`` for labels that ``prepare_contrast`` made (already
+    checked: 7 launches fewer per call)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _INTEGER_DTYPES:
@@ -96,7 +102,10 @@ def check_labels(labels: torch.Tensor, feat: torch.Tensor, num_classes: int, ign
         raise ValueError(f"{name} has {labels.shape[0]} entries but feat has {feat.shape[0]} rows")
     if labels.device != feat.device:
         raise ValueError(f"{name} is on {labels.device} but feat is on {feat.device}")
-    check_label_values(labels, num_classes, ignore_index, name)
+    if values:
+        check_label_values(labels, num_classes, ignore_index, name)
+    else:
+        check_ignore_index(ignore_index, num_classes)
 
 
 def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int,

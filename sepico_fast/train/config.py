@@ -191,6 +191,9 @@ class TrainConfig:
     cpu_amp: bool = _f(False, "with --amp on the CPU, really use bf16 autocast (slower than fp32 for the "
                        "tiny models on a 2-core Intel Xeon CPU, see docs/training.md, so off by default)")
     compile: bool = _f(False, "torch.compile the student and teacher", resume="harmless")
+    # whole-step CUDA graphs (train/graphs.py)
+    cuda_graphs: bool = _f(False, "capture one iteration after contrast start as a CUDA graph and replay it "
+                           "(jitter/blur decisions as device data; eager on the CPU, with DDP or fp16)")
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes; slower)",
                              resume="harmless")
     max_skipped_steps: int = _f(20, "stop after this many optimizer steps skipped for NaN/Inf losses",

@@ -45,6 +45,7 @@ from .config import TrainConfig
 from .curves import update_curves
 from .ddp import DistInfo, barrier, broadcast_module, init_distributed, shutdown
 from .debug_images import save_debug_images
+from .graphs import make_step
 from .implementations import announce_implementations
 from .logging import ProgressBar, ScalarWriter, truncate_scalars
 from .profiling import Profiler
@@ -76,7 +77,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devi
         g["initial_lr"] = g["lr"]
     # fused: one kernel per step, and it honours a device-side found_inf flag (no sync).
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                             fused=True)
+                             fused=True, capturable=cfg.cuda_graphs and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------
@@ -433,7 +434,8 @@ def _log(run: TrainRun, window: _LogWindow, done: int, bar: ProgressBar | None, 
     iters = done - window.it0
     ips = iters * cfg.batch_size * world * (2 if cfg.method == "sepico" else 1) / seconds
     scalars = {k: v for k, v in zip(names, values)}
-    scalars.update(lr=ctx.optimizer.param_groups[0]["lr"], images_per_s=ips, skipped_steps=skipped)
+    # float(): the lr is a device tensor with --cuda-graphs
+    scalars.update(lr=float(ctx.optimizer.param_groups[0]["lr"]), images_per_s=ips, skipped_steps=skipped)
     # Fraction of the window's wall time the loop waited for a batch (as torchtitan's
     # data_loading(%) and timm's data time): near 0 when the input pipeline keeps up.
     data_wait = min(window.data_wait / seconds, 1.0)
@@ -481,6 +483,7 @@ def _iterations(run: TrainRun) -> None:
     window = _LogWindow(run.start_it)
     flops_iter, flops_known, peak = None, False, device_peak_tflops(run.device)  # None is also an answer
     run.loop_t0 = time.perf_counter()
+    step = make_step(ctx) if cfg.cuda_graphs else train_step  # --cuda-graphs: train/graphs.py
     for it in range(run.start_it, run.end_it):
         t_data = time.perf_counter()
         with profiler.phase("data"):
@@ -491,7 +494,7 @@ def _iterations(run: TrainRun) -> None:
                 flops_iter, flops_known = flops_per_iteration(cfg, tuple(tgt["img"].shape[-2:])), True
         debug = run.main and cfg.debug_interval > 0 and it % cfg.debug_interval == 0 and cfg.method == "sepico"
         run.in_step = True
-        out = train_step(ctx, src, tgt, it, debug=debug)
+        out = step(ctx, src, tgt, it, debug=debug)
         run.in_step, run.done = False, it + 1
         profiler.step()
         window.add(out["losses"])

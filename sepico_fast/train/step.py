@@ -53,6 +53,7 @@ class StepContext:
     skipped: torch.Tensor | None = None               # device counter of skipped steps
     found_inf: torch.Tensor | None = None             # device 0-d flag fed to fused AdamW
     pseudo_diag: object = None                        # --pseudo-diagnostics (train/pseudo_diagnostics.py)
+    static: object = None                             # --cuda-graphs: graphs.StaticInputs (graph-ready step)
 
     def __post_init__(self):
         self.student_params = [p for p in self.student.parameters()]
@@ -104,7 +105,8 @@ def contrast_loss(cfg: TrainConfig, stats: ClassStats, proj: torch.Tensor, label
     """ProtoCL / DistCL / BankCL of projection features against the class statistics."""
     feat, labels = prepare_contrast(proj, label, min_ratio=cfg.min_ratio, num_classes=cfg.num_classes,
                                     ignore_index=IGNORE)
-    common = dict(temperature=cfg.temperature, reg_weight=cfg.reg_weight, ignore_index=IGNORE)
+    common = dict(temperature=cfg.temperature, reg_weight=cfg.reg_weight, ignore_index=IGNORE,
+                  labels_checked=True)  # checked by prepare_contrast
     if cfg.variant == "dist":
         return dist_contrast_loss(feat, labels, stats.mean, stats.var, ratio=1.0, **common)
     if cfg.variant == "proto":
@@ -113,11 +115,47 @@ def contrast_loss(cfg: TrainConfig, stats: ClassStats, proj: torch.Tensor, label
 
 
 def _autocast(ctx: StepContext):
-    return autocast(ctx.device, ctx.amp_dtype)
+    # A captured CUDA graph must not reuse autocast's cast cache (PyTorch's CUDA-graph notes).
+    return autocast(ctx.device, ctx.amp_dtype, cache_enabled=ctx.static is None)
 
 
-def _backward(ctx: StepContext, loss: torch.Tensor) -> None:
-    (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
+def _augment(ctx: StepContext, img, strong, rng, gen, rows: slice, per_image: bool = False):
+    """Strong augmentation: drawn on the host (eager) or from ``ctx.static`` (--cuda-graphs, which
+    always makes one HSV round trip per op, as kornia: ``--fused-jitter`` applies to eager steps)."""
+    if ctx.static is None:
+        return augment.strong_augment(img, strong, rng, gen, per_image=per_image, fused_jitter=ctx.cfg.fused_jitter)
+    from .graphs import static_augment
+    return static_augment(img, ctx.static, ctx.static.orders[rows], ctx.cfg.color_jitter_strength,
+                          ctx.cfg.blur, per_image=per_image)
+
+
+def _backward(ctx: StepContext, loss: torch.Tensor, accumulate: bool = False) -> None:
+    """``loss.backward()``; with ``accumulate`` (the second and third backward pass of the
+    iteration) the gradients already held are added to the new ones in one
+    ``_foreach_add_`` instead of autograd's one ``add_`` per parameter (~1,000 launches
+    for MiT-B5). Same sum in the same order (held + new), one extra gradient set in
+    memory while the pass runs."""
+    scaled = ctx.scaler.scale(loss) if ctx.scaler is not None else loss
+    if not accumulate:
+        scaled.backward()
+        return
+    params = ctx.student_params
+    held = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    scaled.backward()
+    acc, new = [], []
+    for p, g in zip(params, held):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g
+        else:
+            acc.append(g)
+            new.append(p.grad)
+            p.grad = g
+    if acc:
+        torch._foreach_add_(acc, new)
 
 
 def teacher_pseudo_labels(ctx: StepContext, img: torch.Tensor, ref_img: torch.Tensor | None):
@@ -205,12 +243,16 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
     contrast_on = uda and it >= cfg.contrast_start
     losses: dict[str, torch.Tensor] = {}
     vis: dict | None = {} if debug else None
-    rng, gen = iteration_rng(cfg.seed, it, ctx.rank, ctx.device)
-    set_lr(ctx.optimizer, lr_factor(it, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power))
+    if ctx.static is None:
+        rng, gen = iteration_rng(cfg.seed, it, ctx.rank, ctx.device)
+        set_lr(ctx.optimizer, lr_factor(it, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power))
+    else:  # --cuda-graphs: seeds, decisions and lr written by StaticInputs.prepare (train/graphs.py)
+        rng, gen = None, ctx.static.generator
 
     img_s, gt_s = src["img"], src["gt"]                      # weak source [B,3,h,w], [B,1,h,w]
     img_t, ref_t = tgt.get("img"), tgt.get("ref_img")        # weak target (full image), DZ day image
-    strong = augment.draw_strong_params(rng, cfg.color_jitter_strength, cfg.color_jitter_p, cfg.blur)
+    strong = (augment.draw_strong_params(rng, cfg.color_jitter_strength, cfg.color_jitter_p, cfg.blur)
+              if ctx.static is None else None)
     class_weight = ctx.class_weight if cfg.dark_zurich else None
 
     # 1. Teacher EMA (parameters only; copy at t = 0).
@@ -256,16 +298,16 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
             # such rows are treated as ignored (device-side, no sync).
             lab = torch.where(torch.isfinite(feat).all(dim=1), lab, torch.full_like(lab, IGNORE))
             feat = torch.nan_to_num(feat, nan=0.0, posinf=0.0, neginf=0.0)
-            stats.update(feat, lab, process_group=ctx.process_group if ctx.world_size > 1 else None)
+            stats.update(feat, lab, process_group=ctx.process_group if ctx.world_size > 1 else None,
+                         labels_checked=True)  # prepare_contrast's labels, or IGNORE
         top, bottom = (0, 0) if cfg.dark_zurich else cfg.ignore_rows()
         pweight = pseudo_weight_map(q, tuple(plabel.shape), top, bottom)          # [B,H,W]
         losses["pseudo_q"] = q.detach()
 
     # 4. Strong augmentation of the student's source image and target crop.
     with phase("augment"):
-        fused = cfg.fused_jitter
-        img_s_strong = augment.strong_augment(img_s, strong, rng, gen, fused_jitter=fused)
-        img_t_strong = augment.strong_augment(img_t, strong, rng, gen, fused_jitter=fused) if uda else None
+        img_s_strong = _augment(ctx, img_s, strong, rng, gen, slice(0, 1))
+        img_t_strong = _augment(ctx, img_t, strong, rng, gen, slice(1, 2)) if uda else None
 
     # 6. Student, source: seg CE (+ contrast). Backward.
     with phase("student_source"):
@@ -288,7 +330,7 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
                 loss_tgt = cfg.contrast_weight * contrast_loss(
                     cfg, stats, student.project(student.extract(img_t_strong)), tgt_label)
             losses["tgt_contrast"] = loss_tgt.detach()
-            _backward(ctx, loss_tgt)
+            _backward(ctx, loss_tgt, accumulate=True)
 
     # 8. Self-training on ClassMix of weak source and weak target crop.
     if uda:
@@ -296,13 +338,12 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
             mix_classes = ops.choose_mix_classes(gt_s, gen)
             mixed_img, mixed_lbl, mixed_w = ops.classmix(img_s, img_t, gt_s, plabel.unsqueeze(1),
                                                          pweight.unsqueeze(1), mix_classes)
-            mixed_img = augment.strong_augment(mixed_img, strong, rng, gen, per_image=True,
-                                               fused_jitter=cfg.fused_jitter)
+            mixed_img = _augment(ctx, mixed_img, strong, rng, gen, slice(2, None), per_image=True)
             with _autocast(ctx):
                 loss_mix = seg_ce(student.predict(mixed_img), mixed_lbl, mixed_w, class_weight,
                                   cfg.ce_mean_over_all)
             losses["mix_ce"] = loss_mix.detach()
-            _backward(ctx, loss_mix)
+            _backward(ctx, loss_mix, accumulate=True)
         if debug:
             mask = mix_classes.gather(1, gt_s.flatten(1).long()).view_as(gt_s)
             vis.update(target=img_t, pseudo_label=plabel, pseudo_weight=pweight, mix_mask=mask,
