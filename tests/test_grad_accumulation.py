@@ -255,19 +255,19 @@ def _step_grads(arch, monkeypatch, per_conv: bool):
 
     cfg = make_config(dict(arch=arch, method="sepico", variant="dist", seed=0, crop=[32, 32], iters=10,
                            warmup_iters=2, contrast_start=0, color_jitter_p=0.0, proj_dim=8,
-                           pseudo_threshold=0.06, num_classes=5))
+                           pseudo_threshold=0.06))
     torch.manual_seed(0)
-    student = build_segmentor(arch, 5, 8, drop_path_rate=0.0)
+    student = build_segmentor(arch, 19, 8, drop_path_rate=0.0)
     for mod in student.modules():
         if isinstance(mod, torch.nn.modules.dropout._DropoutNd):
             mod.p = 0.0
     teacher = make_teacher(student)
     opt = build_optimizer(cfg, student, torch.device("cpu"))
-    stats = ClassStats(5, 8, 0)
+    stats = ClassStats(19, 8, 0)
     ctx = step_mod.StepContext(cfg=cfg, student=student, teacher=teacher, optimizer=opt, stats=stats,
                                device=torch.device("cpu"))
     g = torch.Generator().manual_seed(7)
-    blocks = torch.randint(0, 5, (2, 1, 4, 4), generator=g)  # 8×8 blocks: contrast rows survive downscaling
+    blocks = torch.randint(0, 19, (2, 1, 4, 4), generator=g)  # 8×8 blocks: contrast rows survive downscaling
     gt = blocks.repeat_interleave(8, 2).repeat_interleave(8, 3)
     src = {"img": torch.randn(2, 3, 32, 32, generator=g), "gt": gt}
     tgt = {"img": torch.randn(2, 3, 32, 32, generator=g)}

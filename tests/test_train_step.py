@@ -348,8 +348,14 @@ def test_full_iteration_matches_reference(variant, arch):
         assert m1 is not None
         torch.testing.assert_close(ctx.optimizer.state[p]["exp_avg"].double(), m1, rtol=1e-4,
                                    atol=1e-5 * float(m1.abs().max()) + 1e-12)
-        # The update itself (Adam divides by sqrt(v): tiny gradients amplify rounding, hence 1% of lr).
-        torch.testing.assert_close(p.detach().double() - old, ref - old, rtol=1e-3, atol=1e-2 * lr)
+        # The update itself. Adam divides by sqrt(v), so an element's update is only as certain as
+        # its gradient relative to its own size: the check above knows the gradient to 1e-5 of the
+        # largest, which pins the update to 1% of lr where |m1| > 1e-3 of the largest; smaller
+        # (float32-rounding-sized) gradients are held to the size of an update, lr.
+        upd, ref_upd = p.detach().double() - old, ref - old
+        known = m1.abs() > 1e-3 * float(m1.abs().max())
+        torch.testing.assert_close(upd[known], ref_upd[known], rtol=1e-3, atol=1e-2 * lr)
+        torch.testing.assert_close(upd[~known], ref_upd[~known], rtol=0, atol=lr)
         moved += int(not torch.equal(p.detach().double(), old))
     assert moved > 0.9 * len(before)  # the update touched (nearly) every parameter
     torch.testing.assert_close(ctx.stats.mean.double(), ref_st["mean"], rtol=1e-5, atol=1e-6)
