@@ -96,7 +96,8 @@ def test_the_trainer_takes_pseudo_labels_from_this_op_without_day_images(monkeyp
 
     teacher = SimpleNamespace(predict=predict)
     cfg = SimpleNamespace(pseudo_threshold=0.5, day_ratio=0.8)
-    ctx = SimpleNamespace(cfg=cfg, teacher=teacher, device=torch.device("cpu"), amp_dtype=None, class_weight=None)
+    ctx = SimpleNamespace(cfg=cfg, teacher=teacher, device=torch.device("cpu"), amp_dtype=None, class_weight=None,
+                          static=None)
     img = torch.rand(2, 3, 16, 24)
     prob, label, q = step.teacher_pseudo_labels(ctx, img, None)
     assert calls == [((2, 5, 16, 24), 0.5)] and prob.shape == label.shape == (2, 16, 24)

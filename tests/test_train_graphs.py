@@ -151,32 +151,32 @@ def test_static_augment_is_the_eager_maths():
     factors = torch.rand(2, 4, generator=g)
     for order in ((0, 2, 1, 3), (3, 0, 2, 1), (1, 3, 0, 2)):  # saturation and hue never adjacent
         ref = augment.color_jitter(img, 0.2, factors=factors, order=order)
-        got = graphs.static_jitter(img, 0.2, factors, torch.tensor([order]))
+        got = augment.static_jitter(img, 0.2, factors, torch.tensor([order]))
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     # sat/hue adjacent: eager shares one HSV round trip, the static path makes two
     ref = augment.color_jitter(img, 0.2, factors=factors, order=(2, 3, 0, 1))
-    torch.testing.assert_close(graphs.static_jitter(img, 0.2, factors, torch.tensor([(2, 3, 0, 1)])), ref,
+    torch.testing.assert_close(augment.static_jitter(img, 0.2, factors, torch.tensor([(2, 3, 0, 1)])), ref,
                                rtol=1e-5, atol=1e-5)
     # one order per image
     orders = torch.tensor([(0, 2, 1, 3), (3, 1, 2, 0)])
     ref = augment.color_jitter(img, 0.2, factors=factors, order=[(0, 2, 1, 3), (3, 1, 2, 0)])
-    torch.testing.assert_close(graphs.static_jitter(img, 0.2, factors, orders), ref, rtol=0, atol=0)
+    torch.testing.assert_close(augment.static_jitter(img, 0.2, factors, orders), ref, rtol=0, atol=0)
 
 
 def test_static_augment_flags_off_is_identity_and_on_matches_blur():
     static = graphs.StaticInputs.build(2, "cpu")
     img = torch.randn(2, 3, 16, 16)
     static.generator.manual_seed(5)
-    out = graphs.static_augment(img, static, static.orders[0:1], 0.2, blur=True)
+    out = augment.static_augment(img, static, static.orders[0:1], 0.2, blur=True)
     assert torch.equal(out, img)  # flags are off
     static.flags.fill_(True)
     static.generator.manual_seed(5)
-    out = graphs.static_augment(img, static, static.orders[0:1], 0.2, blur=True)
+    out = augment.static_augment(img, static, static.orders[0:1], 0.2, blur=True)
     gen = torch.Generator().manual_seed(5)
     factors = torch.rand(2, 4, generator=gen)
     lo, hi = augment.BLUR_SIGMA
     sigma = lo + (hi - lo) * torch.rand(1, generator=gen)
-    jit = augment.renormalize(graphs.static_jitter(augment.denormalize(img), 0.2, factors, static.orders[0:1]))
+    jit = augment.renormalize(augment.static_jitter(augment.denormalize(img), 0.2, factors, static.orders[0:1]))
     torch.testing.assert_close(out, augment.gaussian_blur(jit, sigma), rtol=0, atol=0)
 
 

@@ -44,7 +44,7 @@ def _cfg(work_dir, **kw):
 
 def _losses(work_dir):
     rows = [json.loads(line) for line in (work_dir / "scalars.jsonl").read_text().splitlines()]
-    timing = ("images_per_s", "mfu", "tflops_per_s")
+    timing = ("images_per_s", "mfu", "tflops_per_s", "data_wait")  # wall-clock measurements, not state
     return {r["iter"]: {k: v for k, v in r.items() if k not in timing and not k.startswith("val/")}
             for r in rows if "src_ce" in r}
 

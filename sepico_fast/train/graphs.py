@@ -16,7 +16,7 @@ What makes one iteration replayable (the "static" step, ``train_step`` with
 * every per-iteration host decision is data in a device tensor, written before the
   replay by ``StaticInputs.prepare`` from the iteration's host RNG (the same draws as
   eager mode: jitter on/off, blur on/off, jitter orders): the strong augmentation is
-  branch-free (``static_augment``: all four jitter ops at each of the four positions,
+  branch-free (``augment.static_augment``: all four jitter ops at each of the four positions,
   the drawn one selected by ``gather``; jitter and blur always computed, kept with
   ``torch.where``), so its op sequence does not depend on the draws;
 * the jitter factors and σ are always drawn (eager mode draws them only when used), so
@@ -111,55 +111,6 @@ class StaticInputs:
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-
-
-# ----------------------------------------------------------------------------------------
-# Branch-free strong augmentation (method §6.4), the same maths as augment.strong_augment
-# ----------------------------------------------------------------------------------------
-def _jitter_candidates(x: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
-    """[B,4,3,H,W]: each of the four jitter ops applied to x (one HSV round trip each)."""
-    bright = (x + (2.0 * u[:, 0] - 1.0) * s).clamp(0.0, 1.0)
-    contrast = (x * (1.0 - s + 2.0 * s * u[:, 1])).clamp(0.0, 1.0)
-    hsv = augment.rgb_to_hsv(x)
-    hue, sat, val = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
-    sat2 = (sat * (1.0 - s + 2.0 * s * u[:, 2])).clamp(0.0, 1.0)
-    saturation = augment.hsv_to_rgb(torch.cat((hue, sat2, val), dim=1)).clamp(0.0, 1.0)
-    hue2 = torch.remainder(hue + (2.0 * u[:, 3] - 1.0) * s, 1.0)
-    hue_shift = augment.hsv_to_rgb(torch.cat((hue2, sat, val), dim=1)).clamp(0.0, 1.0)
-    return torch.stack((bright, contrast, saturation, hue_shift), dim=1)
-
-
-def static_jitter(img01: torch.Tensor, strength: float, factors: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-    """Jitter with the op order of each image given as data: ``orders`` [1 or B, 4] int64.
-
-    At each of the four positions every op is computed and the drawn one is selected with
-    ``gather`` (an exact copy), so the op sequence is the same for every order."""
-    b = img01.shape[0]
-    u = factors.to(torch.float32).view(b, 4, 1, 1, 1)
-    x = img01.float()
-    orders = orders.expand(b, 4)
-    for pos in range(4):
-        cand = _jitter_candidates(x, u, strength)  # [B,4,3,H,W]
-        pick = orders[:, pos].view(b, 1, 1, 1, 1).expand(b, 1, *cand.shape[2:])
-        x = cand.gather(1, pick)[:, 0]
-    return x
-
-
-def static_augment(img: torch.Tensor, static: StaticInputs, orders: torch.Tensor, strength: float,
-                   blur: bool, per_image: bool = False) -> torch.Tensor:
-    """``augment.strong_augment`` with its decisions on the device: jitter and blur always
-    computed, kept where ``static.flags`` say so. Draws from ``static.generator``: the
-    factors [B,4], then σ [1 or B]."""
-    gen = static.generator
-    b = img.shape[0]
-    factors = torch.rand(b, 4, generator=gen, device=img.device)
-    jittered = augment.renormalize(static_jitter(augment.denormalize(img), strength, factors, orders)).to(img.dtype)
-    out = torch.where(static.flags[0], jittered, img)
-    if blur:  # cfg.blur: a setting, not a per-iteration draw
-        lo, hi = augment.BLUR_SIGMA
-        sigma = lo + (hi - lo) * torch.rand(b if per_image else 1, generator=gen, device=img.device)
-        out = torch.where(static.flags[1], augment.gaussian_blur(out, sigma), out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------

@@ -124,8 +124,7 @@ def _augment(ctx: StepContext, img, strong, rng, gen, rows: slice, per_image: bo
     always makes one HSV round trip per op, as kornia: ``--fused-jitter`` applies to eager steps)."""
     if ctx.static is None:
         return augment.strong_augment(img, strong, rng, gen, per_image=per_image, fused_jitter=ctx.cfg.fused_jitter)
-    from .graphs import static_augment
-    return static_augment(img, ctx.static, ctx.static.orders[rows], ctx.cfg.color_jitter_strength,
+    return augment.static_augment(img, ctx.static, ctx.static.orders[rows], ctx.cfg.color_jitter_strength,
                           ctx.cfg.blur, per_image=per_image)
 
 
