@@ -45,7 +45,7 @@ def _reason(exc: BaseException) -> str:
 # Largest difference of aspect ratio (relative) between a label and its image that is still
 # resized onto it as the authors' pipeline does (a few GTA labels have another size); a
 # larger one would stretch the label over the wrong pixels and is refused.
-ASPECT_TOLERANCE = 0.05
+RATIO_TOLERANCE = 0.05
 # The label ids a raw label of each dataset may hold: Cityscapes label ids 0..33 (the
 # official label definitions; GTA5 uses them as palette indices), and 255 (the id -1 of
 # "license plate" as an unsigned byte). Any other value is a re-encoded or re-coloured label.
@@ -146,11 +146,11 @@ def check_label_ids(label: np.ndarray, path: str | os.PathLike, dataset: str) ->
 
 def check_label_shape(label_hw, image_hw, label_path: str | os.PathLike, image_path: str | os.PathLike) -> None:
     """A DataFileError naming ``label_path`` when the label's aspect ratio differs from its
-    image's by more than ``ASPECT_TOLERANCE`` (it would be stretched over the wrong pixels).
+    image's by more than ``RATIO_TOLERANCE`` (it would be stretched over the wrong pixels).
     A label of another size but the same shape is resized onto the image (nearest), as the
     authors' pipeline resizes it."""
     (lh, lw), (ih, iw) = (int(v) for v in label_hw[:2]), (int(v) for v in image_hw[:2])
-    if (lh, lw) == (ih, iw) or abs(lh * iw - ih * lw) <= ASPECT_TOLERANCE * ih * lw:
+    if (lh, lw) == (ih, iw) or abs(lh * iw - ih * lw) <= RATIO_TOLERANCE * ih * lw:
         return
     raise DataFileError(label_path, f"label is {lh}x{lw} (HxW) but its image {image_path} is {ih}x{iw}: another "
                                     "aspect ratio, the label would be stretched over the wrong pixels", "use")
