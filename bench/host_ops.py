@@ -54,7 +54,6 @@ import contextlib  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -320,12 +319,9 @@ def subprocess_run(mode: str, arch: str, crop: int = 64, batch: int = 2, timing:
                    timeout: float = 3600) -> dict:
     cmd = [sys.executable, "-m", "bench.host_ops", "--mode", mode, "--arch", arch, "--crop", str(crop),
            "--batch", str(batch)] + ([] if timing else ["--no-timing"])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from bench.step_harness import run_json_process
+
+    return run_json_process(cmd, timeout)
 
 
 def main(argv=None) -> None:

@@ -176,9 +176,16 @@ def subprocess_run(arch: str, crop: int, batch: int, *, dataflow: str = "both", 
         cmd.append("--compile")
     if memory:
         cmd.append("--memory")
+    return run_json_process(cmd, timeout, GOMP_SPINCOUNT="30000")
+
+
+def run_json_process(cmd: list[str], timeout: float, **env_defaults: str) -> dict:
+    """Run a bench module in a fresh process (this checkout first on PYTHONPATH, ``env_defaults``
+    unless set) and return the JSON object its last stdout line holds."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("GOMP_SPINCOUNT", "30000")
+    for key, value in env_defaults.items():
+        env.setdefault(key, value)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
