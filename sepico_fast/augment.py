@@ -145,6 +145,24 @@ def _check_order(order) -> tuple[int, ...]:
     return order
 
 
+def _brightness(x: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
+    return (x + (2.0 * u[:, 0] - 1.0) * s).clamp(0.0, 1.0)
+
+
+def _contrast(x: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
+    return (x * (1.0 - s + 2.0 * s * u[:, 1])).clamp(0.0, 1.0)
+
+
+def _hsv_ops(hsv: torch.Tensor, u: torch.Tensor, s: float, ops: set[int]) -> torch.Tensor:
+    """Saturation (2) and/or hue (3) applied to ``hsv`` [B,3,H,W], back to RGB in [0, 1]."""
+    hue, sat = hsv[:, 0:1], hsv[:, 1:2]
+    if 2 in ops:
+        sat = (sat * (1.0 - s + 2.0 * s * u[:, 2])).clamp(0.0, 1.0)
+    if 3 in ops:
+        hue = torch.remainder(hue + (2.0 * u[:, 3] - 1.0) * s, 1.0)
+    return hsv_to_rgb(torch.cat((hue, sat, hsv[:, 2:3]), dim=1)).clamp(0.0, 1.0)
+
+
 def _jitter_in_order(x: torch.Tensor, u: torch.Tensor, s: float, order: tuple[int, ...],
                      fused: bool = False) -> torch.Tensor:
     """The four ops on x [B,3,H,W] in ``order``; u [B,4,1,1,1] the U(0,1) draws.
@@ -155,21 +173,15 @@ def _jitter_in_order(x: torch.Tensor, u: torch.Tensor, s: float, order: tuple[in
     while i < len(order):
         op = order[i]
         if op == 0:
-            x = (x + (2.0 * u[:, 0] - 1.0) * s).clamp(0.0, 1.0)
+            x = _brightness(x, u, s)
         elif op == 1:
-            x = (x * (1.0 - s + 2.0 * s * u[:, 1])).clamp(0.0, 1.0)
+            x = _contrast(x, u, s)
         else:  # saturation / hue in HSV; with ``fused`` the other one too when it comes next
             ops = {op}
             if fused and i + 1 < len(order) and order[i + 1] in (2, 3):
                 ops.add(order[i + 1])
                 i += 1
-            hsv = rgb_to_hsv(x)
-            hue, sat = hsv[:, 0:1], hsv[:, 1:2]
-            if 2 in ops:
-                sat = (sat * (1.0 - s + 2.0 * s * u[:, 2])).clamp(0.0, 1.0)
-            if 3 in ops:
-                hue = torch.remainder(hue + (2.0 * u[:, 3] - 1.0) * s, 1.0)
-            x = hsv_to_rgb(torch.cat((hue, sat, hsv[:, 2:3]), dim=1)).clamp(0.0, 1.0)
+            x = _hsv_ops(rgb_to_hsv(x), u, s, ops)
         i += 1
     return x
 
@@ -263,15 +275,9 @@ def strong_augment(img: torch.Tensor, params: StrongParams, rng: random.Random,
 # ----------------------------------------------------------------------------------------
 def _jitter_candidates(x: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
     """[B,4,3,H,W]: each of the four jitter ops applied to x (one HSV round trip each)."""
-    bright = (x + (2.0 * u[:, 0] - 1.0) * s).clamp(0.0, 1.0)
-    contrast = (x * (1.0 - s + 2.0 * s * u[:, 1])).clamp(0.0, 1.0)
-    hsv = rgb_to_hsv(x)
-    hue, sat, val = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
-    sat2 = (sat * (1.0 - s + 2.0 * s * u[:, 2])).clamp(0.0, 1.0)
-    saturation = hsv_to_rgb(torch.cat((hue, sat2, val), dim=1)).clamp(0.0, 1.0)
-    hue2 = torch.remainder(hue + (2.0 * u[:, 3] - 1.0) * s, 1.0)
-    hue_shift = hsv_to_rgb(torch.cat((hue2, sat, val), dim=1)).clamp(0.0, 1.0)
-    return torch.stack((bright, contrast, saturation, hue_shift), dim=1)
+    hsv = rgb_to_hsv(x)  # one conversion serves both HSV candidates
+    return torch.stack((_brightness(x, u, s), _contrast(x, u, s), _hsv_ops(hsv, u, s, {2}), _hsv_ops(hsv, u, s, {3})),
+                       dim=1)
 
 
 def static_jitter(img01: torch.Tensor, strength: float, factors: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
