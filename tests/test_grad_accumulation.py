@@ -304,26 +304,25 @@ def test_train_step_grads_own_storage_and_match_per_conv_path(arch, monkeypatch)
                                    rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_bias_sum_stays_out_of_compiled_graphs():
-    """Under ``torch.compile`` the bias sum runs eagerly (one graph break): inductor may hand
-    the identical bias gradients of a compiled backward back as one buffer, and the biases'
-    ``.grad`` would share storage again. A recording backend shows what dynamo compiles."""
+def test_bias_sum_compiles_into_one_graph_with_a_gradient_per_bias():
+    """Under ``torch.compile`` (inductor, the compiler users get) the bias sum stays in the
+    graph (no graph break) and each bias still gets a gradient buffer of its own over
+    three accumulated backward passes: inductor removes plain ``clone``s of one buffer,
+    so the copies come from an opaque custom op (models/conv_taps.py)."""
     import torch._dynamo
-
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
 
     g = torch.Generator().manual_seed(8)
     dil = (1, 2)
     ws = leaves(g, torch.float32, *[(3, 4, 3, 3)] * 2)
     bs = leaves(g, torch.float32, *[(3,)] * 2)
     bs_r = clone_leaves(bs)
+    fn = lambda x: summed_conv_taps(x, ws, bs, dil)  # noqa: E731
     torch._dynamo.reset()
     try:
-        f = torch.compile(lambda x: summed_conv_taps(x, ws, bs, dil), backend=backend, dynamic=False)
+        e = torch._dynamo.explain(fn)(torch.randn(2, 4, 6, 6))
+        assert e.graph_break_count == 0 and e.graph_count == 1, e.break_reasons
+        torch._dynamo.reset()
+        f = torch.compile(fn, backend="inductor", dynamic=False)
         for k in range(PASSES):
             x = torch.randn(2, 4, 6, 6, generator=g) * (k + 1)
             up = torch.randn(2, 3, 6, 6, generator=g)
@@ -332,11 +331,6 @@ def test_bias_sum_stays_out_of_compiled_graphs():
             (y * up).sum().backward()
     finally:
         torch._dynamo.reset()
-    # traced: one graph with two autograd.Functions (_ShiftSum, _BiasSum); kept out: the
-    # graph breaks before the bias sum and only _ShiftSum is compiled
-    applies = sum(gr.count("call_function[target=torch.ops.higher_order.autograd_function_apply]")
-                  for gr in graphs)
-    assert len(graphs) == 2 and applies == 1, graphs
     got = [(f"b{i}", b) for i, b in enumerate(bs)]
     assert assert_own_grads(got) == 2
     assert_grads_equal(got, [(f"b{i}", b) for i, b in enumerate(bs_r)], TOL[torch.float32], min_count=2)

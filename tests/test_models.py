@@ -221,13 +221,7 @@ def test_dynamo_traces_without_graph_breaks(arch):
     torch._dynamo.reset()
     model = build_segmentor(arch).train()
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
-    if arch == "dlv2_tiny":
-        # the only breaks: the DeepLab-v2 classifier's bias sum runs eagerly, so that each
-        # bias keeps a gradient of its own (models/conv_taps.py: _sum_of_biases)
-        assert all("_sum_of_biases" in str(r.reason) for r in explanation.break_reasons), \
-            explanation.break_reasons
-    else:
-        assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
 # ----------------------------------------------------------------------------- numerics

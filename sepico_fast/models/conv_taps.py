@@ -174,16 +174,22 @@ def summed_conv_taps(x: torch.Tensor, weights: Sequence[torch.Tensor],
     y = _ShiftSum.apply(z, tuple(offsets))
     bias = [bb for bb in biases if bb is not None]
     if bias:
-        y = y + _sum_of_biases(bias).to(y.dtype).view(1, out_ch, 1, 1)
+        y = y + _BiasSum.apply(*bias).to(y.dtype).view(1, out_ch, 1, 1)
     return y
 
 
-@torch.compiler.disable
-def _sum_of_biases(biases: Sequence[torch.Tensor]) -> torch.Tensor:
-    """:class:`_BiasSum`, kept out of ``torch.compile`` graphs (one graph break): a compiled
-    backward may hand the identical bias gradients back as one buffer (inductor does), so
-    the biases' ``.grad`` would share storage again; run eagerly, each gets its own copy."""
-    return _BiasSum.apply(*biases)
+@torch.library.custom_op("sepico_fast::gradient_copies", mutates_args=())
+def _gradient_copies(g: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``n`` copies of ``g``, each in its own memory. A custom op because a compiler sees
+    through ``clone``: inductor removes clones of one buffer and hands that buffer back n
+    times; an opaque op's outputs cannot be merged, so compiled graphs keep them apart
+    and the bias sum needs no graph break."""
+    return [g.clone(memory_format=torch.contiguous_format) for _ in range(n)]
+
+
+@_gradient_copies.register_fake
+def _(g: torch.Tensor, n: int) -> list[torch.Tensor]:
+    return [torch.empty_like(g, memory_format=torch.contiguous_format) for _ in range(n)]
 
 
 class _BiasSum(torch.autograd.Function):
@@ -202,4 +208,4 @@ class _BiasSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return tuple(g.clone(memory_format=torch.contiguous_format) for _ in range(ctx.n))
+        return tuple(_gradient_copies(g, ctx.n))
