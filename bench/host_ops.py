@@ -245,7 +245,7 @@ def build(mode: str, arch: str, crop: int, batch: int, counter: OpCounter | None
         u = build_upstream_step(cfg, device, copy.deepcopy(student))
         return (lambda it: upstream_train_step(u, src, tgt, it)), cfg
     from sepico_fast.contrast import ClassStats
-    from sepico_fast.train.runner import _compile_models, build_optimizer
+    from sepico_fast.train.runner import build_optimizer, compile_step
     from sepico_fast.train.step import StepContext, train_step
     from sepico_fast.train.uda import make_teacher
 
@@ -256,12 +256,11 @@ def build(mode: str, arch: str, crop: int, batch: int, counter: OpCounter | None
     if mode == "compile":
         from torch import _dynamo
         _dynamo.reset()
-        _compile_models(ctx, backend=_counting_backend(counter, compile_calls))
-        # dynamo does not run compiled code under a dispatch mode: call the compiled pieces
+        compile_step(ctx, backend=_counting_backend(counter, compile_calls))
+        # dynamo does not run compiled code under a dispatch mode: call the compiled passes
         # with the counter popped (their ops are graph calls; what runs around them is counted)
-        for m in (ctx.student, ctx.teacher):
-            for name in ("extract", "decode", "project"):
-                setattr(m, name, _without_mode(getattr(m, name)))
+        for name in ctx.passes.NAMES:
+            setattr(ctx.passes, name, _without_mode(getattr(ctx.passes, name)))
     return (lambda it: train_step(ctx, src, tgt, it)), cfg
 
 

@@ -73,7 +73,7 @@ def strong_iterations(cfg, count: int, start: int = 1) -> list[int]:
 
 def build_fast(cfg, device, student, amp_dtype=None, compile_models=False):
     from sepico_fast.contrast import ClassStats
-    from sepico_fast.train.runner import _compile_models, build_optimizer
+    from sepico_fast.train.runner import build_optimizer, compile_step
     from sepico_fast.train.step import StepContext, train_step
     from sepico_fast.train.uda import make_teacher
 
@@ -82,7 +82,7 @@ def build_fast(cfg, device, student, amp_dtype=None, compile_models=False):
                       stats=ClassStats(cfg.num_classes, cfg.proj_dim, device=device), device=device,
                       amp_dtype=amp_dtype)
     if compile_models:
-        _compile_models(ctx)
+        compile_step(ctx)
     return lambda src, tgt, it: train_step(ctx, src, tgt, it)
 
 

@@ -12,7 +12,7 @@ the headline of the GPU check, are the same step run three ways):
     bf16_dist            bf16 autocast, DistCL, eager       (the default --amp path)
     bf16_dist_graphs     the same with the trainer's --cuda-graphs (cfg.cuda_graphs=True);
                          "not available in this build" when TrainConfig has no such field
-    bf16_dist_compiled   the same with the trainer's --compile (runner._compile_models)
+    bf16_dist_compiled   the same with the trainer's --compile (runner.compile_step)
     fp16_dist_scaler     fp16 autocast + GradScaler, DistCL (pre-Ampere --amp path)
     bf16_bank_full       bf16, BankCL with every class bank full (M = 200)
     bf16_proto           bf16, ProtoCL
@@ -156,7 +156,7 @@ def build_context(args, name, spec, device, models):
                       optimizer=build_optimizer(cfg, student, device), stats=stats, device=device,
                       amp_dtype=amp_dtype, scaler=scaler)
     if mode == "compiled":
-        runner._compile_models(ctx, backend=args.compile_backend)  # what the trainer's --compile does
+        runner.compile_step(ctx, backend=args.compile_backend)  # what the trainer's --compile does
     if mode == "graphs":
         from sepico_fast.train import graphs
         ctx.probe_step = graphs.make_step(ctx)  # what the trainer's --cuda-graphs runs

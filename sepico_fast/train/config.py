@@ -190,7 +190,8 @@ class TrainConfig:
     amp: bool = _f(False, "mixed precision: bf16 autocast where supported, else fp16 + GradScaler")
     cpu_amp: bool = _f(False, "with --amp on the CPU, really use bf16 autocast (slower than fp32 for the "
                        "tiny models on a 2-core Intel Xeon CPU, see docs/training.md, so off by default)")
-    compile: bool = _f(False, "torch.compile the student and teacher", resume="harmless")
+    compile: bool = _f(False, "torch.compile each model pass with its loss (teacher labels and features, "
+                       "student source, target and ClassMix losses), forward and backward", resume="harmless")
     # whole-step CUDA graphs (train/graphs.py)
     cuda_graphs: bool = _f(False, "capture one iteration after contrast start as a CUDA graph and replay it "
                            "(jitter/blur decisions as device data; eager on the CPU, with DDP or fp16)")

@@ -52,7 +52,7 @@ from .profiling import Profiler
 from .pseudo_diagnostics import PseudoDiagnostics
 from .resume import resolve_resume, restore_checkpoint
 from .schedule import ddp_schedule
-from .step import StepContext, train_step
+from .step import StepContext, compile_passes, train_step
 from .throughput import device_peak_tflops, flops_per_iteration
 from .throughput import mfu as model_flops_utilisation
 from .uda import log_frequency_class_weights, make_teacher
@@ -259,23 +259,19 @@ def _step_context(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, w
     return ctx, amp_desc
 
 
-def _compile_models(ctx: StepContext, backend="inductor") -> None:
-    """``torch.compile`` the three pieces of each network: ``extract``, ``decode``, ``project``.
-
-    ``predict`` and ``forward`` call those pieces, so one graph exists per (network, piece,
-    input shape, grad mode) and nothing recompiles after the first iteration (and the
-    first evaluation): the teacher's backbone and decoder see the full target image and the
-    crop, its backbone and projection head the source crop; the student's pieces see the
-    training crop (and the evaluation size). ``dynamic=False``: static shapes give the
-    fastest kernels, and there are only a few of them. Compile times: bench/NOTES.md."""
+def compile_step(ctx: StepContext, backend="inductor") -> None:
+    """``--compile``: each model pass of the iteration with its loss (``step.ModelPasses``:
+    teacher pseudo labels, teacher source features, student source / target / ClassMix
+    loss) becomes one compiled graph, forward and backward; the student's ``predict`` is
+    compiled on its own for evaluation. One graph per (pass, input shape, grad mode), all
+    compiled in the first iterations (the source pass again at contrast start, the
+    evaluation graph at the first evaluation) and never again. Compile times: bench/NOTES.md."""
     # Inductor's layout optimisation turns convolution inputs to channels_last: on the CPU
     # that makes oneDNN's weight gradients several times slower (bench/NOTES.md), so it is
     # off there; on CUDA channels_last is what cuDNN wants.
     options = {"layout_optimization": False} if (backend == "inductor" and ctx.device.type == "cpu") else None
-    for m in (ctx.student, ctx.teacher):
-        if m is not None:
-            for name in ("extract", "decode", "project"):
-                setattr(m, name, torch.compile(getattr(m, name), dynamic=False, backend=backend, options=options))
+    compile_passes(ctx, backend, options)
+    ctx.student.predict = torch.compile(ctx.student.predict, dynamic=False, backend=backend, options=options)
 
 
 def setup(cfg: TrainConfig) -> TrainRun:
@@ -321,7 +317,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
             print(f"--resume: moved {dropped} row(s) of scalars.jsonl past iteration {start_it} (from the run this "
                   f"resume abandons) to {work_dir / 'superseded' / 'scalars.jsonl'}; not deleted")
     if cfg.compile:
-        _compile_models(ctx)
+        compile_step(ctx)
     if dist_info.is_main:
         (work_dir / "config.json").write_text(
             json.dumps({**requested_cfg.to_dict(), "schedule": schedule}, indent=2) + "\n")

@@ -54,6 +54,7 @@ class StepContext:
     found_inf: torch.Tensor | None = None             # device 0-d flag fed to fused AdamW
     pseudo_diag: object = None                        # --pseudo-diagnostics (train/pseudo_diagnostics.py)
     static: object = None                             # --cuda-graphs: graphs.StaticInputs (graph-ready step)
+    passes: object = None                             # the model passes with their losses (ModelPasses)
 
     def __post_init__(self):
         self.student_params = [p for p in self.student.parameters()]
@@ -63,6 +64,8 @@ class StepContext:
         self.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.profiler is None:
             self.profiler = Profiler(profile=False, nvtx=False, device=self.device, out_dir=".")
+        if self.passes is None:
+            self.passes = ModelPasses()
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,6 +160,9 @@ def _backward(ctx: StepContext, loss: torch.Tensor, accumulate: bool = False) ->
         torch._foreach_add_(acc, new)
 
 
+# ----------------------------------------------------------------------------------------
+# The model passes with their losses: what ``--compile`` compiles, one graph each
+# ----------------------------------------------------------------------------------------
 def teacher_pseudo_labels(ctx: StepContext, img: torch.Tensor, ref_img: torch.Tensor | None):
     """Teacher → softmax → (p, ŷ, q); Dark Zurich fuses the day (ref) and night predictions.
 
@@ -173,6 +179,65 @@ def teacher_pseudo_labels(ctx: StepContext, img: torch.Tensor, ref_img: torch.Te
         day = torch.softmax(resize_logits(teacher.predict(ref_img), size).float(), dim=1)
     fused = fuse_day_night(day, night, ctx.class_weight, cfg.day_ratio)
     return probs_to_pseudo(fused, cfg.pseudo_threshold)
+
+
+def teacher_source_features(ctx: StepContext, img: torch.Tensor):
+    """Teacher backbone features and projection of the weak source image (class statistics)."""
+    with _autocast(ctx):
+        feats = ctx.teacher.extract(img)
+        return feats, ctx.teacher.project(feats)
+
+
+def student_source_loss(ctx: StepContext, img: torch.Tensor, gt: torch.Tensor,
+                        class_weight: torch.Tensor | None, contrast_on: bool):
+    """Student on the strong source image: (seg CE [+ λ·contrast], seg CE, contrast or None)."""
+    cfg, student = ctx.cfg, ctx.student
+    with _autocast(ctx):
+        feats = student.extract(img)
+        ce = seg_ce(student.decode(feats), gt, None, class_weight, cfg.ce_mean_over_all)
+        if not contrast_on:
+            return ce, ce, None
+        cl = contrast_loss(cfg, ctx.stats, student.project(feats), gt)
+        return ce + cfg.contrast_weight * cl, ce, cl
+
+
+def student_target_loss(ctx: StepContext, img: torch.Tensor, plabel: torch.Tensor, pweight: torch.Tensor):
+    """λ · contrast of the strong target crop against ŷ, ignored where the pseudo weight is 0."""
+    cfg, student = ctx.cfg, ctx.student
+    label = torch.where(pweight == 0, torch.full_like(plabel, IGNORE), plabel).unsqueeze(1)
+    with _autocast(ctx):
+        return cfg.contrast_weight * contrast_loss(cfg, ctx.stats, student.project(student.extract(img)), label)
+
+
+def student_mix_loss(ctx: StepContext, img: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
+                     class_weight: torch.Tensor | None):
+    """Weighted seg CE of the student on the (strongly augmented) ClassMix image."""
+    student = ctx.student
+    with _autocast(ctx):
+        # extract + decode rather than ``predict``, which --compile compiles on its own for evaluation
+        return seg_ce(student.decode(student.extract(img)), label, weight, class_weight, ctx.cfg.ce_mean_over_all)
+
+
+class ModelPasses:
+    """The five model passes of an iteration, each a function ``(ctx, tensors…)``: the plain
+    functions above, or (``--compile``, :func:`compile_passes`) their ``torch.compile``d
+    versions. Each pass, forward and backward, is then one graph per input shape and grad
+    mode, with no graph break (tests/test_train_compile.py); what lies between the passes
+    (EMA, crop choice, statistics update, augmentation, ClassMix, optimizer) stays eager."""
+    NAMES = ("teacher_labels", "teacher_source", "student_source", "student_target", "student_mix")
+
+    def __init__(self, wrap=None):
+        fns = (teacher_pseudo_labels, teacher_source_features, student_source_loss, student_target_loss,
+               student_mix_loss)
+        for name, fn in zip(self.NAMES, fns):
+            setattr(self, name, wrap(fn) if wrap is not None else fn)
+
+
+def compile_passes(ctx: StepContext, backend="inductor", options: dict | None = None) -> None:
+    """``--compile``: each model pass with its loss becomes one compiled graph (``dynamic=False``:
+    the shapes are static, so each pass compiles once per input shape and grad mode and
+    never again: the source pass once before and once after contrast start)."""
+    ctx.passes = ModelPasses(lambda fn: torch.compile(fn, dynamic=False, backend=backend, options=options))
 
 
 def allreduce_grads(ctx: StepContext, flag: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -236,8 +301,8 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
     Returns ``{"losses": {name: 0-d device tensor}, "debug": {...} or None}``. Losses are
     detached and never read here.
     """
-    cfg, phase = ctx.cfg, ctx.profiler.phase
-    student, teacher, stats = ctx.student, ctx.teacher, ctx.stats
+    cfg, phase, run = ctx.cfg, ctx.profiler.phase, ctx.passes
+    teacher, stats = ctx.teacher, ctx.stats
     uda = cfg.method == "sepico"
     contrast_on = uda and it >= cfg.contrast_start
     losses: dict[str, torch.Tensor] = {}
@@ -262,7 +327,7 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
     # 2-3, 5. Teacher passes: pseudo labels, class-balanced crop, regeneration, statistics.
     if uda:
         with phase("teacher"), torch.no_grad():
-            prob, plabel, q = teacher_pseudo_labels(ctx, img_t, ref_t)
+            prob, plabel, q = run.teacher_labels(ctx, img_t, ref_t)
             crop_hw = (min(cfg.crop_hw[0], img_t.shape[-2]), min(cfg.crop_hw[1], img_t.shape[-1]))
             whole = crop_hw == tuple(img_t.shape[-2:])
             if not whole:
@@ -273,12 +338,10 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
                 img_t = ops.crop_batch(img_t, window, crop_hw)
                 ref_t = ops.crop_batch(ref_t, window, crop_hw) if ref_t is not None else None
                 if cfg.regen_pseudo:
-                    prob, plabel, q = teacher_pseudo_labels(ctx, img_t, ref_t)
+                    prob, plabel, q = run.teacher_labels(ctx, img_t, ref_t)
                 else:
                     plabel = ops.crop_batch(plabel.unsqueeze(1), window, crop_hw)[:, 0]
-            with _autocast(ctx):
-                feats_t = teacher.extract(img_s)
-                proj_t = teacher.project(feats_t)
+            feats_t, proj_t = run.teacher_source(ctx, img_s)
             if debug:
                 with _autocast(ctx):
                     vis["source_pseudo"] = resize_logits(teacher.decode(feats_t), tuple(gt_s.shape[-2:])).argmax(1)
@@ -310,24 +373,17 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
 
     # 6. Student, source: seg CE (+ contrast). Backward.
     with phase("student_source"):
-        with _autocast(ctx):
-            feats = student.extract(img_s_strong)
-            loss_src = seg_ce(student.decode(feats), gt_s, None, class_weight, cfg.ce_mean_over_all)
-            losses["src_ce"] = loss_src.detach()
-            if contrast_on:
-                loss_cl = contrast_loss(cfg, stats, student.project(feats), gt_s)
-                losses["src_contrast"] = loss_cl.detach()
-                loss_src = loss_src + cfg.contrast_weight * loss_cl
+        loss_src, src_ce, src_cl = run.student_source(ctx, img_s_strong, gt_s, class_weight, contrast_on)
+        losses["src_ce"] = src_ce.detach()
+        if contrast_on:
+            losses["src_contrast"] = src_cl.detach()
         _backward(ctx, loss_src)
-        del feats
+        del loss_src, src_ce, src_cl
 
     # 7. Student, target: contrast on the strong crop with ŷ (ignored where the weight is 0).
     if contrast_on:
         with phase("student_target"):
-            tgt_label = torch.where(pweight == 0, torch.full_like(plabel, IGNORE), plabel).unsqueeze(1)
-            with _autocast(ctx):
-                loss_tgt = cfg.contrast_weight * contrast_loss(
-                    cfg, stats, student.project(student.extract(img_t_strong)), tgt_label)
+            loss_tgt = run.student_target(ctx, img_t_strong, plabel, pweight)
             losses["tgt_contrast"] = loss_tgt.detach()
             _backward(ctx, loss_tgt, accumulate=True)
 
@@ -338,9 +394,7 @@ def train_step(ctx: StepContext, src: dict, tgt: dict, it: int, debug: bool = Fa
             mixed_img, mixed_lbl, mixed_w = ops.classmix(img_s, img_t, gt_s, plabel.unsqueeze(1),
                                                          pweight.unsqueeze(1), mix_classes)
             mixed_img = _augment(ctx, mixed_img, strong, rng, gen, slice(2, None), per_image=True)
-            with _autocast(ctx):
-                loss_mix = seg_ce(student.predict(mixed_img), mixed_lbl, mixed_w, class_weight,
-                                  cfg.ce_mean_over_all)
+            loss_mix = run.student_mix(ctx, mixed_img, mixed_lbl, mixed_w, class_weight)
             losses["mix_ce"] = loss_mix.detach()
             _backward(ctx, loss_mix, accumulate=True)
         if debug:
