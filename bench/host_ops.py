@@ -191,7 +191,9 @@ def cuda_path(counter: OpCounter | None, kernels: bool = True):
 
 def _opaque(counter, name, fn):
     def run(*a, **k):
-        if counter is None:
+        # traced into a compiled graph: part of a graph call, never counted on its own (and
+        # no guard on the counter's state, which would recompile when the counting starts)
+        if counter is None or torch.compiler.is_compiling():
             return fn(*a, **k)
         counter.add(name)
         with counter.suspended():

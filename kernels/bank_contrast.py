@@ -254,6 +254,67 @@ class _BankContrastFunction(torch.autograd.Function):
         return g, None, None, None, None, None, None, None, None, None, None, None
 
 
+# --- Under torch.compile: the same kernels as opaque custom ops (see dist_contrast.py) ------
+@torch.library.custom_op("sepico_fast::bank_contrast_forward", mutates_args=())
+def _bank_forward_op(feat: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, bank_len: torch.Tensor,
+                     temperature: float, mean: torch.Tensor | None, reg_weight: float, ignore_index: int,
+                     sort: bool, block_n: int | None, block_a: int | None, write_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ∂Σℓ/∂z [N, A] when ``write_grad`` else [0, A], 1/n, regulariser gradient vector [A])."""
+    loss, grad, inv_n, vec = _launch(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_index,
+                                     write_grad, sort, block_n, block_a)
+    if grad is None:
+        grad = feat.new_empty((0, feat.shape[1]))
+    if vec is None:
+        vec = feat.new_zeros(feat.shape[1], dtype=torch.float32)
+    return loss, grad, inv_n, vec
+
+
+@_bank_forward_op.register_fake
+def _(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_index, sort, block_n, block_a,
+      write_grad):
+    n, a = feat.shape
+    return (feat.new_empty((), dtype=torch.float32), feat.new_empty((n if write_grad else 0, a)),
+            feat.new_empty((), dtype=torch.float32), feat.new_empty((a,), dtype=torch.float32))
+
+
+@torch.library.custom_op("sepico_fast::bank_contrast_backward", mutates_args=())
+def _bank_backward_op(stored: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, vec: torch.Tensor | None,
+                      ignore_index: int) -> torch.Tensor:
+    """∂L/∂z: a scaled copy of the gradient the forward kernel stored."""
+    return scale_grad_(stored.clone(), labels.contiguous(), scale, vec, ignore_index)
+
+
+@_bank_backward_op.register_fake
+def _(stored, labels, scale, vec, ignore_index):
+    return torch.empty_like(stored, memory_format=torch.contiguous_format)
+
+
+def _bank_setup_context(ctx, inputs, output):
+    labels, reg_weight, ignore_index = inputs[1], inputs[6], inputs[7]
+    _, grad, inv_n, vec = output
+    ctx.save_for_backward(grad, labels, inv_n, vec)
+    ctx.args = (ignore_index, reg_weight != 0.0)
+
+
+def _bank_backward(ctx, grad_loss, *_unused):
+    stored, labels, inv_n, vec = ctx.saved_tensors
+    ignore_index, has_reg = ctx.args
+    grad_loss = grad_loss.to(torch.float32)
+    g = _bank_backward_op(stored, labels, (grad_loss * inv_n).reshape(1), grad_loss * vec if has_reg else None,
+                          ignore_index)
+    return (g,) + (None,) * 11
+
+
+_bank_forward_op.register_autograd(_bank_backward, setup_context=_bank_setup_context)
+
+
+def _compiled_bank(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_index, sort, block_n,
+                   block_a, need_grad):
+    return _bank_forward_op(feat, labels, bank, bank_len, temperature, mean, reg_weight, ignore_index, sort,
+                            block_n, block_a, need_grad)[0]
+
+
 def bank_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor,
                        bank_len: torch.Tensor, temperature: float = 100.0,
                        mean: torch.Tensor | None = None, reg_weight: float = 0.0,
@@ -270,6 +331,6 @@ def bank_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, bank: torch.Ten
         raise ValueError("mean: the class means [C, A] are required when reg_weight != 0")
     check_device(feat, labels, bank, bank_len)
     check_blocks(block_n, block_a)
-    return _BankContrastFunction.apply(feat, labels, bank, bank_len, float(temperature), mean,
-                                       float(reg_weight), int(ignore_index), bool(sort), block_n,
-                                       block_a, _needs_grad(feat))
+    apply = _compiled_bank if torch.compiler.is_compiling() else _BankContrastFunction.apply
+    return apply(feat, labels, bank, bank_len, float(temperature), mean, float(reg_weight), int(ignore_index),
+                 bool(sort), block_n, block_a, _needs_grad(feat))

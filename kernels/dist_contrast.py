@@ -310,6 +310,88 @@ class _DistContrastFunction(torch.autograd.Function):
         return g, None, None, None, None, None, None, None, None, None, None, None
 
 
+# --- Under torch.compile: the same kernels as opaque custom ops ---------------------------
+# Dynamo cannot trace the autograd.Function above (its gradient buffer lives on ``ctx`` and
+# is scaled in place), so a compiled graph calls the launchers through torch.library custom
+# ops instead: opaque to the compiler (no graph break, no retracing of the launchers), with
+# a fake implementation for shapes and a backward registered with the op. Same kernels,
+# same numbers; the backward scales a copy of the stored gradient (one more N×A pass).
+@torch.library.custom_op("sepico_fast::dist_contrast_forward", mutates_args=())
+def _dist_forward_op(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, var: torch.Tensor | None,
+                     temperature: float, ratio: float, reg_weight: float, ignore_index: int,
+                     write_grad: bool, block_n: int | None, block_a: int | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ∂Σℓ/∂z [N, A] when ``write_grad`` else [0, A], 1/n, regulariser gradient vector [A])."""
+    has_reg = reg_weight != 0.0
+    mean = mean.to(device=feat.device, dtype=torch.float32).contiguous()
+    var = var.to(device=feat.device, dtype=torch.float32).contiguous() if var is not None else None
+    grad, loss_sum, n, zsum = _run_kernel(feat, labels.contiguous(), mean, var, temperature, ratio, ignore_index,
+                                          write_grad=write_grad, has_reg=has_reg, block_n=block_n, block_a=block_a)
+    reg = reg_grad = None
+    if has_reg:
+        reg, reg_grad = regulariser(zsum, n, mean, temperature)
+    loss, inv_n = finish_loss(loss_sum, n, reg, reg_weight)
+    vec = reg_weight * reg_grad * inv_n if has_reg else feat.new_zeros(feat.shape[1], dtype=torch.float32)
+    if grad is None:
+        grad = feat.new_empty((0, feat.shape[1]))
+    return loss, grad, inv_n, vec
+
+
+@_dist_forward_op.register_fake
+def _(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, write_grad, block_n, block_a):
+    n, a = feat.shape
+    return (feat.new_empty((), dtype=torch.float32), feat.new_empty((n if write_grad else 0, a)),
+            feat.new_empty((), dtype=torch.float32), feat.new_empty((a,), dtype=torch.float32))
+
+
+@torch.library.custom_op("sepico_fast::dist_contrast_backward", mutates_args=())
+def _dist_backward_op(feat: torch.Tensor, stored: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
+                      var: torch.Tensor | None, temperature: float, ratio: float, ignore_index: int,
+                      scale: torch.Tensor, vec: torch.Tensor | None, block_n: int | None,
+                      block_a: int | None) -> torch.Tensor:
+    """∂L/∂z: the stored gradient scaled (a copy), or, when none was stored, the kernel re-run."""
+    labels = labels.contiguous()
+    if stored.shape[0] == feat.shape[0]:
+        return scale_grad_(stored.clone(), labels, scale, vec, ignore_index)
+    mean = mean.to(device=feat.device, dtype=torch.float32).contiguous()
+    var = var.to(device=feat.device, dtype=torch.float32).contiguous() if var is not None else None
+    g, *_ = _run_kernel(feat, labels, mean, var, temperature, ratio, ignore_index, write_grad=True,
+                        has_reg=False, gscale=scale, gvec=vec.contiguous() if vec is not None else None,
+                        block_n=block_n, block_a=block_a)
+    return g
+
+
+@_dist_backward_op.register_fake
+def _(feat, stored, labels, mean, var, temperature, ratio, ignore_index, scale, vec, block_n, block_a):
+    return torch.empty_like(feat, memory_format=torch.contiguous_format)
+
+
+def _dist_setup_context(ctx, inputs, output):
+    feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, write_grad, block_n, block_a = inputs
+    _, grad, inv_n, vec = output
+    ctx.save_for_backward(feat, grad, labels, mean, var, inv_n, vec)
+    ctx.args = (temperature, ratio, ignore_index, reg_weight != 0.0, block_n, block_a)
+
+
+def _dist_backward(ctx, grad_loss, *_unused):
+    feat, stored, labels, mean, var, inv_n, vec = ctx.saved_tensors
+    temperature, ratio, ignore_index, has_reg, block_n, block_a = ctx.args
+    grad_loss = grad_loss.to(torch.float32)
+    g = _dist_backward_op(feat, stored, labels, mean, var, temperature, ratio, ignore_index,
+                          (grad_loss * inv_n).reshape(1), grad_loss * vec if has_reg else None, block_n, block_a)
+    return g, None, None, None, None, None, None, None, None, None, None
+
+
+_dist_forward_op.register_autograd(_dist_backward, setup_context=_dist_setup_context)
+
+
+def _compiled_dist(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, grad_mode,
+                   block_n, block_a, need_grad):
+    write_grad = need_grad and grad_mode == "stored"
+    return _dist_forward_op(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, write_grad,
+                            block_n, block_a)[0]
+
+
 def _needs_grad(feat: torch.Tensor) -> bool:
     """Whether autograd will record this call (the forward kernels then write ∂ℓ/∂z)."""
     return torch.is_grad_enabled() and feat.requires_grad
@@ -343,10 +425,9 @@ def dist_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Ten
     """
     check_device(feat, labels, mean, var)
     check_blocks(block_n, block_a)
-    return _DistContrastFunction.apply(feat, labels, mean, var, float(temperature), float(ratio),
-                                       float(reg_weight), int(ignore_index),
-                                       _check_grad_mode(grad_mode), block_n, block_a,
-                                       _needs_grad(feat))
+    apply = _compiled_dist if torch.compiler.is_compiling() else _DistContrastFunction.apply
+    return apply(feat, labels, mean, var, float(temperature), float(ratio), float(reg_weight), int(ignore_index),
+                 _check_grad_mode(grad_mode), block_n, block_a, _needs_grad(feat))
 
 
 def proto_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
@@ -356,7 +437,6 @@ def proto_contrast_loss(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Te
     """ProtoCL of method §5: the DistCL kernel compiled without the variance term (σ² = 0)."""
     check_device(feat, labels, mean)
     check_blocks(block_n, block_a)
-    return _DistContrastFunction.apply(feat, labels, mean, None, float(temperature), 1.0,
-                                       float(reg_weight), int(ignore_index),
-                                       _check_grad_mode(grad_mode), block_n, block_a,
-                                       _needs_grad(feat))
+    apply = _compiled_dist if torch.compiler.is_compiling() else _DistContrastFunction.apply
+    return apply(feat, labels, mean, None, float(temperature), 1.0, float(reg_weight), int(ignore_index),
+                 _check_grad_mode(grad_mode), block_n, block_a, _needs_grad(feat))

@@ -9,7 +9,7 @@
 from .labels import downscale_label_ratio, prepare_contrast
 from .losses import bank_contrast_loss, dist_contrast_loss, proto_contrast_loss
 from .stats import ClassStats
-from .validation import implementation_report
+from .validation import implementation_report, load_triton_kernels
 
 __all__ = ["downscale_label_ratio", "ClassStats", "proto_contrast_loss", "dist_contrast_loss",
-           "bank_contrast_loss", "prepare_contrast", "implementation_report"]
+           "bank_contrast_loss", "prepare_contrast", "implementation_report", "load_triton_kernels"]

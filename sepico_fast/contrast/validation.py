@@ -213,14 +213,33 @@ def implementation_report(device: torch.device | str,
     return {op: triton_choice(op, device, dtype) for op in TRITON_OPS}
 
 
+_kernels_module: list = []  # sepico_fast.kernels once imported
+
+
 def triton_kernel(op: str) -> Callable:
     """The Triton kernel for ``op`` (explicit impl="triton"), or a clear ImportError."""
-    try:
-        module = importlib.import_module("sepico_fast.kernels")
-    except Exception as exc:
-        raise ImportError(f"impl='triton' for {op} needs sepico_fast.kernels (Triton), which "
-                          f"failed to import: {exc}") from exc
+    if _kernels_module:  # a plain list read: traceable by torch.compile (importlib is not)
+        module = _kernels_module[0]
+    else:
+        try:
+            module = importlib.import_module("sepico_fast.kernels")
+        except Exception as exc:
+            raise ImportError(f"impl='triton' for {op} needs sepico_fast.kernels (Triton), which "
+                              f"failed to import: {exc}") from exc
+        _kernels_module.append(module)
     fn = getattr(module, op, None)
     if fn is None:
         raise ImportError(f"impl='triton' for {op}: sepico_fast.kernels has no '{op}'")
     return fn
+
+
+def load_triton_kernels() -> bool:
+    """Import the Triton kernels now, outside ``torch.compile`` tracing, so that compiled code
+    finds them without an import (a graph break). False when Triton is not importable (calls
+    with impl="triton" then raise the clear ImportError of :func:`triton_kernel`)."""
+    try:
+        for op in TRITON_OPS:
+            triton_kernel(op)
+    except ImportError:
+        return False
+    return True

@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import augment, ops
-from ..contrast import ClassStats, bank_contrast_loss, dist_contrast_loss, prepare_contrast, proto_contrast_loss
+from ..contrast import (
+    ClassStats,
+    bank_contrast_loss,
+    dist_contrast_loss,
+    load_triton_kernels,
+    prepare_contrast,
+    proto_contrast_loss,
+)
 from ..device import autocast
 from .config import TrainConfig
 from .profiling import Profiler
@@ -237,6 +244,7 @@ def compile_passes(ctx: StepContext, backend="inductor", options: dict | None = 
     """``--compile``: each model pass with its loss becomes one compiled graph (``dynamic=False``:
     the shapes are static, so each pass compiles once per input shape and grad mode and
     never again: the source pass once before and once after contrast start)."""
+    load_triton_kernels()  # imported here, not while dynamo traces (an import is a graph break)
     ctx.passes = ModelPasses(lambda fn: torch.compile(fn, dynamic=False, backend=backend, options=options))
 
 
