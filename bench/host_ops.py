@@ -5,7 +5,7 @@ On a GPU every non-view aten op is (at least) one kernel launch and costs the ho
 CPU, with the code path a CUDA device would take, predicts how much of a paper-size
 iteration is host-bound before any GPU is lent. Method (``count_ops``):
 
-* the iteration is ``train_step`` (fast), the same with ``--compile``'s pieces, or
+* the iteration is ``train_step`` (fast), the same with ``--compile``'s compiled passes, or
   ``bench/upstream_step.py`` (the authors' dataflow), built as ``bench/step_harness.py``
   builds them: SePiCo after contrast start, DistCL + regulariser, jitter and blur on,
   batch 2+2, projection 512, target images crop × 2·crop; a small crop, because the
