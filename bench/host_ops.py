@@ -52,6 +52,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -167,9 +168,14 @@ def cuda_path(counter: OpCounter | None, kernels: bool = True):
                mock.patch.object(validation, "check_value", check_value),
                mock.patch.object(losses, "check_value", check_value)]
     if kernels:
-        patches.append(mock.patch.object(validation, "triton_choice",
-                                         lambda op, device, dtype=None, available=("torch", "triton"):
-                                         ("triton", "forced") if "triton" in available else ("torch", "")))
+        # the dispatch rule holds its own reference to triton_choice: replace the registered backends
+        from sepico_fast import dispatch
+
+        def forced(op, device, dtype=None):
+            return "triton", "forced"
+        for op in validation.TRITON_OPS:
+            patches.append(mock.patch.dict(dispatch._BACKENDS,
+                                           {op: dataclasses.replace(dispatch._BACKENDS[op], choose=forced)}))
         for name in ("pseudo_label", "select_crop_windows", "classmix"):
             patches.append(mock.patch.object(ops, name, _opaque(counter, f"sepico_fast::{name}", getattr(ops, name))))
         from triton.runtime import interpreter

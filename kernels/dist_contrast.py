@@ -345,13 +345,13 @@ def _(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, wri
 
 
 @torch.library.custom_op("sepico_fast::dist_contrast_backward", mutates_args=())
-def _dist_backward_op(feat: torch.Tensor, stored: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
+def _dist_backward_op(feat: torch.Tensor | None, stored: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
                       var: torch.Tensor | None, temperature: float, ratio: float, ignore_index: int,
                       scale: torch.Tensor, vec: torch.Tensor | None, block_n: int | None,
                       block_a: int | None) -> torch.Tensor:
-    """∂L/∂z: the stored gradient scaled (a copy), or, when none was stored, the kernel re-run."""
+    """∂L/∂z: the stored gradient scaled (a copy) when ``feat`` is None, else the kernel re-run on ``feat``."""
     labels = labels.contiguous()
-    if stored.shape[0] == feat.shape[0]:
+    if feat is None:
         return scale_grad_(stored.clone(), labels, scale, vec, ignore_index)
     mean = mean.to(device=feat.device, dtype=torch.float32).contiguous()
     var = var.to(device=feat.device, dtype=torch.float32).contiguous() if var is not None else None
@@ -363,13 +363,14 @@ def _dist_backward_op(feat: torch.Tensor, stored: torch.Tensor, labels: torch.Te
 
 @_dist_backward_op.register_fake
 def _(feat, stored, labels, mean, var, temperature, ratio, ignore_index, scale, vec, block_n, block_a):
-    return torch.empty_like(feat, memory_format=torch.contiguous_format)
+    return torch.empty_like(stored if feat is None else feat, memory_format=torch.contiguous_format)
 
 
 def _dist_setup_context(ctx, inputs, output):
     feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, write_grad, block_n, block_a = inputs
     _, grad, inv_n, vec = output
-    ctx.save_for_backward(feat, grad, labels, mean, var, inv_n, vec)
+    # the features are kept only when the backward recomputes from them (as the eager path)
+    ctx.save_for_backward(None if write_grad else feat, grad, labels, mean, var, inv_n, vec)
     ctx.args = (temperature, ratio, ignore_index, reg_weight != 0.0, block_n, block_a)
 
 

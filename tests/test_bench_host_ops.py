@@ -34,3 +34,15 @@ def test_cuda_path_switches_the_cpu_kernel_choices_off():
         assert not mit.use_cpu_kernels(module, x) and not heads.use_cpu_kernels(module, x)
         assert not heads.use_cpu_nchw(module, x)
     assert mit.use_cpu_kernels(module, x)
+
+
+def test_cuda_path_picks_the_triton_losses_on_cpu_tensors():
+    """With kernels=True the dispatch rule answers "triton" for every contrast op (as on a
+    GPU), and the torch reference again afterwards."""
+    from sepico_fast.contrast import validation
+    from sepico_fast.dispatch import resolve_impl
+
+    cpu = torch.device("cpu")
+    with cuda_path(None):
+        assert {resolve_impl(op, None, cpu, torch.float32) for op in validation.TRITON_OPS} == {"triton"}
+    assert {resolve_impl(op, None, cpu, torch.float32) for op in validation.TRITON_OPS} == {"torch"}

@@ -334,3 +334,16 @@ def test_bias_sum_compiles_into_one_graph_with_a_gradient_per_bias():
     got = [(f"b{i}", b) for i, b in enumerate(bs)]
     assert assert_own_grads(got) == 2
     assert_grads_equal(got, [(f"b{i}", b) for i, b in enumerate(bs_r)], TOL[torch.float32], min_count=2)
+
+
+def test_bias_sum_second_derivative():
+    """The bias gradients' copies are differentiable (gradgradcheck, float64)."""
+    g = torch.Generator().manual_seed(9)
+    ws = [torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    bs = tuple(torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
+
+    def fn(*b):
+        return summed_conv_taps(x, ws, list(b), (1, 2)) ** 2
+
+    assert torch.autograd.gradcheck(fn, bs) and torch.autograd.gradgradcheck(fn, bs)

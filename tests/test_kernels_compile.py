@@ -111,3 +111,60 @@ def test_compiled_triton_loss_without_gradient(k):
     ref = dist_contrast_loss_torch(feat.double(), labels, mean.double(), var.double(), temperature=0.5,
                                    ignore_index=IGNORE)
     torch.testing.assert_close(loss.double(), ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("variant", ["dist", "bank"])
+def test_student_passes_choose_triton_inside_one_graph(k, monkeypatch, variant):
+    """What ``--compile`` traces on a GPU: the dispatch rule itself (``triton_choice``, with a
+    CUDA device of sm_90 and the kernels imported before tracing) runs inside the traced
+    pass and picks the Triton losses, and the student's source and target passes stay ONE
+    graph each (an import or a cache wrapper in the rule would break the graph)."""
+    import dataclasses
+
+    import torch._dynamo
+
+    from sepico_fast import dispatch
+    from sepico_fast.contrast import ClassStats, validation
+    from sepico_fast.models import build_segmentor
+    from sepico_fast.train.config import make_config
+    from sepico_fast.train.runner import build_optimizer
+    from sepico_fast.train.step import ModelPasses, StepContext
+
+    chosen = []
+
+    def choose_as_on_cuda(op, device, dtype=None):
+        impl, why = validation.triton_choice(op, torch.device("cuda", 0), dtype)
+        chosen.append(impl)
+        return impl, why
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    for op in validation.TRITON_OPS:
+        monkeypatch.setitem(dispatch._BACKENDS, op, dataclasses.replace(dispatch._BACKENDS[op],
+                                                                        choose=choose_as_on_cuda))
+    cfg = make_config(dict(arch="daformer_tiny", crop=[32, 32], iters=10, warmup_iters=0, contrast_start=0,
+                           proj_dim=16, variant=variant, memory_length=8 if variant == "bank" else 0))
+    torch.manual_seed(0)
+    student = build_segmentor("daformer_tiny", 19, 16, drop_path_rate=0.0)
+    stats = ClassStats(19, 16, memory_length=cfg.memory_length)
+    g = torch.Generator().manual_seed(3)
+    stats.mean = F.normalize(torch.randn(19, 16, generator=g), dim=1)
+    stats.var = torch.rand(19, 16, generator=g) * 0.01
+    if variant == "bank":
+        stats.bank = F.normalize(torch.randn(19, 8, 16, generator=g), dim=2)
+        stats.bank_len = torch.full((19,), 8, dtype=torch.int64)
+    ctx = StepContext(cfg=cfg, student=student, teacher=None, optimizer=build_optimizer(cfg, student, torch.device("cpu")),
+                      stats=stats, device=torch.device("cpu"))
+    img = torch.randn(2, 3, 32, 32, generator=g)
+    gt = torch.randint(0, 19, (2, 1, 32, 32), generator=g)
+    passes = ModelPasses()
+    calls = {"student_source": (img, gt, None, True),
+             "student_target": (img, gt[:, 0], torch.rand(2, 32, 32, generator=g).round())}
+    try:
+        for name, args in calls.items():
+            torch._dynamo.reset()
+            chosen.clear()
+            e = torch._dynamo.explain(lambda *a, fn=getattr(passes, name): fn(ctx, *a))(*args)
+            assert e.graph_break_count == 0 and e.graph_count == 1, (name, [b.reason for b in e.break_reasons])
+            assert chosen and set(chosen) == {"triton"}, (name, chosen)
+    finally:
+        torch._dynamo.reset()

@@ -15,7 +15,6 @@ tensors instead it logs one WARNING per op and reason (logger ``sepico_fast.cont
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Callable
@@ -157,16 +156,22 @@ def check_scalar(value: float, name: str, *, positive: bool = False) -> float:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+_kernels_tried: list = []  # [(sepico_fast.kernels or None, why not)] once tried
+
+
 def _kernels_import():
     """(``sepico_fast.kernels`` or None, why not) — tried once per process.
 
-    Imported lazily: the kernels package imports triton, which is optional on CPU.
-    """
-    try:
-        return importlib.import_module("sepico_fast.kernels"), ""
-    except Exception as exc:  # triton missing or broken: the torch path still works
-        return None, f"{type(exc).__name__}: {exc}"
+    Imported lazily: the kernels package imports triton, which is optional on CPU. The
+    result is kept in a plain list, not an ``lru_cache``: torch.compile traces a list read,
+    while it traces through a cache wrapper into ``importlib`` and breaks the graph there
+    (``load_triton_kernels`` does the import before any tracing)."""
+    if not _kernels_tried:
+        try:
+            _kernels_tried.append((importlib.import_module("sepico_fast.kernels"), ""))
+        except Exception as exc:  # triton missing or broken: the torch path still works
+            _kernels_tried.append((None, f"{type(exc).__name__}: {exc}"))
+    return _kernels_tried[0]
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -213,20 +218,12 @@ def implementation_report(device: torch.device | str,
     return {op: triton_choice(op, device, dtype) for op in TRITON_OPS}
 
 
-_kernels_module: list = []  # sepico_fast.kernels once imported
-
-
 def triton_kernel(op: str) -> Callable:
     """The Triton kernel for ``op`` (explicit impl="triton"), or a clear ImportError."""
-    if _kernels_module:  # a plain list read: traceable by torch.compile (importlib is not)
-        module = _kernels_module[0]
-    else:
-        try:
-            module = importlib.import_module("sepico_fast.kernels")
-        except Exception as exc:
-            raise ImportError(f"impl='triton' for {op} needs sepico_fast.kernels (Triton), which "
-                              f"failed to import: {exc}") from exc
-        _kernels_module.append(module)
+    module, error = _kernels_import()
+    if module is None:
+        raise ImportError(f"impl='triton' for {op} needs sepico_fast.kernels (Triton), which "
+                          f"failed to import: {error}")
     fn = getattr(module, op, None)
     if fn is None:
         raise ImportError(f"impl='triton' for {op}: sepico_fast.kernels has no '{op}'")

@@ -192,6 +192,14 @@ def _(g: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [torch.empty_like(g, memory_format=torch.contiguous_format) for _ in range(n)]
 
 
+def _gradient_copies_backward(ctx, grads):
+    # copies of g: the gradient of g is the sum of theirs (double backward through the bias sum)
+    return sum(g for g in grads if g is not None), None
+
+
+_gradient_copies.register_autograd(_gradient_copies_backward)
+
+
 class _BiasSum(torch.autograd.Function):
     """b_0 + b_1 + … of same-shaped biases, each bias receiving a gradient tensor of its own.
 
