@@ -3,7 +3,8 @@ opaque custom ops (kernels/dist_contrast.py, kernels/bank_contrast.py), so a com
 region that calls them is ONE graph with no graph break, and its forward and backward
 give the numbers of the eager Triton path and of the float64 torch reference.
 
-Runs Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1).
+Runs Triton's interpreter on CPU tensors without a GPU (tests/conftest.py sets
+TRITON_INTERPRET=1), the compiled kernels on CUDA tensors with one.
 ``aot_eager`` compiles forward and backward graphs as inductor would receive them and
 runs them without code generation (inductor on a CPU cannot run Triton kernels).
 """
@@ -17,6 +18,7 @@ from sepico_fast.contrast import load_triton_kernels
 from sepico_fast.contrast.losses import bank_contrast_loss_torch, dist_contrast_loss_torch, proto_contrast_loss_torch
 
 IGNORE = 255
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
 
 
@@ -29,7 +31,7 @@ def _data(n, a, c, m, dtype, seed=0):
     var = torch.rand(c, a, generator=g) * 0.02
     bank = F.normalize(torch.randn(c, m, a, generator=g), dim=2)
     bank_len = torch.randint(0, m + 1, (c,), generator=g)
-    return feat, labels, mean, var, bank, bank_len
+    return tuple(t.to(DEV) for t in (feat, labels, mean, var, bank, bank_len))
 
 
 def _cases(k, labels, mean, var, bank, bank_len):
@@ -99,7 +101,7 @@ def test_compiled_triton_loss_without_gradient(k):
     """Under no_grad the forward kernel writes no gradient (the [0, A] placeholder)."""
     import torch._dynamo
 
-    feat, labels, mean, var, *_ = _data(40, 16, 5, 4, torch.float32)
+    feat, labels, mean, var, *_ = _data(40, 16, 5, 4, torch.float32)  # on DEV
     fn = torch.compile(lambda x: k.dist_contrast_loss(x, labels, mean, var, temperature=0.5, ignore_index=IGNORE),
                        backend="aot_eager", dynamic=False)
     torch._dynamo.reset()
@@ -144,21 +146,22 @@ def test_student_passes_choose_triton_inside_one_graph(k, monkeypatch, variant):
     cfg = make_config(dict(arch="daformer_tiny", crop=[32, 32], iters=10, warmup_iters=0, contrast_start=0,
                            proj_dim=16, variant=variant, memory_length=8 if variant == "bank" else 0))
     torch.manual_seed(0)
-    student = build_segmentor("daformer_tiny", 19, 16, drop_path_rate=0.0)
-    stats = ClassStats(19, 16, memory_length=cfg.memory_length)
+    dev = torch.device(DEV)
+    student = build_segmentor("daformer_tiny", 19, 16, drop_path_rate=0.0).to(dev)
+    stats = ClassStats(19, 16, memory_length=cfg.memory_length, device=dev)
     g = torch.Generator().manual_seed(3)
-    stats.mean = F.normalize(torch.randn(19, 16, generator=g), dim=1)
-    stats.var = torch.rand(19, 16, generator=g) * 0.01
+    stats.mean = F.normalize(torch.randn(19, 16, generator=g), dim=1).to(dev)
+    stats.var = (torch.rand(19, 16, generator=g) * 0.01).to(dev)
     if variant == "bank":
-        stats.bank = F.normalize(torch.randn(19, 8, 16, generator=g), dim=2)
-        stats.bank_len = torch.full((19,), 8, dtype=torch.int64)
-    ctx = StepContext(cfg=cfg, student=student, teacher=None, optimizer=build_optimizer(cfg, student, torch.device("cpu")),
-                      stats=stats, device=torch.device("cpu"))
-    img = torch.randn(2, 3, 32, 32, generator=g)
-    gt = torch.randint(0, 19, (2, 1, 32, 32), generator=g)
+        stats.bank = F.normalize(torch.randn(19, 8, 16, generator=g), dim=2).to(dev)
+        stats.bank_len = torch.full((19,), 8, dtype=torch.int64, device=dev)
+    ctx = StepContext(cfg=cfg, student=student, teacher=None, optimizer=build_optimizer(cfg, student, dev),
+                      stats=stats, device=dev)
+    img = torch.randn(2, 3, 32, 32, generator=g).to(dev)
+    gt = torch.randint(0, 19, (2, 1, 32, 32), generator=g).to(dev)
     passes = ModelPasses()
     calls = {"student_source": (img, gt, None, True),
-             "student_target": (img, gt[:, 0], torch.rand(2, 32, 32, generator=g).round())}
+             "student_target": (img, gt[:, 0], torch.rand(2, 32, 32, generator=g).round().to(dev))}
     try:
         for name, args in calls.items():
             torch._dynamo.reset()
