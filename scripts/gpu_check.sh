@@ -53,8 +53,8 @@
 #                          racecheck of csrc/tests
 #   train60          60 s  alongside: python -m sepico_fast.train --amp, 60 iterations, --nvtx
 #                          --profile (shares the GPU with the tests: its times are no measurement)
-#   triton_tests     75 s  compiled Triton kernels vs float64 in fp32/bf16/fp16, CUDA host-sync and
-#                          graph-timing checks
+#   triton_tests     90 s  compiled Triton kernels vs float64 in fp32/bf16/fp16, the same inside
+#                          torch.compile (one graph), CUDA host-sync and graph-timing checks
 #   ext_tests        40 s  extension vs torch (tests/test_ops_cuda.py), resume on CUDA
 #   no_host_sync     35 s  the CUDA cases of tests/test_no_host_sync.py (-k cuda; CI runs the rest)
 #   probe_more       90 s  partial: the probe's other variants (fp16 + GradScaler, BankCL full bank,
@@ -402,6 +402,7 @@ run_tests() {  # run_tests WORKERS -k EXPR FILES...: collected only in a dry run
 step_triton_tests() {  # the Triton kernels alone: the extension stays out of the way
   CURRENT=triton_tests
   SEPICO_FAST_DISABLE_EXT=1 run_tests 6 tests/test_triton_contrast.py tests/test_triton_class_moments.py \
+    tests/test_kernels_compile.py \
     tests/test_triton_interpreter_compat.py::test_loop_over_a_program_id_runs_in_the_interpreter \
     tests/test_contrast_stats.py::test_no_host_sync_on_cuda \
     tests/test_bench_timing.py::test_graph_timing_on_cuda_and_capture_failures_are_reported
