@@ -256,6 +256,37 @@ def _run_kernel(feat, labels, mean, var, temperature, ratio, ignore_index, *, wr
     return grad, out.loss.sum(), out.count.sum(), out.zsum.sum(0) if has_reg else None
 
 
+def _fp32_statistics(feat, mean, var):
+    """The class statistics as contiguous fp32 on ``feat``'s device (var may be None: ProtoCL)."""
+    mean = mean.to(device=feat.device, dtype=torch.float32).contiguous()
+    var = var.to(device=feat.device, dtype=torch.float32).contiguous() if var is not None else None
+    return mean, var
+
+
+def _forward(feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index, write_grad,
+             block_n, block_a):
+    """(L, ∂Σℓ/∂z or None, 1/n, the regulariser's gradient vector (already × 1/n) or None);
+    ``labels`` contiguous and ``mean``/``var`` from :func:`_fp32_statistics`."""
+    has_reg = reg_weight != 0.0
+    grad, loss_sum, n, zsum = _run_kernel(
+        feat, labels, mean, var, temperature, ratio, ignore_index, write_grad=write_grad,
+        has_reg=has_reg, block_n=block_n, block_a=block_a)
+    reg = reg_grad = None
+    if has_reg:
+        reg, reg_grad = regulariser(zsum, n, mean, temperature)
+    loss, inv_n = finish_loss(loss_sum, n, reg, reg_weight)
+    return loss, grad, inv_n, (reg_weight * reg_grad * inv_n if has_reg else None)
+
+
+def _recomputed_grad(feat, labels, mean, var, temperature, ratio, ignore_index, scale, vec, block_n, block_a):
+    """∂L/∂z from the fused pass run again on ``feat``, written once (grad_mode="recompute")."""
+    g, *_ = _run_kernel(feat, labels, mean, var, temperature, ratio, ignore_index,
+                        write_grad=True, has_reg=False, gscale=scale,
+                        gvec=vec.contiguous() if vec is not None else None,
+                        block_n=block_n, block_a=block_a)
+    return g
+
+
 class _DistContrastFunction(torch.autograd.Function):
     """L(feat); ∂L/∂feat either stored by the forward kernel and scaled in backward
     (``grad_mode="stored"``) or recomputed by the backward kernel ("recompute")."""
@@ -263,24 +294,15 @@ class _DistContrastFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat, labels, mean, var, temperature, ratio, reg_weight, ignore_index,
                 grad_mode, block_n, block_a, need_grad):
-        dev = feat.device
-        mean = mean.to(device=dev, dtype=torch.float32).contiguous()
-        var = var.to(device=dev, dtype=torch.float32).contiguous() if var is not None else None
+        mean, var = _fp32_statistics(feat, mean, var)
         labels = labels.contiguous()
-        has_reg = reg_weight != 0.0
         # needs_input_grad is True even under torch.no_grad(); need_grad (grad mode of the
         # caller) avoids writing an N×A gradient nobody will read
         need_grad = need_grad and ctx.needs_input_grad[0]
         store = need_grad and grad_mode == "stored"
-        grad, loss_sum, n, zsum = _run_kernel(
-            feat, labels, mean, var, temperature, ratio, ignore_index, write_grad=store,
-            has_reg=has_reg, block_n=block_n, block_a=block_a)
-        reg = reg_grad = None
-        if has_reg:
-            reg, reg_grad = regulariser(zsum, n, mean, temperature)
-        loss, inv_n = finish_loss(loss_sum, n, reg, reg_weight)
-        ctx.grad, ctx.inv_n = grad, inv_n
-        ctx.vec = reg_weight * reg_grad * inv_n if has_reg else None
+        loss, grad, inv_n, vec = _forward(feat, labels, mean, var, temperature, ratio, reg_weight,
+                                          ignore_index, store, block_n, block_a)
+        ctx.grad, ctx.inv_n, ctx.vec = grad, inv_n, vec
         ctx.args = (labels, mean, var, temperature, ratio, ignore_index, block_n, block_a)
         ctx.grad_mode = grad_mode
         if grad_mode == "recompute" and need_grad:
@@ -296,10 +318,8 @@ class _DistContrastFunction(torch.autograd.Function):
         labels, mean, var, temperature, ratio, ignore_index, block_n, block_a = ctx.args
         if ctx.grad_mode == "recompute":
             (feat,) = ctx.saved_tensors
-            g, *_ = _run_kernel(feat, labels, mean, var, temperature, ratio, ignore_index,
-                                write_grad=True, has_reg=False, gscale=scale,
-                                gvec=vec.contiguous() if vec is not None else None,
-                                block_n=block_n, block_a=block_a)
+            g = _recomputed_grad(feat, labels, mean, var, temperature, ratio, ignore_index, scale, vec,
+                                 block_n, block_a)
         else:
             if ctx.grad is None:
                 raise RuntimeError("dist/proto_contrast_loss (triton): backward called twice; "
@@ -322,18 +342,13 @@ def _dist_forward_op(feat: torch.Tensor, labels: torch.Tensor, mean: torch.Tenso
                      write_grad: bool, block_n: int | None, block_a: int | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ∂Σℓ/∂z [N, A] when ``write_grad`` else [0, A], 1/n, regulariser gradient vector [A])."""
-    has_reg = reg_weight != 0.0
-    mean = mean.to(device=feat.device, dtype=torch.float32).contiguous()
-    var = var.to(device=feat.device, dtype=torch.float32).contiguous() if var is not None else None
-    grad, loss_sum, n, zsum = _run_kernel(feat, labels.contiguous(), mean, var, temperature, ratio, ignore_index,
-                                          write_grad=write_grad, has_reg=has_reg, block_n=block_n, block_a=block_a)
-    reg = reg_grad = None
-    if has_reg:
-        reg, reg_grad = regulariser(zsum, n, mean, temperature)
-    loss, inv_n = finish_loss(loss_sum, n, reg, reg_weight)
-    vec = reg_weight * reg_grad * inv_n if has_reg else feat.new_zeros(feat.shape[1], dtype=torch.float32)
-    if grad is None:
+    mean, var = _fp32_statistics(feat, mean, var)
+    loss, grad, inv_n, vec = _forward(feat, labels.contiguous(), mean, var, temperature, ratio, reg_weight,
+                                      ignore_index, write_grad, block_n, block_a)
+    if grad is None:  # custom ops return tensors: empty placeholders for "none"
         grad = feat.new_empty((0, feat.shape[1]))
+    if vec is None:
+        vec = feat.new_zeros(feat.shape[1], dtype=torch.float32)
     return loss, grad, inv_n, vec
 
 
@@ -353,12 +368,8 @@ def _dist_backward_op(feat: torch.Tensor | None, stored: torch.Tensor, labels: t
     labels = labels.contiguous()
     if feat is None:
         return scale_grad_(stored.clone(), labels, scale, vec, ignore_index)
-    mean = mean.to(device=feat.device, dtype=torch.float32).contiguous()
-    var = var.to(device=feat.device, dtype=torch.float32).contiguous() if var is not None else None
-    g, *_ = _run_kernel(feat, labels, mean, var, temperature, ratio, ignore_index, write_grad=True,
-                        has_reg=False, gscale=scale, gvec=vec.contiguous() if vec is not None else None,
-                        block_n=block_n, block_a=block_a)
-    return g
+    mean, var = _fp32_statistics(feat, mean, var)
+    return _recomputed_grad(feat, labels, mean, var, temperature, ratio, ignore_index, scale, vec, block_n, block_a)
 
 
 @_dist_backward_op.register_fake
